@@ -1,0 +1,34 @@
+"""User-facing errors and the one wrapper every stage script runs under."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+
+class MnistlabError(Exception):
+    """A problem caused by the user's input (a file, a param, a URL).
+
+    The message is one line that names the culprit; stages print it without a
+    traceback and exit non-zero. Anything else is a bug and keeps its traceback.
+    """
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's ``main`` turning :class:`MnistlabError` into ``error: ...`` + exit 2."""
+    logging.basicConfig(
+        level=os.environ.get("MNISTLAB_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        main()
+    except MnistlabError as e:
+        # One line, always: a multi-line message would break the contract with CI logs.
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,160 @@
+"""One registry of architectures: name → builder taking its sizes as arguments.
+
+The five classic tutorial networks are reproduced layer for layer (their
+training hyperparameters live in params.yaml, ``hparams.<arch>``), plus
+``resnet_bn``, our modern one. Every builder takes ``num_classes`` and
+``in_channels`` so a model can be rebuilt from a checkpoint's
+``(arch, args)`` alone, without params.yaml.
+
+All models map [N, C, 28, 28] float → [N, num_classes] scores. ``cnn_4_8``
+returns log-probabilities as its tutorial did; cross-entropy on those equals
+NLL (log_softmax is idempotent), so one loss serves every architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from mnistlab.errors import MnistlabError
+
+REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Add a builder to :data:`REGISTRY` under its function name."""
+    REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def build_model(name: str, **args: Any) -> nn.Module:
+    """Build architecture ``name`` with ``args``; unknown names/args are one-line errors."""
+    if name not in REGISTRY:
+        raise MnistlabError(f"unknown arch {name!r} (valid: {', '.join(sorted(REGISTRY))})")
+    try:
+        return REGISTRY[name](**args)
+    except TypeError as e:
+        raise MnistlabError(f"arch {name!r}: bad args {args} ({e})") from None
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- the five classics
+
+
+@register
+def mlp(num_classes: int = 10, in_channels: int = 1, hidden: int = 500) -> nn.Module:
+    """784-500-10 feed-forward net with ReLU (yunjey/pytorch-tutorial)."""
+    return nn.Sequential(
+        nn.Flatten(),                          # [N,1,28,28] -> [N,784]
+        nn.Linear(in_channels * 28 * 28, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+@register
+def cnn_16_32(num_classes: int = 10, in_channels: int = 1, c1: int = 16, c2: int = 32) -> nn.Module:
+    """conv16 5x5 → conv32 5x5 → linear, ReLU + 2x2 max-pool (MorvanZhou's 401_CNN)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, c1, 5, stride=1, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # -> [N,16,14,14]
+        nn.Conv2d(c1, c2, 5, stride=1, padding=2), nn.ReLU(), nn.MaxPool2d(2),           # -> [N,32,7,7]
+        nn.Flatten(),
+        nn.Linear(c2 * 7 * 7, num_classes),
+    )
+
+
+@register
+def cnn_32_64(num_classes: int = 10, in_channels: int = 1, c1: int = 32, c2: int = 64,
+              hidden: int = 128, dropout1: float = 0.25, dropout2: float = 0.5) -> nn.Module:
+    """conv32 3x3 → conv64 3x3 → max-pool → fc128 → fc, with dropout (pytorch/examples' MNIST net)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, c1, 3), nn.ReLU(),       # -> [N,32,26,26]
+        nn.Conv2d(c1, c2, 3), nn.ReLU(),                # -> [N,64,24,24]
+        nn.MaxPool2d(2), nn.Dropout(dropout1),          # -> [N,64,12,12]
+        nn.Flatten(),
+        nn.Linear(c2 * 12 * 12, hidden), nn.ReLU(), nn.Dropout(dropout2),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+@register
+def cnn_4_8(num_classes: int = 10, in_channels: int = 1, c1: int = 4, c2: int = 8,
+            hidden: int = 512, dropout: float = 0.5) -> nn.Module:
+    """conv4 5x5 → conv8 5x5 → fc512 + dropout → log-softmax."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, c1, 5), nn.ReLU(), nn.MaxPool2d(2),   # -> [N,4,12,12]
+        nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2),            # -> [N,8,4,4]
+        nn.Flatten(),
+        nn.Linear(c2 * 4 * 4, hidden), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+        nn.LogSoftmax(dim=1),
+    )
+
+
+@register
+def lenet5(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """LeNet-5 as in d2l.ai: sigmoid, average pooling, Xavier-uniform init."""
+    net = nn.Sequential(
+        nn.Conv2d(in_channels, 6, 5, padding=2), nn.Sigmoid(), nn.AvgPool2d(2, 2),  # -> [N,6,14,14]
+        nn.Conv2d(6, 16, 5), nn.Sigmoid(), nn.AvgPool2d(2, 2),                      # -> [N,16,5,5]
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120), nn.Sigmoid(),
+        nn.Linear(120, 84), nn.Sigmoid(),
+        nn.Linear(84, num_classes),
+    )
+    for m in net.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight)  # d2l's init_cnn; biases keep torch's default
+    return net
+
+
+# --------------------------------------------------------------------------- ours
+
+
+class _ConvBN(nn.Sequential):
+    def __init__(self, cin: int, cout: int):
+        # No conv bias: BatchNorm's shift makes it redundant.
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class _Residual(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = _ConvBN(ch, ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ResNetBN(nn.Module):
+    """Small residual CNN with BatchNorm: three stages at 28/14/7 px, global pooling.
+
+    Sized for CPUs: ~22 M multiply-adds per image (cnn_32_64 needs ~12 M) and
+    pooling early, where the classics spend most of their compute at 28x28.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32):
+        super().__init__()
+        w1, w2, w3 = width, 2 * width, 4 * width
+        self.features = nn.Sequential(
+            _ConvBN(in_channels, w1), nn.MaxPool2d(2),        # -> [N,w1,14,14]
+            _ConvBN(w1, w2), _Residual(w2), nn.MaxPool2d(2),  # -> [N,w2,7,7]
+            _ConvBN(w2, w3), _Residual(w3),                   # -> [N,w3,7,7]
+            nn.AdaptiveMaxPool2d(1), nn.Flatten(),            # -> [N,w3]
+        )
+        self.head = nn.Linear(w3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register
+def resnet_bn(num_classes: int = 10, in_channels: int = 1, width: int = 32) -> nn.Module:
+    """Ours: residual BatchNorm CNN, trained with one-cycle + on-device augmentation."""
+    return ResNetBN(num_classes, in_channels, width)

@@ -1,0 +1,30 @@
+"""Stage split@{dataset}: stratified train/val(/test) split into tensor files.
+
+    python stages/split.py --dataset digits --raw data/raw/digits --out data/split/digits
+"""
+
+import argparse
+from pathlib import Path
+
+from mnistlab import data
+from mnistlab.config import get, load_params
+from mnistlab.errors import run_stage
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--raw", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+
+    params = load_params(args.params)
+    source = data.resolve_source(params, args.dataset)
+    summary = data.split(args.raw, args.out, list(source.classes), get(params, "split.val_fraction"),
+                         get(params, "split.test_fraction"), get(params, "seed"), args.dataset)
+    print(f"{args.dataset}: " + ", ".join(f"{s} {summary[s]['count']}" for s in ("train", "val", "test")))
+
+
+if __name__ == "__main__":
+    run_stage(main)
