@@ -1,6 +1,8 @@
-"""Stage download@{dataset}: fetch and verify a dataset's raw IDX files.
+"""Stage download@{dataset}: fetch, verify and validate a dataset's raw IDX files.
 
     python stages/download.py --dataset mnist --out data/raw/mnist
+
+Reads params: sources.<dataset>, download.
 """
 
 import argparse
@@ -12,7 +14,7 @@ from mnistlab.errors import run_stage
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--params", default="params.yaml")
@@ -20,9 +22,9 @@ def main() -> None:
 
     params = load_params(args.params)
     source = data.resolve_source(params, args.dataset)
-    data.fetch(source, args.out, data.DownloadSettings.from_params(params))
-    counts = data.validate_raw(args.out, len(source.classes))
-    print(f"{args.dataset}: {counts} samples verified in {args.out}")
+    counts = data.fetch(source, args.out, data.DownloadSettings.from_params(params))
+    print(f"{args.dataset}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+          + f" samples verified in {args.out}")
 
 
 if __name__ == "__main__":

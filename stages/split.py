@@ -1,6 +1,8 @@
 """Stage split@{dataset}: stratified train/val(/test) split into tensor files.
 
     python stages/split.py --dataset digits --raw data/raw/digits --out data/split/digits
+
+Reads params: seed, split, sources.<dataset> (for the class names).
 """
 
 import argparse
@@ -12,7 +14,7 @@ from mnistlab.errors import run_stage
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True)
     ap.add_argument("--raw", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
@@ -23,7 +25,8 @@ def main() -> None:
     source = data.resolve_source(params, args.dataset)
     summary = data.split(args.raw, args.out, list(source.classes), get(params, "split.val_fraction"),
                          get(params, "split.test_fraction"), get(params, "seed"), args.dataset)
-    print(f"{args.dataset}: " + ", ".join(f"{s} {summary[s]['count']}" for s in ("train", "val", "test")))
+    print(f"{args.dataset}: " + ", ".join(f"{s} {summary[s]['count']}" for s in ("train", "val", "test"))
+          + f" ({summary['test_source']} test set) in {args.out}")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 Every dataset ends up the same way on disk, so later stages never care where
 it came from:
 
-    data/raw/<name>/          four IDX files under the official MNIST names,
+    data/raw/<name>/          the four IDX files under the official MNIST names,
                               uncompressed (``t10k-*`` may be absent: then the
-                              split stage carves a test set out of train), plus
-                              the verified ``.gz`` files for downloaded sources
+                              split stage carves a test set out of train), the
+                              ``.gz`` files as downloaded from a URL (kept so a
+                              rerun can verify them without the network), and
+                              manifest.json (where each file came from, its MD5)
     data/split/<name>/        train.pt, val.pt, test.pt  ({images: uint8 [N,28,28],
                               labels: int64 [N]}, loadable with weights_only=True)
                               and summary.json
@@ -14,7 +16,8 @@ it came from:
 Download, MD5 checks and IDX parsing are torchvision's (``download_url``,
 ``check_integrity``, ``read_image_file``/``read_label_file``); what we add is
 what they lack for a pipeline: a timeout, retries with backoff, falling back
-across mirrors, atomic writes, and one-line errors that name the file.
+across mirrors, detecting a download cut short (Python's HTTP client does not),
+an all-or-nothing output directory, and one-line errors that name the file.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ import contextlib
 import gzip
 import json
 import logging
+import math
+import os
+import re
 import shutil
 import socket
 import tempfile
 import time
 import urllib.error
 import urllib.parse
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.client import HTTPException
@@ -38,7 +45,7 @@ from typing import Any
 import torch
 import torchvision.datasets as tvd
 from torchvision.datasets.mnist import read_image_file, read_label_file
-from torchvision.datasets.utils import check_integrity, download_url
+from torchvision.datasets.utils import calculate_md5, check_integrity, download_url
 
 from mnistlab.errors import MnistlabError
 from mnistlab.utils import atomic_path, torch_save, write_json
@@ -51,6 +58,13 @@ FILES = [IMAGES["train"], LABELS["train"], IMAGES["test"], LABELS["test"]]
 SIDE = 28  # every dataset is brought to MNIST's 28x28 uint8 layout
 EMBEDDED = ("sklearn_digits",)
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
+MANIFEST = "manifest.json"
+# torchvision datasets that ship exactly the four official IDX files. Others that
+# subclass MNIST (EMNIST, QMNIST) inherit MNIST's file list and MD5s but download
+# something else, so ``issubclass(cls, MNIST)`` would silently pin the wrong MD5s.
+TORCHVISION = ("MNIST", "FashionMNIST", "KMNIST")
+SOURCE_KEYS = ("mirrors", "torchvision", "md5", "classes")
+_MD5_RE = re.compile(r"^[0-9a-fA-F]{32}$")
 
 
 # --------------------------------------------------------------------------- sources
@@ -58,7 +72,11 @@ DIGIT_CLASSES = tuple(str(i) for i in range(10))
 
 @dataclass(frozen=True)
 class Source:
-    """Where one dataset comes from (``sources.<name>`` in params.yaml)."""
+    """Where one dataset comes from (``sources.<name>`` in params.yaml).
+
+    ``md5`` maps a file name (``train-images-idx3-ubyte.gz``, or the uncompressed
+    name for folders holding uncompressed files) to its MD5.
+    """
 
     name: str
     mirrors: tuple[str, ...] = ()
@@ -71,11 +89,13 @@ def resolve_source(params: dict[str, Any], name: str) -> Source:
     """Build the :class:`Source` for dataset ``name`` from ``params['sources']``.
 
     Accepted forms: ``{embedded: sklearn_digits}``; a plain string (a folder or a
-    base URL); or ``{mirrors: [...], torchvision: MNIST, md5: {...}, classes: [...]}``
-    where ``torchvision`` borrows the official MD5s and class names from that
-    ``torchvision.datasets`` class.
+    base URL); or ``{mirrors: [...], torchvision: NAME, md5: {...}, classes: [...]}``
+    where ``torchvision`` (MNIST, FashionMNIST or KMNIST) supplies the official
+    MD5s, class names and, unless ``mirrors`` is given, the mirrors.
     """
     sources = params.get("sources") or {}
+    if not isinstance(sources, dict):
+        raise MnistlabError("params.yaml: sources must be a mapping of dataset name to source")
     if name not in sources:
         raise MnistlabError(
             f"unknown dataset {name!r}: add it under 'sources' in params.yaml "
@@ -88,30 +108,61 @@ def resolve_source(params: dict[str, Any], name: str) -> Source:
     if not isinstance(spec, dict):
         raise MnistlabError(f"params.yaml: {key} must be a path, a URL or a mapping")
     if "embedded" in spec:
+        if set(spec) != {"embedded"}:
+            raise MnistlabError(f"params.yaml: {key}: 'embedded' takes no other keys")
         if spec["embedded"] not in EMBEDDED:
             raise MnistlabError(
                 f"params.yaml: {key}.embedded: unknown {spec['embedded']!r} (valid: {', '.join(EMBEDDED)})"
             )
         return Source(name, embedded=spec["embedded"])
+    unknown = sorted(set(spec) - set(SOURCE_KEYS))
+    if unknown:
+        raise MnistlabError(
+            f"params.yaml: {key}: unknown key(s) {', '.join(map(str, unknown))} "
+            f"(valid: {', '.join(SOURCE_KEYS)}, or embedded)"
+        )
+
     md5: dict[str, str] = {}
     classes = DIGIT_CLASSES
+    mirrors: Any = None
     if "torchvision" in spec:
-        cls = getattr(tvd, str(spec["torchvision"]), None)
-        if not (isinstance(cls, type) and issubclass(cls, tvd.MNIST)):
+        if spec["torchvision"] not in TORCHVISION:
             raise MnistlabError(
-                f"params.yaml: {key}.torchvision: {spec['torchvision']!r} is not an MNIST-style "
-                "torchvision dataset (e.g. MNIST, FashionMNIST, KMNIST)"
+                f"params.yaml: {key}.torchvision: {spec['torchvision']!r} is not a torchvision "
+                f"dataset in the MNIST file layout (valid: {', '.join(TORCHVISION)})"
             )
+        cls = getattr(tvd, spec["torchvision"])
         md5 = dict(cls.resources)
+        mirrors = list(cls.mirrors)
         if cls is not tvd.MNIST:  # MNIST's names are "0 - zero"...; plain digits read better
             classes = tuple(cls.classes)
-    md5.update(spec.get("md5") or {})
-    if spec.get("classes"):
-        classes = tuple(str(c) for c in spec["classes"])
-    mirrors = spec.get("mirrors")
-    if isinstance(mirrors, str):
-        mirrors = [mirrors]
-    if not mirrors or not all(isinstance(m, str) and m for m in mirrors):
+
+    extra = spec.get("md5") or {}
+    known = set(FILES) | {f"{f}.gz" for f in FILES}
+    if not isinstance(extra, dict):
+        raise MnistlabError(f"params.yaml: {key}.md5 must map file names to MD5s")
+    for fname, digest in extra.items():
+        if fname not in known:
+            raise MnistlabError(
+                f"params.yaml: {key}.md5: unknown file {fname!r} (valid: the official MNIST "
+                f"names, e.g. {FILES[0]}.gz or {FILES[0]})"
+            )
+        if not (isinstance(digest, str) and _MD5_RE.match(digest)):
+            raise MnistlabError(f"params.yaml: {key}.md5.{fname}: not an MD5 (got {digest!r})")
+        md5[fname] = digest.lower()
+
+    if spec.get("classes") is not None:
+        cl = spec["classes"]
+        if (not isinstance(cl, list) or not 2 <= len(cl) <= 256
+                or len({str(c) for c in cl}) != len(cl)):
+            raise MnistlabError(f"params.yaml: {key}.classes must list 2 to 256 distinct names")
+        classes = tuple(str(c) for c in cl)
+
+    if "mirrors" in spec:
+        mirrors = spec["mirrors"]
+        if isinstance(mirrors, str):
+            mirrors = [mirrors]
+    if not mirrors or not isinstance(mirrors, list) or not all(isinstance(m, str) and m for m in mirrors):
         raise MnistlabError(f"params.yaml: {key}.mirrors must list at least one URL or folder")
     return Source(name, tuple(mirrors), md5, classes)
 
@@ -125,6 +176,8 @@ def _is_url(location: str) -> bool:
 
 @dataclass(frozen=True)
 class DownloadSettings:
+    """``download`` in params.yaml: per-request timeout, attempts per mirror and file, backoff."""
+
     timeout: float = 30.0
     retries: int = 3
     backoff: float = 1.0
@@ -134,11 +187,39 @@ class DownloadSettings:
         from mnistlab.config import non_negative, positive
 
         d = params.get("download") or {}
+        if not isinstance(d, dict):
+            raise MnistlabError("params.yaml: download must be a mapping")
+        unknown = sorted(set(d) - {"timeout", "retries", "backoff"})
+        if unknown:
+            raise MnistlabError(
+                f"params.yaml: download: unknown key(s) {', '.join(map(str, unknown))} "
+                "(valid: timeout, retries, backoff)"
+            )
         return cls(
             timeout=positive("download.timeout", d.get("timeout", cls.timeout)),
             retries=positive("download.retries", d.get("retries", cls.retries), int),
             backoff=non_negative("download.backoff", d.get("backoff", cls.backoff)),
         )
+
+
+@dataclass(frozen=True)
+class _Miss:
+    """Why one mirror did not supply one file."""
+
+    where: str
+    problem: str
+    absent: bool = False  # the mirror simply lacks the file (404, not in the folder)
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.problem}"
+
+
+class _BadFile(Exception):
+    """A fetched file is unusable; ``transient`` if a new attempt may fix it (cut short)."""
+
+    def __init__(self, problem: str, transient: bool = False):
+        super().__init__(problem)
+        self.transient = transient
 
 
 @contextlib.contextmanager
@@ -153,181 +234,319 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(old)
 
 
-def _fetch_url(url: str, dest: Path, md5: str | None, settings: DownloadSettings) -> str | None:
-    """Download ``url`` to ``dest`` (atomically); return None on success or the last error."""
-    error = None
+def _extract(src: Path, dest: Path) -> None:
+    """Write ``src`` to ``dest`` uncompressed (gzip detected by content, not by name).
+
+    Raises :class:`_BadFile` for a ``.gz`` that is not gzip, a corrupt gzip, or
+    one cut short (transient: the download may simply have been interrupted).
+    """
+    with open(src, "rb") as f:
+        is_gzip = f.read(2) == b"\x1f\x8b"
+    if not is_gzip:
+        if src.suffix == ".gz":
+            raise _BadFile(f"named .gz but is not a gzip file ({src.stat().st_size} bytes)")
+        shutil.copyfile(src, dest)
+        return
+    try:
+        with gzip.open(src, "rb") as rf, open(dest, "wb") as wf:
+            shutil.copyfileobj(rf, wf)
+    except EOFError:
+        dest.unlink(missing_ok=True)
+        raise _BadFile(f"truncated gzip ({src.stat().st_size} bytes)", transient=True) from None
+    except (OSError, zlib.error) as e:
+        dest.unlink(missing_ok=True)
+        raise _BadFile(f"corrupt gzip ({e})") from None
+
+
+def _download(url: str, gz: Path, dest: Path, md5: str | None, settings: DownloadSettings
+              ) -> _Miss | None:
+    """Download ``url`` to ``gz`` and extract it to ``dest``; None on success, else why not.
+
+    Retries (with backoff) what may be transient: timeouts, dropped connections,
+    5xx, a file cut short. Goes straight to the next mirror on what is not: 4xx,
+    unknown host, a complete file with the wrong MD5.
+    """
+    problem = "not attempted"
     for attempt in range(1, settings.retries + 1):
-        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
-            try:
-                with _socket_timeout(settings.timeout):
-                    download_url(url, tmp, filename=dest.name, md5=None)
-                if md5 and not check_integrity(Path(tmp) / dest.name, md5):
-                    # A corrupt copy will not improve on retry: go to the next mirror.
-                    return f"{url}: MD5 mismatch (expected {md5})"
-                (Path(tmp) / dest.name).replace(dest)
-                return None
-            except urllib.error.HTTPError as e:
-                error = f"{url}: HTTP {e.code}"
-                if 400 <= e.code < 500 and e.code not in (408, 429):
-                    return error  # permanent: no point retrying this mirror
-            except (urllib.error.URLError, OSError, HTTPException, RuntimeError) as e:
-                reason = getattr(e, "reason", None) or e
-                error = f"{url}: {type(e).__name__}: {' '.join(str(reason).split()) or 'connection failed'}"
+        # download_url skips the download when the file exists and md5 is None.
+        gz.unlink(missing_ok=True)
+        try:
+            with _socket_timeout(settings.timeout):
+                download_url(url, str(gz.parent), filename=gz.name, md5=None)
+            _extract(gz, dest)
+            if md5 and not check_integrity(gz, md5):
+                return _Miss(url, f"MD5 mismatch (expected {md5}, got {calculate_md5(gz)})")
+            return None
+        except urllib.error.HTTPError as e:
+            problem = f"HTTP {e.code}"
+            if 400 <= e.code < 500 and e.code not in (408, 429):
+                return _Miss(url, problem, absent=e.code in (404, 410))
+        except urllib.error.URLError as e:
+            kind = type(e.reason).__name__ if isinstance(e.reason, BaseException) else "URLError"
+            problem = f"{kind}: {' '.join(str(e.reason).split())}"
+            if isinstance(e.reason, socket.gaierror) and e.reason.errno == socket.EAI_NONAME:
+                return _Miss(url, f"host not found ({problem})")
+        except (OSError, HTTPException, RuntimeError) as e:
+            problem = f"{type(e).__name__}: {' '.join(str(e).split()) or 'connection failed'}"
+        except _BadFile as e:
+            if not e.transient:
+                return _Miss(url, str(e))
+            problem = str(e)
         if attempt < settings.retries:
             delay = settings.backoff * 2 ** (attempt - 1)
-            log.warning("%s (attempt %d/%d); retrying in %.1fs", error, attempt, settings.retries, delay)
+            log.warning("%s: %s (attempt %d/%d); retrying in %.1fs",
+                        url, problem, attempt, settings.retries, delay)
             time.sleep(delay)
-    return error
+    return _Miss(url, f"{problem} (after {settings.retries} attempts)")
 
 
-def _find_local(folder: Path, fname: str) -> Path | None:
-    for cand in (folder / f"{fname}.gz", folder / fname):
-        if cand.is_file():
-            return cand
+def _from_folder(folder: Path, fname: str, md5: dict[str, str], dest: Path
+                 ) -> tuple[str, str | None] | _Miss:
+    """Extract ``fname`` (gzipped or not) from a local folder into ``dest``.
+
+    Returns (the file used, the MD5 it was checked against or None) or a miss.
+    """
+    if not folder.is_dir():
+        return _Miss(str(folder), "folder not found", absent=True)
+    local = next((c for c in (folder / f"{fname}.gz", folder / fname) if c.is_file()), None)
+    if local is None:
+        return _Miss(str(folder), f"no {fname}.gz or {fname}", absent=True)
+    want = md5.get(local.name)
+    if want and not check_integrity(local, want):
+        return _Miss(str(local), f"MD5 mismatch (expected {want}, got {calculate_md5(local)})")
+    if not want and md5:
+        log.warning("%s: no MD5 known for this name; not verified", local)
+    try:
+        _extract(local, dest)
+    except _BadFile as e:
+        return _Miss(str(local), str(e))
+    return str(local), want
+
+
+def _read_manifest(out: Path) -> dict[str, Any]:
+    try:
+        files = json.loads((out / MANIFEST).read_text())["files"]
+        return files if isinstance(files, dict) else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _reuse(out: Path, fname: str, md5: str | None, urls: list[str], previous: dict[str, Any]
+           ) -> str | None:
+    """The URL a verified copy of ``fname``'s ``.gz`` already in ``out`` came from, or None.
+
+    Verified means: matches the known MD5; or, with no MD5 known, matches the MD5
+    recorded when it was downloaded from a URL that is still a mirror.
+    """
+    path = out / f"{fname}.gz"
+    if not path.is_file():
+        return None
+    entry = previous.get(fname) or {}
+    if not isinstance(entry, dict):
+        return None
+    if md5:
+        return entry.get("from", "earlier download") if check_integrity(path, md5) else None
+    if entry.get("from") in urls and entry.get("md5") and check_integrity(path, entry["md5"]):
+        return entry["from"]
     return None
 
 
-def _extract(src: Path, dest: Path) -> None:
-    """Copy ``src`` to ``dest`` uncompressed (gzip detected by content, not name)."""
-    with open(src, "rb") as f:
-        is_gzip = f.read(2) == b"\x1f\x8b"
-    if src.suffix == ".gz" and not is_gzip:
-        raise MnistlabError(f"{src}: named .gz but is not a gzip file")
-    with atomic_path(dest) as tmp:
-        if not is_gzip:
-            shutil.copyfile(src, tmp)
-            return
-        try:
-            with gzip.open(src, "rb") as rf, open(tmp, "wb") as wf:
-                shutil.copyfileobj(rf, wf)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise MnistlabError(f"{src}: corrupt or truncated gzip ({e})") from None
+def _fetch_files(source: Source, out: Path, stage: Path, settings: DownloadSettings
+                 ) -> dict[str, dict[str, Any]]:
+    """Bring ``source``'s files into the empty folder ``stage``.
 
-
-def fetch(source: Source, out: Path, settings: DownloadSettings) -> list[str]:
-    """Bring ``source``'s files into ``out`` (uncompressed IDX); return the names written.
-
-    Files already present and verified are not fetched again (no network at all).
-    The ``t10k-*`` pair is optional for folders and URLs that lack it, but
-    required when an MD5 is known for it (an official dataset).
+    Returns the manifest: for each IDX file written, where it came from and the
+    MD5 of what was fetched (the ``.gz`` for URLs, which is kept beside it).
     """
-    out.mkdir(parents=True, exist_ok=True)
-    if source.embedded:
-        return write_digits(out)
-    written = []
-    tried: list[str] = []
+    previous = _read_manifest(out)
+    manifest: dict[str, dict[str, Any]] = {}
     for fname in FILES:
         gz = f"{fname}.gz"
-        optional = fname.startswith("t10k") and gz not in source.md5 and fname not in source.md5
         md5 = source.md5.get(gz)
-        if md5 and check_integrity(out / gz, md5) and (out / fname).is_file():
-            log.info("%s: %s present and verified, not fetched", source.name, gz)
-            written.append(fname)
-            continue
-        got = None
-        errors = []
+        # The test pair is optional (the split then carves one), unless an MD5
+        # pins it: an official dataset must come with its official test set.
+        optional = fname.startswith("t10k") and gz not in source.md5 and fname not in source.md5
+        urls = [m.rstrip("/") + "/" + gz for m in source.mirrors if _is_url(m)]
+
+        origin = _reuse(out, fname, md5, urls, previous)
+        if origin is not None:
+            shutil.copyfile(out / gz, stage / gz)
+            try:
+                _extract(stage / gz, stage / fname)
+            except _BadFile:  # verified by MD5 yet unreadable: fetch it again below
+                origin = None
+            else:
+                log.info("%s: %s already present and verified; not fetched", source.name, gz)
+                manifest[fname] = {"from": origin, "md5": calculate_md5(stage / gz),
+                                   "verified": "md5" if md5 else "gzip only"}
+                continue
+            (stage / gz).unlink(missing_ok=True)
+
+        misses: list[_Miss] = []
         for mirror in source.mirrors:
             if _is_url(mirror):
                 url = mirror.rstrip("/") + "/" + gz
-                tried.append(url)
-                err = _fetch_url(url, out / gz, md5, settings)
-                if err is None:
-                    got = out / gz
+                miss = _download(url, stage / gz, stage / fname, md5, settings)
+                if miss is None:
+                    manifest[fname] = {"from": url, "md5": calculate_md5(stage / gz),
+                                       "verified": "md5" if md5 else "gzip only"}
                     break
-                errors.append(err)
             else:
-                local = _find_local(Path(mirror), fname)
-                tried.append(str(Path(mirror) / gz))
-                if local is None:
-                    errors.append(f"{mirror}: no {gz} or {fname}")
-                    continue
-                want = source.md5.get(local.name)
-                if want and not check_integrity(local, want):
-                    errors.append(f"{local}: MD5 mismatch (expected {want})")
-                    continue
-                got = local
-                break
-        if got is None:
-            if optional and all("HTTP 404" in e or ": no " in e for e in errors):
-                log.info("%s: no %s in any mirror; the split will carve a test set", source.name, fname)
+                got = _from_folder(Path(mirror).expanduser(), fname, source.md5, stage / fname)
+                if not isinstance(got, _Miss):
+                    local, want = got
+                    manifest[fname] = {"from": local, "md5": calculate_md5(Path(local)),
+                                       "verified": "md5" if want else "no md5 given"}
+                    break
+                miss = got
+            misses.append(miss)
+            (stage / gz).unlink(missing_ok=True)
+            (stage / fname).unlink(missing_ok=True)
+        else:
+            if optional and all(m.absent for m in misses):
+                log.info("%s: no %s in any mirror; the split will carve a test set",
+                         source.name, fname)
                 continue
-            raise MnistlabError(
-                f"dataset {source.name!r}: could not get {gz} ({'; '.join(errors)}). "
-                f"Offline? Put the four MNIST files in a folder and set "
-                f"sources.{source.name}.mirrors: [/that/folder] in params.yaml"
-            )
-        _extract(got, out / fname)
-        written.append(fname)
-    if LABELS["train"] not in written or IMAGES["train"] not in written:
-        raise MnistlabError(f"dataset {source.name!r}: the training files are required")
-    if (IMAGES["test"] in written) != (LABELS["test"] in written):
-        raise MnistlabError(f"dataset {source.name!r}: t10k images and labels must come together")
-    return written
+            raise MnistlabError(_not_found_message(source, gz, misses))
+        log.info("%s: got %s", source.name, fname)
+
+    have = {f for f in FILES if (stage / f).is_file()}
+    if (IMAGES["test"] in have) != (LABELS["test"] in have):
+        one, other = ((IMAGES["test"], LABELS["test"]) if IMAGES["test"] in have
+                      else (LABELS["test"], IMAGES["test"]))
+        raise MnistlabError(
+            f"dataset {source.name!r}: found {one} but not {other} in {', '.join(source.mirrors)} "
+            "(the test images and labels must come together)"
+        )
+    return manifest
+
+
+def _not_found_message(source: Source, gz: str, misses: list[_Miss]) -> str:
+    msg = (f"dataset {source.name!r}: could not get {gz} from any mirror "
+           f"(tried: {'; '.join(map(str, misses))})")
+    if any(_is_url(m) for m in source.mirrors):
+        msg += (f". Offline? Put the four MNIST files ({', '.join(f'{f}.gz' for f in FILES)}, "
+                f"gzipped or not) in a folder and list it first: "
+                f"sources.{source.name}.mirrors: [/that/folder] in params.yaml")
+    return msg
+
+
+def fetch(source: Source, out: str | os.PathLike, settings: DownloadSettings) -> dict[str, int]:
+    """Bring ``source``'s files into ``out`` (uncompressed IDX), validate them; return counts.
+
+    All or nothing: everything is fetched and validated in a staging folder that
+    then replaces ``out``, so a failure leaves an earlier ``out`` untouched, and a
+    success leaves no stale file behind (dvc.yaml marks ``out`` ``persist`` so that
+    verified files survive a rerun: they are reused without any network access).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in out.parent.glob(f".{out.name}.*.partial"):  # from a killed run
+        shutil.rmtree(leftover, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    stage.chmod(out.parent.stat().st_mode & 0o777)  # mkdtemp's 0700 would become out's mode
+    try:
+        if source.embedded:
+            write_digits(stage)
+            manifest: dict[str, Any] = {"embedded": source.embedded}
+            shown = {f: f"{source.embedded}:{f}" for f in FILES}
+        else:
+            manifest = _fetch_files(source, out, stage, settings)
+            shown = {f: entry["from"] for f, entry in manifest.items()}
+        counts = validate_raw(stage, len(source.classes), shown)
+        write_json(stage / MANIFEST, {"dataset": source.name, "files": manifest})
+        _replace_dir(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return counts
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Put folder ``new`` where ``out`` is (two renames; ``out`` is never half-written)."""
+    if out.exists() or out.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        os.replace(out, old / "old")
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)
 
 
 # --------------------------------------------------------------------------- IDX parsing
 
 
-def _check_idx_header(path: Path, want_ndim: int) -> None:
+def _check_idx_header(path: Path, want_ndim: int, shown: str) -> list[int]:
     """Check an uncompressed IDX file's header and length before torchvision parses it.
 
     torchvision's reader asserts (bare AssertionError) or mis-shapes on bad
-    input; we want a sentence naming the file and the problem.
+    input; we want a sentence naming the file (``shown``) and the problem.
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(4 + 4 * want_ndim)
+    kind = "images" if want_ndim == 3 else "labels"
     if len(head) < 4:
-        raise MnistlabError(f"{path}: truncated IDX file ({size} bytes)")
+        raise MnistlabError(f"{shown}: truncated IDX file ({size} bytes)")
     if head[0:2] != b"\x00\x00":
-        raise MnistlabError(f"{path}: not an IDX file (bad magic {head[:4].hex()})")
+        raise MnistlabError(f"{shown}: not an IDX file (bad magic 0x{head[:4].hex()})")
     if head[2] != 0x08:
-        raise MnistlabError(f"{path}: IDX dtype 0x{head[2]:02x} is not unsigned byte (0x08)")
+        raise MnistlabError(f"{shown}: IDX dtype 0x{head[2]:02x} is not unsigned byte (0x08)")
     if head[3] != want_ndim:
-        kind = "images" if want_ndim == 3 else "labels"
-        raise MnistlabError(f"{path}: {head[3]}-d IDX where {kind} need {want_ndim}-d")
+        raise MnistlabError(f"{shown}: {head[3]}-d IDX where {kind} need {want_ndim}-d")
     if len(head) < 4 + 4 * want_ndim:
-        raise MnistlabError(f"{path}: truncated IDX header")
+        raise MnistlabError(f"{shown}: truncated IDX header ({size} bytes)")
     dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(want_ndim)]
     if want_ndim == 3 and dims[1:] != [SIDE, SIDE]:
-        raise MnistlabError(f"{path}: images are {dims[1]}x{dims[2]}, expected {SIDE}x{SIDE}")
-    expected = len(head) + int(torch.tensor(dims).prod())
+        raise MnistlabError(f"{shown}: images are {dims[1]}x{dims[2]}, expected {SIDE}x{SIDE}")
+    expected = len(head) + math.prod(dims)
     if size < expected:
-        raise MnistlabError(f"{path}: truncated IDX file ({size} bytes, header says {expected})")
+        raise MnistlabError(
+            f"{shown}: truncated IDX file ({size} bytes, the header's {dims[0]} {kind} need {expected})"
+        )
     if size > expected:
-        raise MnistlabError(f"{path}: {size - expected} trailing bytes after the IDX data")
+        raise MnistlabError(f"{shown}: {size - expected} trailing bytes after the IDX data")
+    if dims[0] == 0:
+        raise MnistlabError(f"{shown}: no samples")
+    return dims
 
 
-def read_pair(raw: Path, subset: str, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Parse and validate one (images, labels) pair: uint8 [N,28,28], int64 [N]."""
+def read_pair(raw: Path, subset: str, num_classes: int, shown: dict[str, str] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parse and validate one (images, labels) pair: uint8 [N,28,28], int64 [N].
+
+    ``shown`` maps a file name to what error messages call it (its origin);
+    by default its path in ``raw``.
+    """
+    raw = Path(raw)
     ipath, lpath = raw / IMAGES[subset], raw / LABELS[subset]
+    name = {p: (shown or {}).get(p.name, str(p)) for p in (ipath, lpath)}
     for p in (ipath, lpath):
         if not p.is_file():
             raise MnistlabError(f"{p}: file not found (run the download stage first)")
-    _check_idx_header(ipath, 3)
-    _check_idx_header(lpath, 1)
+    _check_idx_header(ipath, 3, name[ipath])
+    _check_idx_header(lpath, 1, name[lpath])
     images = read_image_file(str(ipath))
     labels = read_label_file(str(lpath)).long()
     if len(images) != len(labels):
         raise MnistlabError(
-            f"{ipath}: {len(images)} images but {lpath.name} has {len(labels)} labels"
+            f"{name[ipath]}: {len(images)} images but {name[lpath]} has {len(labels)} labels"
         )
-    if len(labels) == 0:
-        raise MnistlabError(f"{lpath}: no samples")
     bad = labels >= num_classes
     if bad.any():
         raise MnistlabError(
-            f"{lpath}: label {int(labels[bad][0])} out of range 0..{num_classes - 1} "
+            f"{name[lpath]}: label {int(labels[bad][0])} out of range 0..{num_classes - 1} "
             f"({int(bad.sum())} such labels)"
         )
     return images, labels
 
 
-def validate_raw(raw: Path, num_classes: int) -> dict[str, int]:
+def validate_raw(raw: Path, num_classes: int, shown: dict[str, str] | None = None
+                 ) -> dict[str, int]:
     """Parse every pair present in ``raw``; return sample counts per official subset."""
-    counts = {"train": len(read_pair(raw, "train", num_classes)[1])}
-    if (raw / IMAGES["test"]).is_file():
-        counts["test"] = len(read_pair(raw, "test", num_classes)[1])
+    raw = Path(raw)
+    counts = {"train": len(read_pair(raw, "train", num_classes, shown)[1])}
+    if (raw / IMAGES["test"]).is_file() or (raw / LABELS["test"]).is_file():
+        counts["test"] = len(read_pair(raw, "test", num_classes, shown)[1])
     return counts
 
 
@@ -337,23 +556,23 @@ def validate_raw(raw: Path, num_classes: int) -> dict[str, int]:
 def digits_as_mnist() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1,797 UCI digits in MNIST's layout.
 
-    8x8 values 0..16 → 0..255, resized (bilinear, antialiased) into a 20x20 box
-    centred in a 28x28 canvas, as MNIST's digits are. Shapes: [1797,28,28] uint8, [1797] int64.
+    8x8 values 0..16 → 0..255, resized (bilinear) into a 20x20 box centred in a
+    28x28 canvas, as MNIST's digits are. Shapes: [1797,28,28] uint8, [1797] int64.
     """
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.from_numpy(d.images).float().unsqueeze(1) / 16.0  # [N,1,8,8] in 0..1
     box = torch.nn.functional.interpolate(x, size=(20, 20), mode="bilinear", antialias=True,
-                                          align_corners=False)
+                                          align_corners=False)  # [N,1,20,20]
     canvas = torch.zeros(len(x), 1, SIDE, SIDE)
     canvas[:, :, 4:24, 4:24] = box.clamp(0, 1)
-    images = (canvas.squeeze(1) * 255).round().to(torch.uint8)
+    images = (canvas.squeeze(1) * 255).round().to(torch.uint8)  # [N,28,28]
     return images, torch.from_numpy(d.target).long()
 
 
 def write_idx(path: Path, array: torch.Tensor) -> None:
-    """Write a uint8 tensor as an IDX file (atomically)."""
+    """Write a tensor as an unsigned-byte IDX file (atomically)."""
     a = array.to(torch.uint8).contiguous()
     header = bytes([0, 0, 0x08, a.dim()]) + b"".join(int(s).to_bytes(4, "big") for s in a.shape)
     with atomic_path(path) as tmp:
@@ -365,8 +584,6 @@ def write_digits(out: Path) -> list[str]:
     images, labels = digits_as_mnist()
     write_idx(out / IMAGES["train"], images)
     write_idx(out / LABELS["train"], labels)
-    for stale in (IMAGES["test"], LABELS["test"]):
-        (out / stale).unlink(missing_ok=True)
     return [IMAGES["train"], LABELS["train"]]
 
 
@@ -378,8 +595,6 @@ def _carve(labels: torch.Tensor, amount: float | int, seed: int, what: str, data
     """Stratified (keep, carved) index split of ``labels``; sklearn does the stratifying."""
     from sklearn.model_selection import train_test_split
 
-    idx = torch.arange(len(labels)).numpy()
-    y = labels.numpy()
     counts = torch.bincount(labels)
     present = counts[counts > 0]
     if present.min() < 2:
@@ -389,11 +604,11 @@ def _carve(labels: torch.Tensor, amount: float | int, seed: int, what: str, data
             f"cannot carve a stratified {what} set"
         )
     try:
-        keep, carved = train_test_split(idx, test_size=amount, stratify=y, random_state=seed, shuffle=True)
+        keep, carved = train_test_split(torch.arange(len(labels)).numpy(), test_size=amount,
+                                        stratify=labels.numpy(), random_state=seed, shuffle=True)
     except ValueError as e:
         raise MnistlabError(f"dataset {dataset!r}: cannot carve the {what} set: {e}") from None
-    # Sorted indices keep the saved order independent of sklearn's shuffle (same seed,
-    # same bytes either way, but sorted is easier to reason about).
+    # Sorted indices: each subset keeps the raw files' order (training shuffles anyway).
     return torch.from_numpy(keep).sort().values, torch.from_numpy(carved).sort().values
 
 
@@ -412,13 +627,17 @@ def split(raw: Path, out: Path, classes: list[str], val: Any, test: Any, seed: i
     """Split ``raw`` into train/val/test tensor files under ``out``; return the summary.
 
     The official test set stays the test set; without one, a stratified test set
-    is carved from train first, then validation from the rest. Same seed, same bytes.
+    is carved from train first, then validation from the rest. Same seed, same
+    bytes. Nothing is written unless every check passes.
     """
+    raw, out = Path(raw), Path(out)
     val = _amount("split.val_fraction", val)
     test = _amount("split.test_fraction", test)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise MnistlabError(f"params.yaml: seed must be an integer in [0, 2**32) (got {seed!r})")
     n_cls = len(classes)
     images, labels = read_pair(raw, "train", n_cls)
-    if (raw / IMAGES["test"]).is_file():
+    if (raw / IMAGES["test"]).is_file() or (raw / LABELS["test"]).is_file():
         test_images, test_labels = read_pair(raw, "test", n_cls)
         test_from = "official"
     else:
@@ -433,13 +652,15 @@ def split(raw: Path, out: Path, classes: list[str], val: Any, test: Any, seed: i
         "test": (test_images, test_labels),
     }
     summary: dict[str, Any] = {"classes": list(classes), "test_source": test_from}
-    for name, (x, y) in subsets.items():
+    for name, (_, y) in subsets.items():
         per_class = torch.bincount(y, minlength=n_cls)
         if name == "train" and (per_class == 0).any():
             missing = [classes[i] for i in torch.nonzero(per_class == 0).flatten().tolist()]
             raise MnistlabError(f"dataset {dataset!r}: no training samples of class(es) {missing}")
         summary[name] = {"count": len(y), "per_class": per_class.tolist()}
-        torch_save({"images": x.clone(), "labels": y.clone()}, out / f"{name}.pt")
+    for name, (x, y) in subsets.items():
+        # clone: an indexed view's storage would otherwise be saved whole
+        torch_save({"images": x.clone().contiguous(), "labels": y.clone()}, out / f"{name}.pt")
     write_json(out / "summary.json", summary)
     return summary
 
@@ -448,14 +669,21 @@ def load_split(split_dir: Path, subset: str) -> tuple[torch.Tensor, torch.Tensor
     """Load one subset written by :func:`split` (weights_only, validated shapes)."""
     from mnistlab.utils import torch_load
 
-    obj = torch_load(split_dir / f"{subset}.pt")
+    path = Path(split_dir) / f"{subset}.pt"
+    obj = torch_load(path)
     if not (isinstance(obj, dict) and {"images", "labels"} <= set(obj)):
-        raise MnistlabError(f"{split_dir / f'{subset}.pt'}: not a split file (needs images, labels)")
-    return obj["images"], obj["labels"]
+        raise MnistlabError(f"{path}: not a split file (needs images, labels)")
+    x, y = obj["images"], obj["labels"]
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+            and x.dtype == torch.uint8 and x.dim() == 3 and tuple(x.shape[1:]) == (SIDE, SIDE)
+            and y.dtype == torch.int64 and y.shape == (len(x),)):
+        raise MnistlabError(f"{path}: expected uint8 images [N,{SIDE},{SIDE}] and int64 labels [N]")
+    return x, y
 
 
 def load_classes(split_dir: Path) -> list[str]:
+    """Class names recorded by the split stage in ``summary.json``."""
     try:
-        return json.loads((split_dir / "summary.json").read_text())["classes"]
+        return json.loads((Path(split_dir) / "summary.json").read_text())["classes"]
     except (OSError, ValueError, KeyError):
-        raise MnistlabError(f"{split_dir / 'summary.json'}: missing or invalid (run the split stage)") from None
+        raise MnistlabError(f"{Path(split_dir) / 'summary.json'}: missing or invalid (run the split stage)") from None
