@@ -54,17 +54,62 @@ def positive(key: str, value: Any, kind: type = float) -> Any:
 
 
 def non_negative(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+    """Check ``value`` is a finite number >= 0."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0
+            or not math.isfinite(value)):
         raise MnistlabError(f"params.yaml: {key} must be a number >= 0 (got {value!r})")
     return float(value)
 
 
+def number(key: str, value: Any) -> float:
+    """Check ``value`` is a finite number (any sign)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MnistlabError(f"params.yaml: {key} must be a number (got {value!r})")
+    return float(value)
+
+
+def boolean(key: str, value: Any) -> bool:
+    """Check ``value`` is a YAML boolean (``"yes"`` as a string would silently be truthy)."""
+    if not isinstance(value, bool):
+        raise MnistlabError(f"params.yaml: {key} must be true or false (got {value!r})")
+    return value
+
+
 def choice(key: str, value: Any, valid: tuple[str, ...]) -> str:
+    """Check ``value`` is one of ``valid``; the error lists them."""
     if value not in valid:
         raise MnistlabError(
             f"params.yaml: {key}: unknown value {value!r} (valid: {', '.join(valid)})"
         )
     return value
+
+
+def mapping(key: str, value: Any, known: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Check ``value`` is a mapping (``None`` counts as empty) with only ``known`` keys.
+
+    Why reject unknown keys: a typo such as ``augment: {rotation: 10}`` would
+    otherwise be ignored without a word, and the run would silently differ.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MnistlabError(f"params.yaml: {key} must be a mapping (got {value!r})")
+    if known is not None:
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise MnistlabError(
+                f"params.yaml: {key}: unknown key(s) {', '.join(map(str, unknown))} "
+                f"(valid: {', '.join(known)})"
+            )
+    return dict(value)
+
+
+def seed_of(params: dict[str, Any]) -> int:
+    """The global ``seed``: an integer >= 0."""
+    seed = get(params, "seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise MnistlabError(f"params.yaml: seed must be an integer >= 0 (got {seed!r})")
+    return seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,27 +135,52 @@ class HParams:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], arch: str) -> HParams:
-        """Validate ``hparams.<arch>``; every problem names its key."""
-        section = params.get("hparams", {}).get(arch)
+        """Validate ``hparams.<arch>``.
+
+        Args:
+            params: The whole params.yaml mapping.
+            arch: A registered architecture name.
+
+        Returns:
+            The validated hyperparameters, with defaults filled in.
+
+        Raises:
+            MnistlabError: One line naming the offending key, e.g.
+                ``params.yaml: hparams.mlp.lr must be a positive number (got 0)``.
+        """
+        from mnistlab.models import REGISTRY, check_args
+
+        if arch not in REGISTRY:
+            raise MnistlabError(f"unknown arch {arch!r} (valid: {', '.join(sorted(REGISTRY))})")
+        hparams = mapping("hparams", params.get("hparams"))
+        section = hparams.get(arch)
         if not isinstance(section, dict):
             raise MnistlabError(f"params.yaml: no section hparams.{arch} for arch {arch!r}")
         k = f"hparams.{arch}"
-        known = {f.name for f in dataclasses.fields(cls)} - {"mean", "std", "translate",
-                                                            "rotate", "scale", "arch"}
-        known |= {"normalize", "augment"}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise MnistlabError(f"params.yaml: {k}: unknown key(s) {', '.join(unknown)}")
-        norm = section.get("normalize", {"mean": 0.0, "std": 1.0})
-        aug = section.get("augment", {}) or {}
+        mapping(k, section, ("args", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
+                             "schedule", "epochs", "batch_size", "normalize", "augment",
+                             "label_smoothing"))
+        args = mapping(f"{k}.args", section.get("args"))
+        # num_classes comes from the data and in_channels from the images, never from params.
+        for derived in ("num_classes", "in_channels"):
+            if derived in args:
+                raise MnistlabError(f"params.yaml: {k}.args.{derived} is set from the data; remove it")
+        check_args(arch, args, key=f"params.yaml: {k}.args")
+        norm = mapping(f"{k}.normalize", section.get("normalize"), ("mean", "std"))
+        aug = mapping(f"{k}.augment", section.get("augment"), ("translate", "rotate", "scale"))
+        optimizer = choice(f"{k}.optimizer", section.get("optimizer"), OPTIMIZERS)
         mom = non_negative(f"{k}.momentum", section.get("momentum", 0.0))
-        nesterov = bool(section.get("nesterov", False))
+        nesterov = boolean(f"{k}.nesterov", section.get("nesterov", False))
+        # Adam's momentum is betas[0]; silently ignoring a momentum the user set would mislead.
+        if optimizer != "sgd" and ("momentum" in section or nesterov):
+            raise MnistlabError(f"params.yaml: {k}.momentum/nesterov apply to sgd only "
+                                f"(optimizer is {optimizer})")
         if nesterov and mom == 0:
             raise MnistlabError(f"params.yaml: {k}.nesterov needs {k}.momentum > 0")
         hp = cls(
             arch=arch,
-            args=dict(section.get("args", {}) or {}),
-            optimizer=choice(f"{k}.optimizer", section.get("optimizer"), OPTIMIZERS),
+            args=args,
+            optimizer=optimizer,
             lr=positive(f"{k}.lr", section.get("lr")),
             momentum=mom,
             nesterov=nesterov,
@@ -118,7 +188,7 @@ class HParams:
             schedule=choice(f"{k}.schedule", section.get("schedule", "constant"), SCHEDULES),
             epochs=positive(f"{k}.epochs", section.get("epochs"), int),
             batch_size=positive(f"{k}.batch_size", section.get("batch_size"), int),
-            mean=float(norm.get("mean", 0.0)),
+            mean=number(f"{k}.normalize.mean", norm.get("mean", 0.0)),
             std=positive(f"{k}.normalize.std", norm.get("std", 1.0)),
             translate=non_negative(f"{k}.augment.translate", aug.get("translate", 0.0)),
             rotate=non_negative(f"{k}.augment.rotate", aug.get("rotate", 0.0)),
@@ -126,11 +196,14 @@ class HParams:
             label_smoothing=non_negative(f"{k}.label_smoothing", section.get("label_smoothing", 0.0)),
         )
         if hp.label_smoothing >= 1:
-            raise MnistlabError(f"params.yaml: {k}.label_smoothing must be < 1")
+            raise MnistlabError(f"params.yaml: {k}.label_smoothing must be < 1 (got {hp.label_smoothing})")
+        if hp.scale >= 1:
+            raise MnistlabError(f"params.yaml: {k}.augment.scale must be < 1 (got {hp.scale})")
         return hp
 
     @property
     def augments(self) -> bool:
+        """Whether any random affine augmentation is configured."""
         return self.translate > 0 or self.rotate > 0 or self.scale > 0
 
     def flat(self) -> dict[str, Any]:
@@ -156,14 +229,18 @@ class TrainSettings:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainSettings:
-        s = dict(params.get("train", {}) or {})
-        unknown = sorted(set(s) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise MnistlabError(f"params.yaml: train: unknown key(s) {', '.join(unknown)}")
+        """Validate the ``train`` section; every problem names its key."""
+        s = mapping("train", params.get("train"), tuple(f.name for f in dataclasses.fields(cls)))
         ms = s.get("min_steps", 0)
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
             raise MnistlabError(f"params.yaml: train.min_steps must be an integer >= 0 (got {ms!r})")
-        out = cls(**s)
-        positive("train.eval_batch_size", out.eval_batch_size, int)
-        positive("train.checkpoint_every", out.checkpoint_every, int)
-        return out
+        if not isinstance(s.get("device", "auto"), str):
+            raise MnistlabError(f"params.yaml: train.device must be a string such as auto, cpu "
+                                f"or cuda:0 (got {s['device']!r})")
+        for flag in ("deterministic", "bf16", "channels_last", "compile"):
+            if flag in s:
+                boolean(f"train.{flag}", s[flag])
+        for count in ("eval_batch_size", "checkpoint_every"):
+            if count in s:
+                s[count] = positive(f"train.{count}", s[count], int)
+        return cls(**s)

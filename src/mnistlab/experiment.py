@@ -6,6 +6,7 @@ function of tensors and settings (benchmarks and tests call it directly).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -16,12 +17,19 @@ from typing import Any
 import torch
 
 from mnistlab import data, tracking
-from mnistlab.config import HParams, TrainSettings, get
+from mnistlab.config import HParams, TrainSettings, seed_of
 from mnistlab.errors import MnistlabError
-from mnistlab.models import REGISTRY, count_parameters
-from mnistlab.training import fit, load_resumable, to_device
-from mnistlab.utils import (atomic_path, file_sha256, json_digest, pick_device, seed_everything,
-                            torch_save, write_json)
+from mnistlab.models import count_parameters
+from mnistlab.training import effective_epochs, fit, load_resumable, to_device
+from mnistlab.utils import (
+    atomic_path,
+    file_sha256,
+    json_digest,
+    pick_device,
+    seed_everything,
+    torch_save,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +44,26 @@ class TrainPaths:
     checkpoint: Path   # checkpoints/<ds>/<arch>/last.pt (persist: true in dvc.yaml)
 
 
+# The modules whose code decides the trained weights. Their digest is part of the
+# checkpoint fingerprint: after a code change a half-done (or finished) checkpoint
+# is never resumed, since the resumed run could not match a fresh one.
+WEIGHT_CODE = ("models.py", "training.py", "config.py", "experiment.py", "utils.py")
+
+
 def data_digest(split_dir: Path) -> str:
     """sha256 over the split files, so a run names exactly the data it saw."""
     return json_digest({s: file_sha256(split_dir / f"{s}.pt") for s in ("train", "val", "test")})
 
 
+def code_digest() -> str:
+    """sha256 over :data:`WEIGHT_CODE` and the torch version."""
+    here = Path(__file__).parent
+    return json_digest({"torch": torch.__version__,
+                        **{name: file_sha256(here / name) for name in WEIGHT_CODE}})
+
+
 def write_history(path: Path, history: list[dict[str, float]]) -> None:
+    """Per-epoch rows as CSV (the DVC plot), floats to 6 significant digits, atomically."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(history[0]), lineterminator="\n")
     w.writeheader()
@@ -53,18 +75,65 @@ def write_history(path: Path, history: list[dict[str, float]]) -> None:
 
 def model_record(arch: str, args: dict[str, Any], state: dict[str, torch.Tensor], hp: HParams,
                  classes: list[str]) -> dict[str, Any]:
-    """A final-model file: weights plus all that is needed to rebuild and feed the model."""
+    """A final-model file: weights plus all that is needed to rebuild and feed the model.
+
+    Keys: ``arch``, ``args`` (builder arguments incl. num_classes), ``state_dict``
+    (CPU tensors), ``normalize`` ({mean, std}) and ``classes``. Later stages read
+    it with ``weights_only=True``, so it holds only tensors and plain containers.
+    """
     return {"arch": arch, "args": args, "state_dict": {k: v.cpu() for k, v in state.items()},
             "normalize": {"mean": hp.mean, "std": hp.std}, "classes": classes}
 
 
+def _history_metrics(row: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in row.items() if k != "epoch"}
+
+
+def open_run(dataset: str, arch: str, params: dict[str, Any], tags: dict[str, str],
+             resume: dict[str, Any] | None) -> str:
+    """The MLflow run for this stage: the interrupted run when resuming it, else a new one.
+
+    A new run that starts from a checkpoint (a finished one, or one whose run was
+    deleted) first gets the checkpoint's per-epoch history, so every run holds
+    the full curves. Store errors become one line naming the (redacted) URI.
+    """
+    raw_uri = tracking.tracking_uri()
+    uri = tracking.redact(raw_uri)
+    try:
+        old = (resume or {}).get("run_id")
+        if resume is not None and old and resume["epoch"] < resume["epochs"] \
+                and tracking.reopen_run(old):
+            return old
+        run_id = tracking.start_run(dataset, arch, params, tags)
+        for row in (resume or {}).get("history", []):
+            tracking.log_metrics(run_id, _history_metrics(row), step=int(row["epoch"]))
+        return run_id
+    except MnistlabError:
+        raise
+    except Exception as e:  # noqa: BLE001 - MLflow raises many types; all mean "store unusable"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(raw_uri, uri)
+        raise MnistlabError(f"MLflow tracking store {uri}: {first}") from None
+
+
 def train(params: dict[str, Any], dataset: str, arch: str, paths: TrainPaths) -> dict[str, float]:
-    """Train ``arch`` on ``dataset`` and write every output of ``train@{dataset}-{arch}``."""
-    if arch not in REGISTRY:
-        raise MnistlabError(f"unknown arch {arch!r} (valid: {', '.join(sorted(REGISTRY))})")
+    """Train ``arch`` on ``dataset`` and write every output of ``train@{dataset}-{arch}``.
+
+    Args:
+        params: The whole params.yaml mapping (reads ``seed``, ``train``, ``hparams.<arch>``).
+        dataset: Dataset name (for the MLflow experiment, tags and messages).
+        arch: A registered architecture.
+        paths: The files this stage reads and writes (from dvc.yaml).
+
+    Returns:
+        The training summary also written to ``train.json``.
+
+    Raises:
+        MnistlabError: Bad params, unreachable tracking server, unreadable split,
+            or a diverging run (NaN/inf); always one line.
+    """
     hp = HParams.from_params(params, arch)
     settings = TrainSettings.from_params(params)
-    seed = get(params, "seed")
+    seed = seed_of(params)
     device = pick_device(settings.device)
     tracking.check_reachable()  # before any compute is spent
     seed_everything(seed, settings.deterministic)
@@ -73,9 +142,11 @@ def train(params: dict[str, Any], dataset: str, arch: str, paths: TrainPaths) ->
     train_x, train_y = data.load_split(paths.split, "train")
     val_x, val_y = data.load_split(paths.split, "val")
     digest = data_digest(paths.split)
-    # Everything that changes the trained weights; checkpoint_every does not.
+    # Everything that changes the trained weights; checkpoint_every and
+    # eval_batch_size do not, so changing them resumes (or reuses) a checkpoint.
     fingerprint = json_digest({
         "hparams": hp.flat(), "seed": seed, "data": digest, "device": device.type,
+        "code": code_digest(),
         "train": {k: getattr(settings, k) for k in ("deterministic", "min_steps", "bf16",
                                                     "channels_last", "compile")},
     })
@@ -83,29 +154,48 @@ def train(params: dict[str, Any], dataset: str, arch: str, paths: TrainPaths) ->
 
     tag = f"{dataset}-{arch}"
     mlflow_params = {**hp.flat(), "seed": seed, "device": device.type, "dataset": dataset,
-                     "data_digest": digest[:16], "min_steps": settings.min_steps,
+                     "data_digest": digest, "min_steps": settings.min_steps,
+                     "effective_epochs": effective_epochs(hp, len(train_y), settings.min_steps),
                      "deterministic": settings.deterministic, "bf16": settings.bf16,
-                     "compile": settings.compile, "n_train": len(train_y), "n_val": len(val_y)}
-    run_id = tracking.start_run(dataset, arch, mlflow_params, tracking.dvc_tags(f"train@{tag}"),
-                                resume_run_id=(resume or {}).get("run_id"))
-    write_json(paths.model_dir / "run.json", {
-        "run_id": run_id, "experiment": tracking.experiment_name(dataset),
-        "tracking_uri": tracking.redact(tracking.tracking_uri()),
-    })
-
-    train_d = to_device(train_x, train_y, hp.mean, hp.std, device, settings.channels_last)
-    val_d = to_device(val_x, val_y, hp.mean, hp.std, device, settings.channels_last)
-
-    def on_epoch(row: dict[str, float]) -> None:
-        tracking.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+                     "channels_last": settings.channels_last, "compile": settings.compile,
+                     "n_train": len(train_y), "n_val": len(val_y)}
+    run_id = open_run(dataset, arch, mlflow_params, tracking.dvc_tags(f"train@{tag}"), resume)
 
     try:
-        result = fit(hp, settings, train_d, val_d, num_classes=len(classes), seed=seed,
-                     fingerprint=fingerprint, checkpoint=paths.checkpoint, tag=tag, resume=resume,
-                     on_epoch=on_epoch, extra_state={"run_id": run_id})
-    except MnistlabError:
-        tracking.set_terminated(run_id, "FAILED")
+        summary = _train_and_write(hp, settings, dataset, arch, paths, device, seed, fingerprint,
+                                   resume, run_id, classes, (train_x, train_y), (val_x, val_y))
+        # Only now: until the new model.pt exists, run.json must keep naming the run of
+        # the model that is there (a failed rerun leaves the earlier outputs as they were;
+        # a resume finds its run id in the checkpoint).
+        write_json(paths.model_dir / "run.json", {
+            "run_id": run_id, "experiment": tracking.experiment_name(dataset),
+            "tracking_uri": tracking.redact(tracking.tracking_uri()),
+        })
+    except BaseException as e:
+        # Close the run so the MLflow UI does not show it running forever; a later
+        # resume re-opens it. Never let a tracking failure hide the real error.
+        with contextlib.suppress(Exception):
+            tracking.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
+    tracking.set_terminated(run_id, "FINISHED")
+    return summary
+
+
+def _train_and_write(hp: HParams, settings: TrainSettings, dataset: str, arch: str,
+                     paths: TrainPaths, device: torch.device, seed: int, fingerprint: str,
+                     resume: dict[str, Any] | None, run_id: str, classes: list[str],
+                     train_xy: tuple[torch.Tensor, torch.Tensor],
+                     val_xy: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """The part of :func:`train` that runs inside the MLflow run: fit, write, log."""
+    train_d = to_device(*train_xy, hp.mean, hp.std, device, settings.channels_last)
+    val_d = to_device(*val_xy, hp.mean, hp.std, device, settings.channels_last)
+
+    def on_epoch(row: dict[str, float]) -> None:
+        tracking.log_metrics(run_id, _history_metrics(row), step=int(row["epoch"]))
+
+    result = fit(hp, settings, train_d, val_d, num_classes=len(classes), seed=seed,
+                 fingerprint=fingerprint, checkpoint=paths.checkpoint, tag=f"{dataset}-{arch}",
+                 resume=resume, on_epoch=on_epoch, extra_state={"run_id": run_id})
 
     args = {"num_classes": len(classes), **hp.args}
     summary = {**result.summary, "parameters": count_parameters(result.model)}
@@ -115,11 +205,12 @@ def train(params: dict[str, Any], dataset: str, arch: str, paths: TrainPaths) ->
     write_history(paths.metrics_dir / "history.csv", result.history)
     write_json(paths.metrics_dir / "train.json", summary)
 
-    tracking.log_metrics(run_id, {f"final_{k}" if not k.startswith(("best", "final")) else k: v
+    # Summary names that would clash with per-epoch metrics (train_seconds) get a
+    # final_ prefix; best_/final_ ones keep theirs.
+    tracking.log_metrics(run_id, {k if k.startswith(("best", "final")) else f"final_{k}": v
                                   for k, v in summary.items()}, step=int(summary["epochs"]))
     tracking.log_artifacts(run_id, [paths.model_dir / "model.pt", paths.model_dir / "best.pt",
                                     paths.metrics_dir / "history.csv"], "checkpoints")
-    example = ((train_x[:2].unsqueeze(1).float() / 255 - hp.mean) / hp.std).numpy()
+    example = ((train_xy[0][:2].unsqueeze(1).float() / 255 - hp.mean) / hp.std).numpy()
     tracking.log_pytorch_model(run_id, result.model, example)
-    tracking.set_terminated(run_id, "FINISHED")
     return summary

@@ -13,6 +13,7 @@ NLL (log_softmax is idempotent), so one loss serves every architecture.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -25,22 +26,55 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Add a builder to :data:`REGISTRY` under its function name."""
+    """Add a builder to :data:`REGISTRY` under its function name (names must be unique)."""
+    if fn.__name__ in REGISTRY:
+        raise ValueError(f"arch {fn.__name__!r} registered twice")
     REGISTRY[fn.__name__] = fn
     return fn
 
 
 def build_model(name: str, **args: Any) -> nn.Module:
-    """Build architecture ``name`` with ``args``; unknown names/args are one-line errors."""
+    """Build architecture ``name`` with size arguments ``args``.
+
+    Args:
+        name: A key of :data:`REGISTRY`.
+        **args: The builder's keyword arguments (``num_classes``, ``in_channels``, sizes).
+
+    Returns:
+        A freshly initialised ``nn.Module`` (on the CPU, in training mode).
+
+    Raises:
+        MnistlabError: ``name`` is not registered, or ``args`` names an argument the
+            builder does not take (both one line listing the valid choices).
+    """
+    check_args(name, args)
+    return REGISTRY[name](**args)
+
+
+def check_args(name: str, args: dict[str, Any], key: str | None = None) -> None:
+    """Raise a one-line error unless ``name`` is registered and accepts every key of ``args``.
+
+    Why bind the signature instead of catching ``TypeError`` from the call: a
+    ``TypeError`` raised *inside* a builder is a bug and must keep its traceback.
+
+    Args:
+        name: Architecture name.
+        args: Keyword arguments meant for its builder.
+        key: The params key to name in the message (default: ``arch 'name'``).
+    """
     if name not in REGISTRY:
         raise MnistlabError(f"unknown arch {name!r} (valid: {', '.join(sorted(REGISTRY))})")
-    try:
-        return REGISTRY[name](**args)
-    except TypeError as e:
-        raise MnistlabError(f"arch {name!r}: bad args {args} ({e})") from None
+    sig = inspect.signature(REGISTRY[name])
+    unknown = sorted(set(args) - set(sig.parameters))
+    if unknown:
+        raise MnistlabError(
+            f"{key or f'arch {name!r}'}: unknown argument(s) {', '.join(unknown)} "
+            f"(valid: {', '.join(sig.parameters)})"
+        )
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Number of scalar parameters (trainable or not; buffers excluded)."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -123,6 +157,18 @@ class _ConvBN(nn.Sequential):
         super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
 
+class _GlobalMaxPool(nn.Module):
+    """[N,C,H,W] → [N,C]: the max over each feature map.
+
+    Why not ``nn.AdaptiveMaxPool2d(1)``: its CUDA backward has no deterministic
+    implementation, so ``train.deterministic: true`` would raise on a GPU.
+    ``amax``'s backward is elementwise, hence deterministic everywhere.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=(2, 3))
+
+
 class _Residual(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
@@ -146,7 +192,7 @@ class ResNetBN(nn.Module):
             _ConvBN(in_channels, w1), nn.MaxPool2d(2),        # -> [N,w1,14,14]
             _ConvBN(w1, w2), _Residual(w2), nn.MaxPool2d(2),  # -> [N,w2,7,7]
             _ConvBN(w2, w3), _Residual(w3),                   # -> [N,w3,7,7]
-            nn.AdaptiveMaxPool2d(1), nn.Flatten(),            # -> [N,w3]
+            _GlobalMaxPool(),                                 # -> [N,w3]
         )
         self.head = nn.Linear(w3, num_classes)
 

@@ -9,14 +9,17 @@ stage outputs — :func:`redact` strips them wherever a URI is shown.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import logging
 import os
+import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,21 +33,25 @@ T = TypeVar("T")
 
 
 def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, or ``sqlite:///mlflow.db`` (relative to the working directory)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
 def redact(uri: str) -> str:
     """``http://user:secret@host`` → ``http://host``: safe to print, tag or store."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        parts = parts._replace(netloc=host)
-    return urllib.parse.urlunsplit(parts)
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        if not (parts.username or parts.password):
+            # Unchanged: urlunsplit would turn sqlite:////abs/path into sqlite://abs/path.
+            return uri
+        netloc = parts.netloc.rpartition("@")[2]  # host[:port], whatever the port text
+    except ValueError:
+        return "<unparseable tracking URI>"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def experiment_name(dataset: str) -> str:
+    """One MLflow experiment per dataset: ``mnistlab/<dataset>``."""
     return f"{EXPERIMENT_PREFIX}/{dataset}"
 
 
@@ -58,14 +65,15 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
     scheme = urllib.parse.urlsplit(uri).scheme
     if scheme not in ("http", "https"):
         return
+    # Probe without the user:pass@ part: urllib cannot send it, and /health needs no auth.
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+        with urllib.request.urlopen(redact(uri).rstrip("/") + "/health", timeout=timeout) as r:
             r.read()
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             return  # reachable; auth is MLflow's business (credentials from the environment)
         raise MnistlabError(f"MLflow tracking server {redact(uri)} answered HTTP {e.code} on /health") from None
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise MnistlabError(
             f"MLflow tracking server {redact(uri)} unreachable ({reason}); "
@@ -97,13 +105,60 @@ def retry_locked(fn: Callable[..., T]) -> Callable[..., T]:
 
 
 def client():
+    """An ``MlflowClient`` for :func:`tracking_uri` (one per URI per process)."""
+    return _client(tracking_uri())
+
+
+@functools.lru_cache(maxsize=4)
+def _client(uri: str):
+    # Cached: building a client opens the store (for sqlite, an engine and a schema
+    # check), which would otherwise be paid again on every per-epoch log call.
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri())
+    _no_url_printing(uri)
+    with _schema_lock(uri):
+        return MlflowClient(uri)  # opens the store: a fresh sqlite file gets its schema here
+
+
+@contextlib.contextmanager
+def _schema_lock(uri: str) -> Iterator[None]:
+    """For a sqlite store: hold an exclusive lock, per database file, while it is opened.
+
+    Why: MLflow creates and migrates a new sqlite store's schema the first time a
+    process opens it, with no lock between processes; two stages starting together
+    on one new mlflow.db (parallel experiments) both migrate, and one fails with
+    "Online migration expected to match one row". :func:`retry_locked` cannot help:
+    that is not a lock timeout. Server-backed stores migrate once, on the server.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; MLflow's own (unlocked) behaviour
+        fcntl = None
+    if parts.scheme != "sqlite" or fcntl is None:
+        yield
+        return
+    db = os.path.abspath(uri[len("sqlite:///"):].split("?")[0] or ":memory:")
+    lock = Path(tempfile.gettempdir()) / f"mnistlab-mlflow-{hashlib.sha256(db.encode()).hexdigest()[:16]}.lock"
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def _no_url_printing(uri: str) -> None:
+    """Stop MLflow printing "View run ... at <URI>" when ``uri`` carries credentials.
+
+    Why: MLflow writes that line to stdout whenever a run ends on an HTTP server,
+    with the URI as given, ``user:pass@`` included; a stage's stdout lands in CI
+    logs. (The variable is read on every print, so setting it once is enough.)
+    """
+    if redact(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 @retry_locked
 def _experiment_id(c, name: str) -> str:
+    """Id of experiment ``name``, created if missing (race-safe between parallel stages)."""
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -126,41 +181,56 @@ def dvc_tags(stage: str) -> dict[str, str]:
     return tags
 
 
-@retry_locked
-def start_run(dataset: str, arch: str, params: dict[str, Any], tags: dict[str, str],
-              resume_run_id: str | None = None) -> str:
-    """Create (or re-open, when resuming) the run ``{dataset}-{arch}``; return its id."""
+def reopen_run(run_id: str) -> bool:
+    """Mark an existing, not deleted run as RUNNING again; False if it is gone."""
     c = client()
-    if resume_run_id:
-        try:
-            run = c.get_run(resume_run_id)
-            if run.info.lifecycle_stage == "active":
-                c.update_run(resume_run_id, status="RUNNING")
-                return resume_run_id
-        except Exception:  # noqa: BLE001 - deleted or in another store: start afresh
-            log.warning("MLflow run %s not found in %s; starting a new run", resume_run_id,
-                        redact(tracking_uri()))
-    exp_id = _experiment_id(c, experiment_name(dataset))
-    run = c.create_run(exp_id, run_name=f"{dataset}-{arch}",
-                       tags={"dataset": dataset, "arch": arch, **tags})
+    try:
+        run = retry_locked(c.get_run)(run_id)
+    except Exception:  # noqa: BLE001 - deleted or in another store: the caller starts afresh
+        log.warning("MLflow run %s not found in %s; starting a new run", run_id,
+                    redact(tracking_uri()))
+        return False
+    if run.info.lifecycle_stage != "active":
+        log.warning("MLflow run %s was deleted; starting a new run", run_id)
+        return False
+    retry_locked(c.update_run)(run_id, status="RUNNING")
+    return True
+
+
+def start_run(dataset: str, arch: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+    """Create the run ``{dataset}-{arch}`` in the dataset's experiment; return its id.
+
+    Args:
+        dataset: Dataset name (selects the experiment ``mnistlab/<dataset>``).
+        arch: Architecture name.
+        params: Logged as run params in one batch (values as strings).
+        tags: Run tags; ``dataset`` and ``arch`` are added.
+    """
     from mlflow.entities import Param
 
-    c.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
+    # Each call retried on its own: retrying the whole function after a lock in
+    # log_batch would create a second, empty run.
+    c = client()
+    exp_id = _experiment_id(c, experiment_name(dataset))
+    run = retry_locked(c.create_run)(exp_id, run_name=f"{dataset}-{arch}",
+                                     tags={"dataset": dataset, "arch": arch, **tags})
+    retry_locked(c.log_batch)(run.info.run_id, params=[Param(k, str(v)[:6000])
+                                                       for k, v in sorted(params.items())])
     return run.info.run_id
 
 
 @retry_locked
-def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     """One batched request for a whole dict of metrics (one per epoch, never per step)."""
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    c = client()
-    c.log_batch(run_id, metrics=[Metric(k, float(v), ts, step or 0) for k, v in metrics.items()])
+    client().log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
 
 
 @retry_locked
 def log_artifacts(run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
+    """Copy files (or folders) into the run's artifacts under ``artifact_path``."""
     c = client()
     for p in paths:
         if Path(p).is_dir():
@@ -171,24 +241,77 @@ def log_artifacts(run_id: str, paths: list[Path], artifact_path: str | None = No
 
 @retry_locked
 def set_terminated(run_id: str, status: str = "FINISHED") -> None:
+    """End the run with ``status`` (FINISHED, FAILED or KILLED)."""
     client().set_terminated(run_id, status)
+
+
+def model_requirements() -> list[str]:
+    """Exact pins of what loading the logged model needs (torch, mlflow, numpy).
+
+    Why explicit: without ``pip_requirements`` MLflow infers them by importing
+    the model in a subprocess, which took 6-10 s per model here (0.3 s with).
+    """
+    import mlflow
+    import numpy
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+            f"numpy=={numpy.__version__}"]
 
 
 @retry_locked
 def log_pytorch_model(run_id: str, model, example) -> None:
-    """Log ``model`` with mlflow.pytorch, with a signature inferred from ``example`` (numpy)."""
+    """Log ``model`` as the run's ``model`` with mlflow.pytorch.
+
+    Args:
+        run_id: The run to log into.
+        model: The trained network; a CPU copy in eval mode is logged, ``model`` is untouched.
+        example: A small numpy batch [B,1,28,28] float32, normalised as in training;
+            it is the input example and the source of the signature.
+    """
+    import copy
+
     import mlflow
     import mlflow.pytorch
     import torch
     from mlflow.models import infer_signature
 
-    mlflow.set_tracking_uri(tracking_uri())
-    model = model.cpu().eval()
+    model = copy.deepcopy(model).cpu().eval()
     with torch.inference_mode():
         out = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, out)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example)
+    with _fluent_uri(tracking_uri()), mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
+                                 pip_requirements=model_requirements())
+
+
+@contextlib.contextmanager
+def _fluent_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for a block, then restore exactly what was there.
+
+    Why: ``mlflow.pytorch.log_model`` only works through the process-global tracking
+    URI, and ``mlflow.set_tracking_uri`` also rewrites ``$MLFLOW_TRACKING_URI``.
+    Leaving either changed would silently send later runs in the same process
+    (a test suite, a notebook) to this store, whatever their environment says.
+    """
+    import mlflow
+
+    # Private, but the only place MLflow keeps the global; restoring it via the public
+    # setter would also unset or overwrite the environment variable.
+    from mlflow.tracking._tracking_service import utils as mlflow_tracking_utils
+
+    saved_global = mlflow_tracking_utils._tracking_uri
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    _no_url_printing(uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_global)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def read_run_id(path: Path) -> str:

@@ -31,11 +31,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mnistlab.config import HParams, TrainSettings
-from mnistlab.errors import MnistlabError
+from mnistlab.errors import MnistlabError, UnsafeFileError
 from mnistlab.models import build_model
 from mnistlab.utils import torch_load, torch_save
 
 log = logging.getLogger(__name__)
+
+# A classifier's mean cross-entropy starts near ln(classes) (2.3 for 10) and falls.
+# An epoch averaging above this has blown up its weights: the usual face of an
+# absurd learning rate in float32 is a huge *finite* loss (1e10..1e30), not NaN,
+# so the guard stops on this too. Legit runs stay far below (the worst seen, a
+# 10-step one-cycle warm-up of resnet_bn, averaged 28).
+DIVERGED_LOSS = 1e3
 
 
 # --------------------------------------------------------------------------- data on the device
@@ -69,6 +76,11 @@ def augment(x: torch.Tensor, hp: HParams, gen: torch.Generator) -> torch.Tensor:
 
     One ``affine_grid``/``grid_sample`` for the whole batch: no per-sample Python.
     Shapes: [B,C,H,W] → [B,C,H,W]; the background keeps the value of an empty pixel.
+
+    Args:
+        x: A normalised batch (``(pixel/255 - hp.mean) / hp.std``).
+        hp: Supplies the ranges ``translate`` (pixels), ``rotate`` (degrees), ``scale`` (fraction).
+        gen: The epoch's generator, so the warp is a pure function of (seed, epoch).
     """
     b, _, h, _ = x.shape
     u = torch.rand(b, 4, generator=gen, device=x.device) * 2 - 1  # U(-1, 1)
@@ -79,7 +91,10 @@ def augment(x: torch.Tensor, hp: HParams, gen: torch.Generator) -> torch.Tensor:
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
                          torch.stack([sin, cos, shift[:, 1]], 1)], 1)  # [B,2,3]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    background = x.amin()  # the normalised value of a 0 pixel
+    # grid_sample pads with zeros; shift so that "zero" is the normalised value of
+    # an empty (0) pixel, not of a mid-grey one. Computed with the very float32 ops of
+    # to_device, so it equals that pixel bit for bit (and no reduction over x is needed).
+    background = torch.zeros((), device=x.device).sub_(hp.mean).div_(hp.std)
     return F.grid_sample(x - background, grid, padding_mode="zeros", align_corners=False) + background
 
 
@@ -87,6 +102,7 @@ def augment(x: torch.Tensor, hp: HParams, gen: torch.Generator) -> torch.Tensor:
 
 
 def make_optimizer(model: nn.Module, hp: HParams) -> torch.optim.Optimizer:
+    """The optimizer ``hp.optimizer`` over all of ``model``'s parameters."""
     params = model.parameters()
     if hp.optimizer == "sgd":
         return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
@@ -102,11 +118,23 @@ def make_scheduler(opt: torch.optim.Optimizer, hp: HParams, total_steps: int
                    ) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-step schedule: ``constant`` (the tutorials), ``onecycle`` or ``cosine``."""
     if hp.schedule == "onecycle":
+        if total_steps < 2:
+            raise MnistlabError(f"hparams.{hp.arch}.schedule: onecycle needs at least 2 optimiser "
+                                f"steps (got {total_steps}); raise epochs or train.min_steps")
+        # One-cycle also cycles momentum (0.95 → 0.85 → 0.95, replacing hp.momentum), as in
+        # Smith's recipe; but it must not switch momentum on for a plain SGD that has none.
+        cycle = not (hp.optimizer == "sgd" and hp.momentum == 0)
+        # 25% warm-up; on tiny runs (< 6 steps) stretched so the warm-up phase spans
+        # at least one step: torch divides by its length, and crashes on zero.
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=total_steps,
-                                                   pct_start=0.25)
+                                                   pct_start=max(0.25, 1.5 / total_steps),
+                                                   cycle_momentum=cycle)
     if hp.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    if hp.schedule == "constant":
+        return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    raise MnistlabError(f"hparams.{hp.arch}.schedule: unknown {hp.schedule!r} "
+                        "(valid: constant, onecycle, cosine)")
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -137,6 +165,7 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``bf16``; a no-op context elsewhere."""
     # bf16 autocast only on CUDA: on CPU it is slower for these small convs and
     # would make CPU runs differ from the fp32 reference numbers.
     if bf16 and device.type == "cuda":
@@ -148,7 +177,22 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer,
                     sched: torch.optim.lr_scheduler.LRScheduler, data: DeviceSplit, hp: HParams,
                     gen: torch.Generator, bf16: bool, progress: tqdm | None = None
                     ) -> dict[str, torch.Tensor]:
-    """One pass over ``data``; returns on-device sums (no host sync inside)."""
+    """One pass over ``data`` in seeded random order.
+
+    Args:
+        model: The network (possibly compiled), switched to training mode here.
+        opt: Its optimizer.
+        sched: A per-step scheduler (stepped after every optimiser step).
+        data: The training split, resident on the device.
+        hp: Batch size, augmentation and label smoothing.
+        gen: The epoch's generator (shuffle, then augmentation).
+        bf16: Autocast to bfloat16 on CUDA.
+        progress: A tqdm bar to advance once per step, or None.
+
+    Returns:
+        On-device sums ``loss_sum`` (float) and ``correct`` (int64) over the epoch's
+        images; no host sync happens inside.
+    """
     model.train()
     device = data.x.device
     perm = torch.randperm(len(data), generator=gen, device=device)
@@ -194,26 +238,52 @@ def evaluate(model: nn.Module, data: DeviceSplit, batch_size: int, bf16: bool = 
 # --------------------------------------------------------------------------- checkpoints
 
 
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def rng_state() -> dict[str, Any]:
+    """Every global RNG state training draws from (dropout, init): CPU, CUDA, MPS.
+
+    Shuffling and augmentation use per-epoch generators and need no saving.
+    """
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if _mps_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved (device states only where that device exists)."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and _mps_available():
+        torch.mps.set_rng_state(state["mps"])
 
 
 def load_resumable(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if it belongs to this exact run (same fingerprint), else None."""
+    """The checkpoint at ``path`` if it belongs to this exact run (same fingerprint), else None.
+
+    A checkpoint that cannot be read (another torch version, a foreign file) is
+    treated like a mismatch: a warning, and training starts from scratch. The
+    file itself is left alone; the new run's first checkpoint replaces it. One
+    carrying a pickle payload (:class:`UnsafeFileError`) is not: it stops the stage
+    with a one-line error, so a planted file is reported, never silently replaced.
+    """
     if not path.is_file():
         return None
-    ckpt = torch_load(path)
+    try:
+        ckpt = torch_load(path)
+    except UnsafeFileError:
+        raise
+    except MnistlabError as e:
+        log.warning("%s; not resumed, training from scratch", e)
+        return None
     if not isinstance(ckpt, dict) or ckpt.get("fingerprint") != fingerprint:
-        log.warning("%s: made with other params or data (fingerprint differs); not resumed, "
+        log.warning("%s: made with other params, data or code (fingerprint differs); not resumed, "
                     "training from scratch", path)
         return None
     return ckpt
@@ -224,6 +294,8 @@ def load_resumable(path: Path, fingerprint: str) -> dict[str, Any] | None:
 
 @dataclass
 class TrainResult:
+    """What :func:`fit` returns: the final model (on its device) and its records."""
+
     model: nn.Module
     history: list[dict[str, float]]
     summary: dict[str, float]
@@ -236,15 +308,37 @@ def fit(hp: HParams, settings: TrainSettings, train: DeviceSplit, val: DeviceSpl
         on_epoch: Callable[[dict[str, float]], None] | None = None,
         extra_state: dict[str, Any] | None = None,
         ) -> TrainResult:
-    """Train ``hp.arch`` on ``train``, validating on ``val`` each epoch.
+    """Train ``hp.arch`` on ``train``, validating on ``val`` after each epoch.
 
-    Continues from ``resume`` (a checkpoint from :func:`load_resumable`) if given;
-    writes ``checkpoint`` after every ``settings.checkpoint_every`` epochs
-    (atomically) and at the end.
-    ``on_epoch`` receives each epoch's metrics (epoch, train/val loss and accuracy,
-    lr, epoch_seconds); ``extra_state`` is stored in the checkpoint verbatim.
+    Args:
+        hp: The architecture's hyperparameters.
+        settings: Shared settings (min_steps, bf16, compile, checkpoint_every, ...).
+        train: Training split on the device (normalised with ``hp``).
+        val: Validation split on the same device.
+        num_classes: Output size of the model.
+        seed: Seeds model init, dropout, shuffling and augmentation.
+        fingerprint: Identity of params + data + code, stored in every checkpoint.
+        checkpoint: Where the resumable checkpoint is written (atomically) every
+            ``settings.checkpoint_every`` epochs and after the last one.
+        tag: ``{dataset}-{arch}``, naming the run in messages and progress bars.
+        resume: A checkpoint from :func:`load_resumable` to continue from, or None.
+        on_epoch: Called with each finished epoch's row (epoch, train/val loss and
+            accuracy, lr at the epoch's start, epoch_seconds, train_seconds) *before*
+            that epoch's checkpoint is written: if it fails, the epoch is redone on
+            resume, so a logger sees every epoch at least once.
+        extra_state: Stored in the checkpoint verbatim (e.g. the MLflow run id).
+
+    Returns:
+        The final model, the per-epoch history, a summary and the best epoch's weights.
+
+    Raises:
+        MnistlabError: The run diverged (NaN/inf loss or weights, or a mean training
+            loss above :data:`DIVERGED_LOSS`); names dataset, arch, epoch and the likely
+            cause. The last good checkpoint is left untouched.
     """
     device = train.x.device
+    # The tag is "{dataset}-{arch}"; dataset names may contain "-", so strip the arch.
+    dataset = tag[:-len(hp.arch) - 1] if tag.endswith(f"-{hp.arch}") else tag
     torch.manual_seed(seed)  # model init and dropout draw from the global RNG
     args = {"num_classes": num_classes, **hp.args}
     model = build_model(hp.arch, **args).to(device)
@@ -267,7 +361,11 @@ def fit(hp: HParams, settings: TrainSettings, train: DeviceSplit, val: DeviceSpl
         history = list(ckpt["history"])
         best_acc, best_state = ckpt["best_val_accuracy"], ckpt["best_model"]
         start_epoch = ckpt["epoch"] + 1
-        log.info("%s: resuming from %s after epoch %d/%d", tag, checkpoint, ckpt["epoch"], epochs)
+        if start_epoch > epochs:
+            log.info("%s: %s is a finished run with these exact params, data and code; "
+                     "reusing it", tag, checkpoint)
+        else:
+            log.info("%s: resuming from %s after epoch %d/%d", tag, checkpoint, ckpt["epoch"], epochs)
 
     step_model = torch.compile(model) if settings.compile else model
     if epochs != hp.epochs and start_epoch == 1:
@@ -284,11 +382,13 @@ def fit(hp: HParams, settings: TrainSettings, train: DeviceSplit, val: DeviceSpl
         }, checkpoint)
 
     quiet = not sys.stderr.isatty()
+    n_steps = steps_per_epoch(len(train), hp.batch_size)
+    seen_per_epoch = n_steps * min(hp.batch_size, len(train))  # drop_last: full batches only
     for epoch in range(start_epoch, epochs + 1):
         gen = epoch_generator(seed, epoch, device)
         lr = opt.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        with tqdm(total=steps_per_epoch(len(train), hp.batch_size), desc=f"{tag} {epoch}/{epochs}", unit="step", disable=quiet,
+        with tqdm(total=n_steps, desc=f"{tag} {epoch}/{epochs}", unit="step", disable=quiet,
                   leave=False) as bar:
             sums = train_one_epoch(step_model, opt, sched, train, hp, gen, settings.bf16, bar)
         # Host syncs happen here, twice an epoch: once to time training alone,
@@ -298,14 +398,21 @@ def fit(hp: HParams, settings: TrainSettings, train: DeviceSplit, val: DeviceSpl
         v = evaluate(step_model, val, settings.eval_batch_size, settings.bf16)
         v_loss, v_acc = float(v["loss"]), float(v["accuracy"])
         seconds = time.perf_counter() - t0
-        if not math.isfinite(loss_sum):
+        # The validation loss is checked too: a diverging last step can leave NaN
+        # weights behind a finite training loss, and those must not be checkpointed.
+        # (Only for NaN/inf: a BatchNorm net's early val loss can be large but fine.)
+        if not (math.isfinite(loss_sum) and math.isfinite(v_loss)
+                and loss_sum / seen_per_epoch <= DIVERGED_LOSS):
+            kept = (f"last good checkpoint kept: {checkpoint}" if checkpoint.is_file()
+                    else "no checkpoint written")
             raise MnistlabError(
-                f"dataset {tag.split('-')[0]!r}, arch {hp.arch!r}: loss became non-finite in epoch "
-                f"{epoch}; likely cause: learning rate too high (hparams.{hp.arch}.lr={hp.lr}). "
-                f"Last good checkpoint kept: {checkpoint}"
+                f"dataset {dataset!r}, arch {hp.arch!r}: loss diverged (NaN/inf or mean "
+                f"> {DIVERGED_LOSS:g}) in epoch {epoch}; "
+                f"likely cause: learning rate too high (hparams.{hp.arch}.lr={hp.lr}) or "
+                f"unnormalised inputs (hparams.{hp.arch}.normalize); {kept}"
             )
-        seen = steps_per_epoch(len(train), hp.batch_size) * min(hp.batch_size, len(train))
-        row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+        row = {"epoch": epoch, "train_loss": loss_sum / seen_per_epoch,
+               "train_accuracy": correct / seen_per_epoch,
                "val_loss": v_loss, "val_accuracy": v_acc, "lr": lr, "epoch_seconds": seconds,
                "train_seconds": train_s}
         history.append(row)
@@ -319,14 +426,15 @@ def fit(hp: HParams, settings: TrainSettings, train: DeviceSplit, val: DeviceSpl
         if epoch % settings.checkpoint_every == 0 or epoch == epochs:
             save(epoch)
 
+    # Training time only (validation excluded), summed over every epoch, including
+    # those done before a resume; so images/s counts exactly the images trained on.
     train_seconds = sum(r["train_seconds"] for r in history)
     summary = {
         "epochs": epochs,
-        "best_val_accuracy": max(r["val_accuracy"] for r in history),
+        "best_val_accuracy": best_acc,
         "final_val_accuracy": history[-1]["val_accuracy"],
         "final_train_loss": history[-1]["train_loss"],
         "train_seconds": train_seconds,
-        "train_images_per_second": (epochs * steps_per_epoch(len(train), hp.batch_size)
-                                    * min(hp.batch_size, len(train)) / train_seconds),
+        "train_images_per_second": len(history) * seen_per_epoch / train_seconds,
     }
     return TrainResult(model, history, summary, best_state)

@@ -1,0 +1,406 @@
+"""The train stage's MLflow record, read back from the store; resume; unreachable servers.
+
+The tests share one sqlite store in a temp dir (``MLFLOW_TRACKING_URI``; creating
+a store's schema costs seconds) and tell their runs apart by run id. Each runs
+:func:`mnistlab.experiment.train` in-process on the digits split with the small,
+fast ``mlp`` (``train.min_steps: 0``, 2 epochs), from a temp git repo as working
+directory (so the git tags are real and ``mlruns/`` lands in the temp dir).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import http.server
+import json
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnistlab import data, tracking
+from mnistlab.config import HParams, load_params
+from mnistlab.errors import MnistlabError
+from mnistlab.experiment import TrainPaths, data_digest, train
+from mnistlab.models import build_model
+from mnistlab.utils import torch_load
+
+EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
+
+
+@pytest.fixture(scope="module")
+def params(root):
+    p = load_params(root / "params.yaml")
+    p["train"]["min_steps"] = 0
+    p["hparams"]["mlp"]["epochs"] = 2
+    return p
+
+
+@pytest.fixture(scope="module")
+def split_dir(tmp_path_factory, params):
+    """The digits quickstart split, made once by the data module's own functions."""
+    tmp = tmp_path_factory.mktemp("digits")
+    data.write_digits(tmp / "raw")
+    source = data.resolve_source(params, "digits")
+    data.split(tmp / "raw", tmp / "split", list(source.classes), params["split"]["val_fraction"],
+               params["split"]["test_fraction"], params["seed"], "digits")
+    return tmp / "split"
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, store_uri):
+    """A committed git repo as cwd, tracking into the shared sqlite store."""
+    (tmp_path / "README").write_text("x\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "README")
+    git(tmp_path, "commit", "-qm", "init")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    return tmp_path
+
+
+def paths_in(base: Path, split_dir: Path, arch: str = "mlp") -> TrainPaths:
+    return TrainPaths(split_dir, base / "models" / arch, base / "metrics" / arch,
+                      base / "checkpoints" / arch / "last.pt")
+
+
+def run_id_of(paths: TrainPaths) -> str:
+    return json.loads((paths.model_dir / "run.json").read_text())["run_id"]
+
+
+def steps(client, run_id: str, metric: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, metric))
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- content
+
+
+def test_mlflow_content_read_back(params, split_dir, workdir, monkeypatch):
+    import mlflow.pytorch
+    from mlflow.models import get_model_info
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-42")
+    batches: list[list] = []  # the metrics of every log_batch call
+    real_log_batch = MlflowClient.log_batch
+
+    def counting_log_batch(self, run_id, metrics=(), *args, **kwargs):
+        if metrics:
+            batches.append(list(metrics))
+        return real_log_batch(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counting_log_batch)
+    p = paths_in(workdir, split_dir)
+    summary = train(params, "digits", "mlp", p)
+
+    run_id = run_id_of(p)
+    client = MlflowClient(tracking.tracking_uri())
+    run = client.get_run(run_id)
+    assert run.info.run_name == "digits-mlp" and run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "mnistlab/digits"
+
+    # params: every hyperparameter, seed, device, data digest
+    hp = HParams.from_params(params, "mlp")
+    logged = run.data.params
+    for k, v in hp.flat().items():
+        assert logged[k] == str(v), k
+    assert logged["seed"] == str(params["seed"]) and logged["device"] == "cpu"
+    assert logged["data_digest"] == data_digest(split_dir)
+    assert logged["min_steps"] == "0" and logged["effective_epochs"] == "2"
+
+    # tags
+    tags = run.data.tags
+    assert tags["git_commit"] == git(workdir, "rev-parse", "HEAD") and tags["git_dirty"] == "false"
+    assert tags["dvc_stage"] == "train@digits-mlp" and tags["dvc_exp_name"] == "exp-42"
+    assert tags["dataset"] == "digits" and tags["arch"] == "mlp"
+
+    # per-epoch metrics with step=epoch, equal to history.csv
+    history = list(csv.DictReader((p.metrics_dir / "history.csv").open()))
+    assert len(history) == 2
+    for name in EPOCH_METRICS:
+        points = sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
+        assert [m.step for m in points] == [1, 2], name
+        for m, row in zip(points, history, strict=True):
+            assert m.value == pytest.approx(float(row[name]), rel=1e-5), name
+    assert run.data.metrics["best_val_accuracy"] == pytest.approx(summary["best_val_accuracy"])
+    assert json.loads((p.metrics_dir / "train.json").read_text())["epochs"] == 2
+
+    # batched: one log_batch per epoch carrying all of that epoch's metrics, plus one summary
+    assert len(batches) == 2 + 1
+    for epoch, batch in enumerate(batches[:2], start=1):
+        assert {m.key for m in batch} >= set(EPOCH_METRICS) and {m.step for m in batch} == {epoch}
+
+    # artifacts: final and best model files, not every epoch's checkpoint
+    files = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+    assert files == {"checkpoints/model.pt", "checkpoints/best.pt", "checkpoints/history.csv"}
+
+    # the mlflow.pytorch model: signature, loads, predicts like model.pt
+    # (runs:/ URIs resolve through MLflow's process-global URI, which another test may
+    # have set: point it at this store for the two calls.)
+    with tracking._fluent_uri(tracking.tracking_uri()):
+        info = get_model_info(f"runs:/{run_id}/model")
+        logged_model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    shape = info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]
+    assert list(shape) == [-1, 1, 28, 28]
+    record = torch_load(p.model_dir / "model.pt")
+    net = build_model(record["arch"], **record["args"]).eval()
+    net.load_state_dict(record["state_dict"])
+    x = torch.randn(4, 1, 28, 28)
+    with torch.inference_mode():
+        out = logged_model(x)
+        assert out.shape == (4, 10)
+        torch.testing.assert_close(out, net(x))
+
+    # the run id travels with the stage outputs and the checkpoint
+    assert torch_load(p.checkpoint)["run_id"] == run_id
+    assert set(record) == {"arch", "args", "state_dict", "normalize", "classes"}
+
+
+# --------------------------------------------------------------------------- resume and reruns
+
+
+def test_interrupted_run_resumes_into_the_same_mlflow_run(params, split_dir, workdir, monkeypatch):
+    """Killed in epoch 2 (before its checkpoint): the rerun resumes after epoch 1 and
+    logs into the same run, each epoch once. (Bit-identity of the resumed weights is
+    test_training's job.)"""
+    from mlflow.tracking import MlflowClient
+
+    p = paths_in(workdir, split_dir)
+    real = tracking.log_metrics
+
+    def killed_in_epoch_2(run_id, metrics, step=0):
+        if step == 2:
+            raise KeyboardInterrupt
+        real(run_id, metrics, step)
+
+    monkeypatch.setattr(tracking, "log_metrics", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(params, "digits", "mlp", p)
+    first_id = torch_load(p.checkpoint)["run_id"]  # run.json is written only on success
+    assert not (p.model_dir / "run.json").exists()
+    client = MlflowClient(tracking.tracking_uri())
+    assert client.get_run(first_id).info.status == "KILLED"
+    assert torch_load(p.checkpoint)["epoch"] == 1
+
+    monkeypatch.setattr(tracking, "log_metrics", real)
+    train(params, "digits", "mlp", p)
+    assert run_id_of(p) == first_id
+    assert client.get_run(first_id).info.status == "FINISHED"
+    assert steps(client, first_id, "val_accuracy") == [1, 2]
+
+
+def test_reruns_reuse_finished_checkpoints_and_restart_on_changed_params(params, split_dir, workdir,
+                                                                        caplog):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking.tracking_uri())
+    p = paths_in(workdir / "a", split_dir)
+    first = train(params, "digits", "mlp", p)
+    first_id = run_id_of(p)
+
+    # A setting outside the fingerprint changed (DVC re-runs the stage): the finished
+    # checkpoint is reused, nothing retrained, and the new run still holds every
+    # epoch's metrics and the model.
+    other_eval = copy.deepcopy(params)
+    other_eval["train"]["eval_batch_size"] = 100
+    with caplog.at_level(logging.INFO, logger="mnistlab"):
+        again = train(other_eval, "digits", "mlp", p)
+    assert "reusing it" in caplog.text
+    assert again == first  # same history, same timings: nothing was retrained
+    reuse_id = run_id_of(p)
+    assert reuse_id != first_id and client.get_run(reuse_id).info.status == "FINISHED"
+    for name in EPOCH_METRICS:
+        assert steps(client, reuse_id, name) == [1, 2], name
+    assert {a.path for a in client.list_artifacts(reuse_id, "checkpoints")} == {
+        "checkpoints/model.pt", "checkpoints/best.pt", "checkpoints/history.csv"}
+
+    # The lr changed: the checkpoint is not resumed; a fresh run from epoch 1.
+    caplog.clear()
+    new_lr = copy.deepcopy(params)
+    new_lr["hparams"]["mlp"]["lr"] = 0.002
+    with caplog.at_level(logging.INFO, logger="mnistlab"):
+        train(new_lr, "digits", "mlp", p)
+    assert "fingerprint differs" in caplog.text and "resuming" not in caplog.text
+    new_id = run_id_of(p)
+    assert new_id not in (first_id, reuse_id)
+    assert client.get_run(new_id).data.params["lr"] == "0.002"
+    assert steps(client, new_id, "val_accuracy") == [1, 2]
+
+    fresh = paths_in(workdir / "b", split_dir)  # the same new params in a clean directory
+    train(new_lr, "digits", "mlp", fresh)
+    a, b = torch_load(p.model_dir / "model.pt"), torch_load(fresh.model_dir / "model.pt")
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_unreachable_server_fails_before_training(params, split_dir, workdir, monkeypatch):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    p = paths_in(workdir, split_dir)
+    start = time.monotonic()
+    with pytest.raises(MnistlabError) as e:
+        train(params, "digits", "mlp", p)
+    msg = str(e.value)
+    assert "\n" not in msg and uri in msg and "unreachable" in msg
+    assert time.monotonic() - start < 30  # fails fast, not after MLflow's minutes of retries
+    assert not p.checkpoint.exists() and not (p.model_dir / "run.json").exists()
+
+
+def test_stage_script_reports_unreachable_server_in_one_line(root, tmp_path):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": uri}
+    cmd = [sys.executable, str(root / "stages" / "train.py"), "--dataset", "digits", "--arch", "mlp",
+           "--split", str(tmp_path / "split"), "--model-dir", str(tmp_path / "m"),
+           "--metrics-dir", str(tmp_path / "x"), "--checkpoint", str(tmp_path / "c" / "last.pt"),
+           "--params", str(root / "params.yaml")]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and uri in errors[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_unusable_store_is_one_line_naming_the_uri(params, split_dir, workdir, monkeypatch):
+    (workdir / "blocker").write_text("a file where a directory should be")
+    uri = f"sqlite:///{workdir / 'blocker' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    p = paths_in(workdir, split_dir)
+    with pytest.raises(MnistlabError) as e:
+        train(params, "digits", "mlp", p)
+    assert "\n" not in str(e.value) and uri in str(e.value)
+    assert not p.checkpoint.exists()
+
+
+# --------------------------------------------------------------------------- URIs and credentials
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("http://alice:s3cret@mlflow.example:5000/x", "http://mlflow.example:5000/x"),
+    ("https://token@mlflow.example", "https://mlflow.example"),
+    ("http://mlflow.example:5000", "http://mlflow.example:5000"),
+    ("sqlite:////abs/path/mlflow.db", "sqlite:////abs/path/mlflow.db"),
+    ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+    ("databricks", "databricks"),
+])
+def test_redact(uri, shown):
+    assert tracking.redact(uri) == shown
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    code = 200
+    seen: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - the stdlib's name
+        type(self).seen.append(self.path)
+        self.send_response(type(self).code)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def health_server():
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Health.seen.clear()
+    _Health.code = 200
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("code, ok", [(200, True), (401, True), (403, True), (500, False)])
+def test_check_reachable_probes_health_without_credentials(health_server, code, ok):
+    _Health.code = code
+    port = health_server.server_address[1]
+    uri = f"http://alice:s3cret@127.0.0.1:{port}/"
+    if ok:
+        tracking.check_reachable(uri)
+    else:
+        with pytest.raises(MnistlabError) as e:
+            tracking.check_reachable(uri)
+        assert f"http://127.0.0.1:{port}" in str(e.value) and "s3cret" not in str(e.value)
+    assert _Health.seen == ["/health"]
+
+
+def test_check_reachable_ignores_local_stores():
+    tracking.check_reachable("sqlite:///mlflow.db")  # nothing to probe; must not raise
+
+
+def test_credentials_in_the_uri_never_reach_tags_params_outputs_or_logs(
+        params, split_dir, workdir, monkeypatch, health_server, store_uri, caplog):
+    """The stage believes it talks to ``http://alice:s3cret@host`` (the /health probe
+    really goes there); the MLflow calls themselves are redirected to the sqlite
+    store, so everything the stage wrote can be read back and searched."""
+    from mlflow.tracking import MlflowClient
+
+    port = health_server.server_address[1]
+    secret_uri = f"http://alice:s3cret@127.0.0.1:{port}"
+    store = MlflowClient(store_uri)
+    fluent = tracking._fluent_uri
+    monkeypatch.setattr(tracking, "tracking_uri", lambda: secret_uri)
+    monkeypatch.setattr(tracking, "client", lambda: store)
+    monkeypatch.setattr(tracking, "_fluent_uri", lambda uri: fluent(store_uri))
+    one_epoch = copy.deepcopy(params)
+    one_epoch["hparams"]["mlp"]["epochs"] = 1
+    p = paths_in(workdir, split_dir)
+    with caplog.at_level(logging.DEBUG, logger="mnistlab"):
+        train(one_epoch, "digits", "mlp", p)
+
+    assert _Health.seen == ["/health"]  # probed, without the credentials
+    run_json = (p.model_dir / "run.json").read_text()
+    assert json.loads(run_json)["tracking_uri"] == f"http://127.0.0.1:{port}"
+    run = store.get_run(run_id_of(p))
+    ckpt = torch_load(p.checkpoint)
+    written = json.dumps({
+        "tags": run.data.tags, "params": run.data.params, "run.json": run_json,
+        "train.json": (p.metrics_dir / "train.json").read_text(), "log": caplog.text,
+        "checkpoint": {k: v for k, v in ckpt.items() if isinstance(v, (str, int, float))},
+    })
+    assert "s3cret" not in written and "alice" not in written
+
+
+def test_logging_the_model_leaves_mlflows_global_uri_as_it_was(monkeypatch, tmp_path):
+    """mlflow.set_tracking_uri rewrites a process global and $MLFLOW_TRACKING_URI;
+    after the model is logged both must be back, or later runs would go astray."""
+    import os
+
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as mlflow_tracking_utils
+
+    mine = f"sqlite:///{tmp_path / 'mine.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mine)
+    monkeypatch.setattr(mlflow_tracking_utils, "_tracking_uri", None)
+    with tracking._fluent_uri(f"sqlite:///{tmp_path / 'other.db'}"):
+        assert mlflow.get_tracking_uri().endswith("other.db")
+    assert mlflow_tracking_utils._tracking_uri is None
+    assert os.environ["MLFLOW_TRACKING_URI"] == mine and mlflow.get_tracking_uri() == mine

@@ -1,0 +1,418 @@
+"""The training loop: hyperparameter validation, determinism, exact resume, the NaN guard.
+
+Everything runs :func:`mnistlab.training.fit` on the CPU on a few hundred real
+digits (sklearn's, in MNIST's layout), a few epochs each: seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnistlab.config import HParams, TrainSettings, load_params
+from mnistlab.data import digits_as_mnist
+from mnistlab.errors import MnistlabError
+from mnistlab.experiment import write_history
+from mnistlab.models import REGISTRY
+from mnistlab.training import (
+    DeviceSplit,
+    augment,
+    effective_epochs,
+    epoch_generator,
+    fit,
+    load_resumable,
+    make_optimizer,
+    make_scheduler,
+    steps_per_epoch,
+    to_device,
+)
+from mnistlab.utils import torch_load
+
+TIMING = {"epoch_seconds", "train_seconds"}
+CPU = torch.device("cpu")
+SETTINGS = TrainSettings(device="cpu", min_steps=0)
+
+
+@pytest.fixture(scope="module")
+def params(root):
+    return load_params(root / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_as_mnist()
+
+
+def hparams(params, arch: str, **override) -> HParams:
+    """``hparams.<arch>`` from params.yaml with some keys replaced."""
+    p = copy.deepcopy(params)
+    p["hparams"][arch].update(override)
+    return HParams.from_params(p, arch)
+
+
+def splits(digits, hp: HParams, n_train: int, n_val: int = 96) -> tuple[DeviceSplit, DeviceSplit]:
+    images, labels = digits
+    return (to_device(images[:n_train], labels[:n_train], hp.mean, hp.std, CPU),
+            to_device(images[n_train:n_train + n_val], labels[n_train:n_train + n_val],
+                      hp.mean, hp.std, CPU))
+
+
+def run_fit(hp, data, checkpoint: Path, *, fingerprint="fp", seed=1, **kw):
+    train, val = data
+    return fit(hp, SETTINGS, train, val, num_classes=10, seed=seed, fingerprint=fingerprint,
+               checkpoint=checkpoint, tag=f"digits-{hp.arch}", **kw)
+
+
+def without_timing(history):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k].cpu(), b[k].cpu()), f"{k} differs"
+
+
+# --------------------------------------------------------------------------- hyperparameters
+
+
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_every_hparams_entry_validates(params, arch):
+    hp = HParams.from_params(params, arch)
+    assert hp.arch == arch and hp.lr > 0 and hp.epochs >= 1 and hp.batch_size >= 1
+    flat = hp.flat()
+    # Every key of the section reaches the MLflow params (args as arg_<name>).
+    for key in params["hparams"][arch]:
+        if key == "args":
+            assert all(f"arg_{a}" in flat for a in params["hparams"][arch]["args"])
+        elif key == "normalize":
+            assert flat["mean"] == hp.mean and flat["std"] == hp.std
+        elif key == "augment":
+            assert {"translate", "rotate", "scale"} <= set(flat)
+        else:
+            assert key in flat, key
+
+
+def test_train_settings_validate(params):
+    s = TrainSettings.from_params(params)
+    assert s.min_steps >= 0 and s.checkpoint_every >= 1
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"optimizer": "rmsprop"}, "hparams.mlp.optimizer"),
+    ({"lr": 0}, "hparams.mlp.lr"),
+    ({"lr": -0.1}, "hparams.mlp.lr"),
+    ({"lr": "fast"}, "hparams.mlp.lr"),
+    ({"epochs": 0}, "hparams.mlp.epochs"),
+    ({"epochs": 1.5}, "hparams.mlp.epochs"),
+    ({"batch_size": 0}, "hparams.mlp.batch_size"),
+    ({"schedule": "step"}, "hparams.mlp.schedule"),
+    ({"momentum": 0.9}, "hparams.mlp.momentum"),  # mlp uses adam
+    ({"weight_decay": -1}, "hparams.mlp.weight_decay"),
+    ({"label_smoothing": 1.0}, "hparams.mlp.label_smoothing"),
+    ({"normalize": {"mean": 0, "std": 0}}, "hparams.mlp.normalize.std"),
+    ({"normalize": {"mean": 0, "sd": 1}}, "hparams.mlp.normalize"),
+    ({"normalize": 0.5}, "hparams.mlp.normalize"),
+    ({"augment": {"rotation": 10}}, "hparams.mlp.augment"),
+    ({"augment": {"scale": 1.5}}, "hparams.mlp.augment.scale"),
+    ({"args": {"hiddn": 10}}, "hparams.mlp.args"),
+    ({"args": {"num_classes": 5}}, "hparams.mlp.args.num_classes"),
+    ({"lerning_rate": 0.1}, "hparams.mlp"),
+])
+def test_bad_hparams_are_one_line_errors_naming_the_key(params, override, key):
+    with pytest.raises(MnistlabError) as e:
+        hparams(params, "mlp", **override)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert key in msg
+    bad = next(iter(override))
+    assert bad in msg or any(str(v) in msg for v in override.values())
+
+
+def test_nesterov_must_be_a_boolean_and_needs_momentum(params):
+    with pytest.raises(MnistlabError, match=r"hparams\.resnet_bn\.nesterov"):
+        hparams(params, "resnet_bn", nesterov="yes")
+    with pytest.raises(MnistlabError, match=r"hparams\.resnet_bn\.nesterov"):
+        hparams(params, "resnet_bn", momentum=0)
+
+
+def test_unknown_arch_in_hparams_lists_valid_names(params):
+    with pytest.raises(MnistlabError) as e:
+        HParams.from_params(params, "alexnet")
+    assert all(name in str(e.value) for name in REGISTRY)
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"min_steps": -1}, "train.min_steps"),
+    ({"bf16": "yes"}, "train.bf16"),
+    ({"deterministic": 1}, "train.deterministic"),
+    ({"eval_batch_size": 0}, "train.eval_batch_size"),
+    ({"checkpoint_every": 0}, "train.checkpoint_every"),
+    ({"devices": "cpu"}, "train"),
+])
+def test_bad_train_settings_name_the_key(params, override, key):
+    p = copy.deepcopy(params)
+    p["train"].update(override)
+    with pytest.raises(MnistlabError) as e:
+        TrainSettings.from_params(p)
+    assert "\n" not in str(e.value) and key in str(e.value)
+
+
+# --------------------------------------------------------------------------- steps and schedule
+
+
+def test_min_steps_raises_epochs_for_every_arch(params):
+    n_train = 1293  # the digits quickstart's training split
+    for arch in REGISTRY:
+        hp = HParams.from_params(params, arch)
+        assert effective_epochs(hp, n_train, 0) == hp.epochs  # 0 = the tutorials' own settings
+        epochs = effective_epochs(hp, n_train, 1500)
+        steps = epochs * steps_per_epoch(n_train, hp.batch_size)
+        assert steps >= 1500 and (epochs == hp.epochs or steps - 1500 < steps_per_epoch(n_train, hp.batch_size))
+
+
+def test_steps_per_epoch_drops_the_last_partial_batch():
+    assert steps_per_epoch(1293, 256) == 5
+    assert steps_per_epoch(100, 256) == 1  # one batch of everything
+
+
+def test_onecycle_on_plain_sgd_does_not_switch_momentum_on(params):
+    hp = hparams(params, "resnet_bn", momentum=0, nesterov=False)
+    model = torch.nn.Linear(2, 2)
+    opt = make_optimizer(model, hp)
+    sched = make_scheduler(opt, hp, total_steps=20)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["momentum"] == 0
+
+
+@pytest.mark.parametrize("total", [2, 3, 5])
+def test_onecycle_survives_tiny_runs(params, total):
+    """torch's OneCycleLR divides by the warm-up length: zero on a 4-step run at 25%."""
+    hp = HParams.from_params(params, "resnet_bn")
+    opt = make_optimizer(torch.nn.Linear(2, 2), hp)
+    sched = make_scheduler(opt, hp, total_steps=total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert max(lrs) <= hp.lr and all(math.isfinite(v) for v in lrs)
+
+
+def test_onecycle_with_one_step_is_a_clear_error(params):
+    hp = HParams.from_params(params, "resnet_bn")
+    opt = make_optimizer(torch.nn.Linear(2, 2), hp)
+    with pytest.raises(MnistlabError, match=r"hparams\.resnet_bn\.schedule"):
+        make_scheduler(opt, hp, total_steps=1)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_augment_is_seeded_shape_preserving_and_keeps_the_background(params, digits):
+    hp = HParams.from_params(params, "resnet_bn")
+    x = to_device(digits[0][:16], digits[1][:16], hp.mean, hp.std, CPU).x
+    a1 = augment(x, hp, epoch_generator(1, 3, CPU))
+    a2 = augment(x, hp, epoch_generator(1, 3, CPU))
+    other = augment(x, hp, epoch_generator(1, 4, CPU))
+    assert a1.shape == x.shape and torch.equal(a1, a2) and not torch.equal(a1, other)
+    empty = torch.zeros(2, 28, 28, dtype=torch.uint8)  # two images without ink
+    blank = to_device(empty, torch.zeros(2), hp.mean, hp.std, CPU).x
+    assert torch.equal(augment(blank, hp, epoch_generator(1, 1, CPU)), blank)
+
+
+def test_zero_augmentation_is_the_identity(params, digits):
+    hp = hparams(params, "resnet_bn", augment={"translate": 0, "rotate": 0, "scale": 0})
+    x = to_device(digits[0][:8], digits[1][:8], hp.mean, hp.std, CPU).x
+    torch.testing.assert_close(augment(x, hp, epoch_generator(1, 1, CPU)), x, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def test_history_and_summary(params, digits, tmp_path):
+    hp = hparams(params, "resnet_bn", epochs=3, batch_size=32)
+    data = splits(digits, hp, n_train=64)
+    r = run_fit(hp, data, tmp_path / "last.pt")
+    h = r.history
+    assert [row["epoch"] for row in h] == [1, 2, 3]
+    assert set(h[0]) == {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                         "lr", "epoch_seconds", "train_seconds"}
+    for row in h:
+        assert 0 <= row["train_accuracy"] <= 1 and 0 <= row["val_accuracy"] <= 1
+        assert 0 < row["train_seconds"] <= row["epoch_seconds"]
+    # onecycle: the lr at each epoch's start rises from max_lr/25 (torch's div_factor)
+    assert h[0]["lr"] == pytest.approx(hp.lr / 25) and h[1]["lr"] > h[0]["lr"]
+    s = r.summary
+    assert s["epochs"] == 3
+    assert s["best_val_accuracy"] == max(row["val_accuracy"] for row in h)
+    assert s["final_val_accuracy"] == h[-1]["val_accuracy"]
+    assert s["train_seconds"] == pytest.approx(sum(row["train_seconds"] for row in h))
+    images = 3 * steps_per_epoch(64, 32) * 32  # full batches only: 3 epochs x 2 x 32
+    assert s["train_images_per_second"] == pytest.approx(images / s["train_seconds"])
+
+    path = tmp_path / "history.csv"
+    write_history(path, h)
+    rows = list(csv.DictReader(path.open()))
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
+    for row, ref in zip(rows, h, strict=True):
+        for k in ("train_loss", "val_accuracy", "lr"):
+            assert float(row[k]) == pytest.approx(ref[k], rel=1e-5)
+
+
+def test_min_steps_is_applied(params, digits, tmp_path):
+    hp = hparams(params, "mlp", epochs=1, batch_size=64)
+    train, val = splits(digits, hp, n_train=128)
+    r = fit(hp, TrainSettings(device="cpu", min_steps=5), train, val, num_classes=10, seed=1,
+            fingerprint="fp", checkpoint=tmp_path / "last.pt", tag="digits-mlp")
+    assert len(r.history) == 3  # 2 steps per epoch, at least 5 steps → 3 epochs
+
+
+@pytest.mark.parametrize("arch, override", [
+    ("cnn_4_8", {"epochs": 2}),                      # dropout
+    ("resnet_bn", {"epochs": 2, "batch_size": 32}),  # BatchNorm + augmentation + onecycle
+])
+def test_same_seed_same_bits_other_seed_other_weights(params, digits, tmp_path, arch, override):
+    hp = hparams(params, arch, **override)
+    data = splits(digits, hp, n_train=128)
+    a = run_fit(hp, data, tmp_path / "a.pt")
+    b = run_fit(hp, data, tmp_path / "b.pt")
+    assert_same_state(a.model.state_dict(), b.model.state_dict())
+    assert without_timing(a.history) == without_timing(b.history)
+    # The control: another seed must change the bits (one epoch is enough to show it).
+    c = run_fit(dataclasses.replace(hp, epochs=1), data, tmp_path / "c.pt", seed=2)
+    assert not torch.equal(a.model.state_dict()[next(iter(a.model.state_dict()))],
+                           c.model.state_dict()[next(iter(c.model.state_dict()))])
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("arch, override", [
+    ("cnn_4_8", {"epochs": 3}),
+    ("resnet_bn", {"epochs": 3, "batch_size": 32}),
+])
+def test_resume_after_interruption_is_bit_identical(params, digits, tmp_path, arch, override):
+    hp = hparams(params, arch, **override)
+    data = splits(digits, hp, n_train=128)
+    whole = run_fit(hp, data, tmp_path / "whole.pt")
+
+    def stop_in_epoch_2(row):
+        if row["epoch"] == 2:
+            raise Interrupted  # like a kill before epoch 2's checkpoint was written
+
+    ckpt = tmp_path / "cut.pt"
+    with pytest.raises(Interrupted):
+        run_fit(hp, data, ckpt, on_epoch=stop_in_epoch_2)
+    torch.manual_seed(999)  # whatever the process did meanwhile must not matter
+    torch.rand(10)
+    state = load_resumable(ckpt, "fp")
+    assert state is not None and state["epoch"] == 1
+    resumed = run_fit(hp, data, ckpt, resume=state)
+
+    assert_same_state(whole.model.state_dict(), resumed.model.state_dict())
+    assert_same_state(whole.best_state, resumed.best_state)
+    assert without_timing(whole.history) == without_timing(resumed.history)
+    assert ({k: v for k, v in whole.summary.items() if "second" not in k}
+            == {k: v for k, v in resumed.summary.items() if "second" not in k})
+    # The final checkpoints agree too: optimizer moments and scheduler position.
+    a, b = torch_load(tmp_path / "whole.pt"), torch_load(ckpt)
+    assert a["scheduler"] == b["scheduler"] and a["epoch"] == b["epoch"] == 3
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert_same_state(sa, sb)
+
+
+def test_checkpoint_loads_with_weights_only(params, digits, tmp_path):
+    """OneCycleLR + SGD(nesterov) state, RNG states and history: all plain tensors/containers."""
+    hp = hparams(params, "resnet_bn", epochs=1, batch_size=32)
+    run_fit(hp, splits(digits, hp, n_train=64), tmp_path / "last.pt", extra_state={"run_id": "r1"})
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert {"arch", "args", "epoch", "epochs", "fingerprint", "model", "optimizer", "scheduler",
+            "rng", "history", "best_val_accuracy", "best_model", "run_id"} <= set(ckpt)
+    assert ckpt["scheduler"]["total_steps"] == 2 and ckpt["optimizer"]["param_groups"][0]["nesterov"]
+    assert isinstance(ckpt["rng"]["torch"], torch.Tensor)
+
+
+def test_mismatched_fingerprint_is_never_resumed(params, digits, tmp_path, caplog):
+    hp = hparams(params, "mlp", epochs=1)
+    path = tmp_path / "last.pt"
+    run_fit(hp, splits(digits, hp, n_train=128), path, fingerprint="params-A")
+    assert load_resumable(path, "params-A")["fingerprint"] == "params-A"  # the control
+    with caplog.at_level(logging.WARNING, logger="mnistlab.training"):
+        assert load_resumable(path, "params-B") is None
+    assert "fingerprint differs" in caplog.text and "from scratch" in caplog.text
+
+
+def test_unreadable_checkpoint_is_not_resumed(tmp_path, caplog):
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.WARNING, logger="mnistlab.training"):
+        assert load_resumable(path, "fp") is None
+    assert "from scratch" in caplog.text
+    assert path.read_bytes() == b"not a checkpoint"  # left alone
+    assert load_resumable(tmp_path / "missing.pt", "fp") is None
+
+
+def test_absurd_lr_stops_with_one_line_and_keeps_the_last_checkpoint(params, digits, tmp_path):
+    path = tmp_path / "last.pt"
+    good = hparams(params, "mlp", epochs=1)
+    run_fit(good, splits(digits, good, n_train=128), path, fingerprint="good")
+    before = path.read_bytes()
+
+    # Several steps per epoch, so epoch 1's mean loss already sees the blow-up.
+    bad = hparams(params, "mlp", epochs=2, lr=1e6, batch_size=32)
+    with pytest.raises(MnistlabError) as e:
+        run_fit(bad, splits(digits, bad, n_train=128), path, fingerprint="bad")
+    msg = str(e.value)
+    assert "\n" not in msg
+    for part in ("dataset 'digits'", "arch 'mlp'", "epoch 1", "learning rate too high",
+                 "hparams.mlp.lr=1000000.0", "last good checkpoint kept"):
+        assert part in msg, part
+    assert path.read_bytes() == before
+
+
+def test_nan_loss_with_no_checkpoint_yet_says_so(params, digits, tmp_path):
+    bad = hparams(params, "cnn_4_8", epochs=1, lr=1e6)  # SGD: overflows to inf/NaN
+    with pytest.raises(MnistlabError, match="no checkpoint written") as e:
+        run_fit(bad, splits(digits, bad, n_train=128), tmp_path / "last.pt")
+    assert "arch 'cnn_4_8'" in str(e.value) and "epoch 1" in str(e.value)
+    assert not (tmp_path / "last.pt").exists()
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.fixture
+def deterministic_cuda():
+    from mnistlab.utils import seed_everything
+
+    seed_everything(0, deterministic=True)
+    yield torch.device("cuda")
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_cuda_deterministic_bf16_run_is_repeatable(params, digits, tmp_path, arch, deterministic_cuda):
+    """Every arch trains under use_deterministic_algorithms(True) on CUDA (no op without a
+    deterministic kernel) and two runs give the same bits."""
+    hp = hparams(params, arch, epochs=2, batch_size=64)
+    images, labels = digits
+    train = to_device(images[:256], labels[:256], hp.mean, hp.std, deterministic_cuda)
+    val = to_device(images[256:384], labels[256:384], hp.mean, hp.std, deterministic_cuda)
+    settings = TrainSettings(device="cuda", min_steps=0, bf16=True)
+    runs = [fit(hp, settings, train, val, num_classes=10, seed=1, fingerprint="fp",
+                checkpoint=tmp_path / f"{i}.pt", tag=f"digits-{arch}") for i in range(2)]
+    assert_same_state(runs[0].model.state_dict(), runs[1].model.state_dict())
+    assert without_timing(runs[0].history) == without_timing(runs[1].history)
