@@ -226,6 +226,9 @@ class TrainSettings:
     compile: bool = False
     eval_batch_size: int = 2000
     checkpoint_every: int = 1
+    # Read by dvc.yaml's train command only: "python", or e.g.
+    # "torchrun --standalone --nproc_per_node 2" to train each stage with DDP.
+    launcher: str = "python"
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainSettings:
@@ -237,6 +240,9 @@ class TrainSettings:
         if not isinstance(s.get("device", "auto"), str):
             raise MnistlabError(f"params.yaml: train.device must be a string such as auto, cpu "
                                 f"or cuda:0 (got {s['device']!r})")
+        if not isinstance(s.get("launcher", "python"), str) or not s.get("launcher", "python").strip():
+            raise MnistlabError("params.yaml: train.launcher must be a command such as python or "
+                                f"'torchrun --standalone --nproc_per_node 2' (got {s['launcher']!r})")
         for flag in ("deterministic", "bf16", "channels_last", "compile"):
             if flag in s:
                 boolean(f"train.{flag}", s[flag])

@@ -221,11 +221,35 @@ def start_run(dataset: str, arch: str, params: dict[str, Any], tags: dict[str, s
 
 @retry_locked
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    """One batched request for a whole dict of metrics (one per epoch, never per step)."""
+    """One batched request for a whole dict of metrics at one step."""
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
     client().log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+
+def log_history(run_id: str, rows: list[dict[str, float]]) -> None:
+    """Several epochs' rows (``epoch`` + metrics) in as few requests as MLflow allows.
+
+    MLflow takes at most 1,000 metrics per ``log_batch``; rows are never split
+    across requests, so an epoch is either logged whole or not at all.
+    """
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    per_row = max(1, len(rows[0]) - 1) if rows else 1
+    chunk = max(1, 1000 // per_row)
+    c = client()
+    for start in range(0, len(rows), chunk):
+        metrics = [Metric(k, float(v), ts, int(row["epoch"]))
+                   for row in rows[start:start + chunk] for k, v in row.items() if k != "epoch"]
+        retry_locked(c.log_batch)(run_id, metrics=metrics)
+
+
+@retry_locked
+def logged_steps(run_id: str, key: str) -> set[int]:
+    """The steps at which ``key`` was logged in ``run_id`` (to fill gaps after a resume)."""
+    return {m.step for m in client().get_metric_history(run_id, key)}
 
 
 @retry_locked

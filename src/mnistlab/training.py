@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mnistlab.config import HParams, TrainSettings
+from mnistlab.distributed import SINGLE, Dist, all_reduce_sum
 from mnistlab.errors import MnistlabError, UnsafeFileError
 from mnistlab.models import build_model
 from mnistlab.utils import torch_load, torch_save
@@ -71,7 +72,8 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, mean: float, std: floa
     return DeviceSplit(x, labels.to(device, non_blocking=True).long())
 
 
-def augment(x: torch.Tensor, hp: HParams, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, hp: HParams, gen: torch.Generator,
+            draws: torch.Tensor | None = None) -> torch.Tensor:
     """Random affine warp (translate px, rotate deg, scale fraction) of a batch, on its device.
 
     One ``affine_grid``/``grid_sample`` for the whole batch: no per-sample Python.
@@ -81,9 +83,14 @@ def augment(x: torch.Tensor, hp: HParams, gen: torch.Generator) -> torch.Tensor:
         x: A normalised batch (``(pixel/255 - hp.mean) / hp.std``).
         hp: Supplies the ranges ``translate`` (pixels), ``rotate`` (degrees), ``scale`` (fraction).
         gen: The epoch's generator, so the warp is a pure function of (seed, epoch).
+        draws: This batch's rows of U[0,1) draws [B,4] made by the caller instead of
+            drawing from ``gen`` (DDP: the global batch's draws, sliced per rank, so
+            each image is warped as in single-process training).
     """
     b, _, h, _ = x.shape
-    u = torch.rand(b, 4, generator=gen, device=x.device) * 2 - 1  # U(-1, 1)
+    if draws is None:
+        draws = torch.rand(b, 4, generator=gen, device=x.device)
+    u = draws * 2 - 1  # U(-1, 1)
     angle = u[:, 0] * math.radians(hp.rotate)
     scale = 1 + u[:, 1] * hp.scale
     shift = u[:, 2:] * (2 * hp.translate / h)  # pixels -> normalised [-1, 1] coordinates
@@ -175,8 +182,8 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
 
 def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer,
                     sched: torch.optim.lr_scheduler.LRScheduler, data: DeviceSplit, hp: HParams,
-                    gen: torch.Generator, bf16: bool, progress: tqdm | None = None
-                    ) -> dict[str, torch.Tensor]:
+                    gen: torch.Generator, bf16: bool, progress: tqdm | None = None,
+                    dist: Dist = SINGLE) -> dict[str, torch.Tensor]:
     """One pass over ``data`` in seeded random order.
 
     Args:
@@ -188,21 +195,27 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer,
         gen: The epoch's generator (shuffle, then augmentation).
         bf16: Autocast to bfloat16 on CUDA.
         progress: A tqdm bar to advance once per step, or None.
+        dist: Under torchrun, this rank's place: every rank draws the same permutation
+            and trains on its own contiguous slice of each global batch (the model is
+            DDP-wrapped, so gradients are averaged over the global batch).
 
     Returns:
-        On-device sums ``loss_sum`` (float) and ``correct`` (int64) over the epoch's
-        images; no host sync happens inside.
+        On-device sums ``loss_sum`` (float) and ``correct`` (int64) over the images
+        this rank trained on; no host sync happens inside.
     """
     model.train()
     device = data.x.device
     perm = torch.randperm(len(data), generator=gen, device=device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    batch = min(hp.batch_size, len(data))
+    local = slice(dist.rank * batch // dist.world, (dist.rank + 1) * batch // dist.world)
     for step in range(steps_per_epoch(len(data), hp.batch_size)):
-        idx = perm[step * hp.batch_size:(step + 1) * hp.batch_size]
+        idx = perm[step * batch:(step + 1) * batch][local]
         x, y = data.x[idx], data.y[idx]
         if hp.augments:
-            x = augment(x, hp, gen)
+            draws = torch.rand(batch, 4, generator=gen, device=device)[local] if dist.enabled else None
+            x = augment(x, hp, gen, draws)
         with autocast(device, bf16):
             out = model(x)
             loss = F.cross_entropy(out.float(), y, label_smoothing=hp.label_smoothing)
@@ -307,6 +320,7 @@ def fit(hp: HParams, settings: TrainSettings, train: DeviceSplit, val: DeviceSpl
         resume: dict[str, Any] | None = None,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
         extra_state: dict[str, Any] | None = None,
+        dist: Dist = SINGLE,
         ) -> TrainResult:
     """Train ``hp.arch`` on ``train``, validating on ``val`` after each epoch.
 
@@ -327,6 +341,10 @@ def fit(hp: HParams, settings: TrainSettings, train: DeviceSplit, val: DeviceSpl
             that epoch's checkpoint is written: if it fails, the epoch is redone on
             resume, so a logger sees every epoch at least once.
         extra_state: Stored in the checkpoint verbatim (e.g. the MLflow run id).
+        dist: Under torchrun, this process's rank: the model is wrapped in
+            DistributedDataParallel, each rank trains on its slice of every global
+            batch, epoch sums are all-reduced, and only rank 0 writes checkpoints
+            (callers pass ``on_epoch`` on rank 0 only).
 
     Returns:
         The final model, the per-epoch history, a summary and the best epoch's weights.
@@ -344,6 +362,14 @@ def fit(hp: HParams, settings: TrainSettings, train: DeviceSplit, val: DeviceSpl
     model = build_model(hp.arch, **args).to(device)
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if dist.enabled and device.type == "cuda":
+        # One set of BatchNorm statistics over the global batch, as in single-process
+        # training (gloo has no SyncBatchNorm: on CPU each rank normalises its slice).
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    batch = min(hp.batch_size, len(train))
+    if dist.enabled and batch % dist.world:
+        raise MnistlabError(f"hparams.{hp.arch}.batch_size: {batch} is not divisible by the "
+                            f"{dist.world} torchrun processes (each takes an equal slice)")
     epochs = effective_epochs(hp, len(train), settings.min_steps)
     total_steps = epochs * steps_per_epoch(len(train), hp.batch_size)
     opt = make_optimizer(model, hp)
@@ -367,12 +393,23 @@ def fit(hp: HParams, settings: TrainSettings, train: DeviceSplit, val: DeviceSpl
         else:
             log.info("%s: resuming from %s after epoch %d/%d", tag, checkpoint, ckpt["epoch"], epochs)
 
-    step_model = torch.compile(model) if settings.compile else model
+    step_model: nn.Module = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(model, device_ids=[device.index]
+                                             if device.type == "cuda" else None)
+    if settings.compile:
+        step_model = torch.compile(step_model)
+    # DDP's forward syncs buffers across ranks; evaluation (same data on every rank) needs no sync.
+    eval_model = model if dist.enabled else step_model
     if epochs != hp.epochs and start_epoch == 1:
         log.info("%s: %d epochs instead of %d so that at least train.min_steps=%d steps are made",
                  tag, epochs, hp.epochs, settings.min_steps)
 
     def save(epoch: int) -> None:
+        if not dist.is_main:
+            return
         torch_save({
             "arch": hp.arch, "args": args, "epoch": epoch, "epochs": epochs,
             "fingerprint": fingerprint, "model": model.state_dict(),
@@ -381,7 +418,7 @@ def fit(hp: HParams, settings: TrainSettings, train: DeviceSplit, val: DeviceSpl
             **(extra_state or {}),
         }, checkpoint)
 
-    quiet = not sys.stderr.isatty()
+    quiet = not sys.stderr.isatty() or not dist.is_main
     n_steps = steps_per_epoch(len(train), hp.batch_size)
     seen_per_epoch = n_steps * min(hp.batch_size, len(train))  # drop_last: full batches only
     for epoch in range(start_epoch, epochs + 1):
@@ -390,12 +427,13 @@ def fit(hp: HParams, settings: TrainSettings, train: DeviceSplit, val: DeviceSpl
         t0 = time.perf_counter()
         with tqdm(total=n_steps, desc=f"{tag} {epoch}/{epochs}", unit="step", disable=quiet,
                   leave=False) as bar:
-            sums = train_one_epoch(step_model, opt, sched, train, hp, gen, settings.bf16, bar)
+            sums = train_one_epoch(step_model, opt, sched, train, hp, gen, settings.bf16, bar, dist)
+        all_reduce_sum(dist, sums["loss_sum"], sums["correct"])
         # Host syncs happen here, twice an epoch: once to time training alone,
         # once to read validation; never inside the step loop.
         loss_sum, correct = float(sums["loss_sum"]), int(sums["correct"])
         train_s = time.perf_counter() - t0
-        v = evaluate(step_model, val, settings.eval_batch_size, settings.bf16)
+        v = evaluate(eval_model, val, settings.eval_batch_size, settings.bf16)
         v_loss, v_acc = float(v["loss"]), float(v["accuracy"])
         seconds = time.perf_counter() - t0
         # The validation loss is checked too: a diverging last step can leave NaN
