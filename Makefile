@@ -6,7 +6,7 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 PYTEST ?= -q
 
-.PHONY: setup run test lint ci-gate baseline benchmark clean
+.PHONY: setup run test lint ci-pipeline ci-gate baseline benchmark clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,22 @@ run: setup
 
 test: setup
 	PATH="$(BIN):$$PATH" $(PY) -m pytest $(PYTEST)
+
+# The CI regression gate (src/mnistlab/gate.py): the real pipeline on ci/profile.yaml in a
+# copy of this working tree at build/ci/ (your params.yaml, outputs and mlflow.db stay as
+# they are; an unchanged tree reruns nothing), then a comparison with ci/baseline.json.
+GATE := PATH="$(BIN):$$PATH" $(PY) -m mnistlab.gate
+
+ci-pipeline: setup
+	$(GATE) pipeline
+
+# Markdown table on stdout (and in $$GITHUB_STEP_SUMMARY when set); exits 1 on a regression.
+ci-gate: ci-pipeline
+	$(GATE) check $(if $(GITHUB_STEP_SUMMARY),--summary "$(GITHUB_STEP_SUMMARY)")
+
+# Accept the CI profile's current results as the baseline, then commit ci/baseline.json.
+baseline: ci-pipeline
+	$(GATE) accept
 
 lint: setup
 	$(BIN)/ruff check src stages tests benchmarks

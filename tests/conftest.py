@@ -56,7 +56,12 @@ def tmp_repo(tmp_path: Path) -> Path:
 
     ``../shared`` is linked beside it so the ``mnist_mini`` source resolves.
     """
-    repo = tmp_path / "repo"
+    return make_repo(tmp_path / "repo")
+
+
+def make_repo(repo: Path) -> Path:
+    """What :func:`tmp_repo` makes, at ``repo`` (for module-scoped copies built once)."""
+    tmp_path = repo.parent
     repo.mkdir()
     for name in ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore"):
         if (ROOT / name).exists():
@@ -64,7 +69,7 @@ def tmp_repo(tmp_path: Path) -> Path:
     for d in ("stages", "src"):
         shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    if SHARED.parent.is_dir():
+    if SHARED.parent.is_dir() and not (tmp_path / "shared").exists():
         (tmp_path / "shared").symlink_to(SHARED.parent)
     env = stage_env(repo)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],

@@ -1,0 +1,169 @@
+"""Classic tutorial loop vs mnistlab's training function, same data, arch, hyperparameters, epochs.
+
+(a) classic: ``torchvision.datasets.MNIST`` + ``DataLoader`` + per-sample
+    ``ToTensor``/``Normalize`` on PIL images, the tutorial's batch size, the
+    tutorial's optimizer, a plain Python loop with ``loss.item()`` per step;
+(b) mnistlab: :func:`mnistlab.training.fit` on device-resident tensors.
+
+Both train on the same training images for the arch's ``hparams.<arch>.epochs``
+(``train.min_steps`` is ignored here: tutorial-faithful), then report
+training images/s (evaluation excluded on both sides) and test accuracy.
+
+    python benchmarks/compare_loops.py --data ../shared/datasets/mnist-mini
+    python benchmarks/compare_loops.py --archs mlp,lenet5 --epochs 1   # quick look
+
+Writes ``benchmarks/results/loops-<device>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import math
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from mnistlab.config import HParams, TrainSettings, load_params
+from mnistlab.models import REGISTRY, build_model
+from mnistlab.training import fit, make_optimizer, to_device
+from mnistlab.utils import pick_device, seed_everything, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchvision_root(src: Path, dest: Path) -> Path:
+    """Lay the IDX files out as ``datasets.MNIST`` expects them: <root>/MNIST/raw/<name> (uncompressed)."""
+    raw = dest / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        if (src / f"{name}.gz").is_file():
+            with gzip.open(src / f"{name}.gz", "rb") as r, open(raw / name, "wb") as w:
+                shutil.copyfileobj(r, w)
+        else:
+            shutil.copyfile(src / name, raw / name)
+    return dest
+
+
+def classic(hp: HParams, root: Path, device: torch.device, seed: int) -> dict[str, float]:
+    """The tutorials' loop, as they wrote it (model moved to the device, batches copied per step)."""
+    torch.manual_seed(seed)
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((hp.mean,), (hp.std,))])
+    train = datasets.MNIST(str(root), train=True, transform=tf, download=False)
+    test = datasets.MNIST(str(root), train=False, transform=tf, download=False)
+    loader = DataLoader(train, batch_size=hp.batch_size, shuffle=True)
+    model = build_model(hp.arch, **hp.args).to(device)
+    opt = make_optimizer(model, hp)
+    seen, seconds = 0, 0.0
+    for _ in range(hp.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            _ = loss.item()  # the tutorials print/accumulate the loss every step
+            seen += len(y)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for x, y in DataLoader(test, batch_size=1000):
+            correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
+    return {"images_per_second": seen / seconds, "train_seconds": seconds,
+            "test_accuracy": correct / len(test)}
+
+
+def ours(hp: HParams, settings: TrainSettings, root: Path, device: torch.device, seed: int,
+         tmp: Path) -> dict[str, float]:
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    raw = root / "MNIST" / "raw"
+    tr = to_device(read_image_file(str(raw / "train-images-idx3-ubyte")),
+                   read_label_file(str(raw / "train-labels-idx1-ubyte")), hp.mean, hp.std, device,
+                   settings.channels_last)
+    te = to_device(read_image_file(str(raw / "t10k-images-idx3-ubyte")),
+                   read_label_file(str(raw / "t10k-labels-idx1-ubyte")), hp.mean, hp.std, device,
+                   settings.channels_last)
+    ckpt = tmp / f"{hp.arch}.pt"
+    ckpt.unlink(missing_ok=True)
+    r = fit(hp, settings, tr, te, num_classes=10, seed=seed, fingerprint="bench", checkpoint=ckpt,
+            tag=f"bench-{hp.arch}")
+    return {"images_per_second": r.summary["train_images_per_second"],
+            "train_seconds": r.summary["train_seconds"],
+            "test_accuracy": r.history[-1]["val_accuracy"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "mnist-mini")
+    ap.add_argument("--archs", default="all")
+    ap.add_argument("--epochs", type=int, default=0, help="override every arch's epochs (0: params.yaml)")
+    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args()
+
+    params = load_params(args.params)
+    settings = dataclasses.replace(TrainSettings.from_params(params), min_steps=0)
+    device = pick_device(settings.device)
+    seed = params["seed"]
+    archs = sorted(REGISTRY) if args.archs == "all" else args.archs.split(",")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = torchvision_root(args.data, Path(tmp))
+        for arch in archs:
+            hp = HParams.from_params(params, arch)
+            if args.epochs:
+                hp = dataclasses.replace(hp, epochs=args.epochs)
+            seed_everything(seed, settings.deterministic)
+            a = classic(hp, root, device, seed)
+            seed_everything(seed, settings.deterministic)
+            b = ours(hp, settings, root, device, seed, Path(tmp))
+            row = {"arch": arch, "epochs": hp.epochs, "batch_size": hp.batch_size,
+                   "classic_images_per_second": a["images_per_second"],
+                   "mnistlab_images_per_second": b["images_per_second"],
+                   "ratio": b["images_per_second"] / a["images_per_second"],
+                   "classic_test_accuracy": a["test_accuracy"],
+                   "mnistlab_test_accuracy": b["test_accuracy"],
+                   "classic_train_seconds": a["train_seconds"],
+                   "mnistlab_train_seconds": b["train_seconds"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    geomean = math.exp(sum(math.log(r["ratio"]) for r in rows) / len(rows))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    result = {"device": device.type, "device_name": name, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "data": str(args.data),
+              "settings": dataclasses.asdict(settings), "geomean_ratio": geomean, "archs": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"loops-{device.type}"
+    write_json(stem.with_suffix(".json"), result)
+    lines = [f"Device: {device.type} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+             f"data {args.data.name}", "",
+             "| arch | epochs | batch | classic img/s | mnistlab img/s | ratio | classic acc | mnistlab acc |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['arch']} | {r['epochs']} | {r['batch_size']} | {r['classic_images_per_second']:,.0f} "
+                     f"| {r['mnistlab_images_per_second']:,.0f} | {r['ratio']:.2f}x "
+                     f"| {r['classic_test_accuracy']:.4f} | {r['mnistlab_test_accuracy']:.4f} |")
+    lines.append(f"\nGeometric mean ratio: {geomean:.2f}x")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

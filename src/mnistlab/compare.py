@@ -1,0 +1,256 @@
+"""Stage ``compare``: one leaderboard over every dataset x arch, curves, and the champions.
+
+Reads what the train and evaluate stages wrote (``metrics/<ds>/<arch>/{train,test}.json``,
+``history.csv``; ``models/<ds>/<arch>/run.json``) for the ``datasets`` x ``archs`` of
+params.yaml, and writes
+
+    reports/leaderboard.csv, reports/leaderboard.md   ranked per dataset by ``compare.rank_by``
+    reports/curves/val-curves-<ds>.png                 every arch's validation curves overlaid
+    reports/champions.json                             the registered champion of each dataset
+
+Why under ``reports/`` and not ``metrics/``: this stage depends on the whole
+``metrics/`` tree, and DVC refuses a stage whose output lies inside its own
+dependency (it would be a cycle).
+
+Each dataset's best model is registered in the MLflow model registry as
+``<compare.registry_prefix>-<dataset>`` and given the alias ``compare.alias``
+(``champion``), so ``models:/mnistlab-digits@champion`` always loads the current best.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mnistlab import plots, tracking
+from mnistlab.config import choice, get
+from mnistlab.errors import MnistlabError
+from mnistlab.utils import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+# Leaderboard columns that can rank it, with their direction (True: higher is better).
+RANKABLE = {"test_accuracy": True, "macro_f1": True, "test_loss": False, "best_val_accuracy": True}
+COLUMNS = ["dataset", "rank", "arch", "test_accuracy", "test_loss", "macro_f1", "parameters",
+           "train_seconds", "images_per_second", "epochs", "best_val_accuracy"]
+
+
+@dataclass(frozen=True)
+class ComparePaths:
+    """Every file ``compare`` reads or writes; dvc.yaml passes each one in."""
+
+    metrics: Path  # metrics/: <ds>/<arch>/{train.json, test.json, history.csv}
+    models: Path   # models/: <ds>/<arch>/run.json
+    out: Path      # reports/: leaderboard.csv, leaderboard.md, champions.json
+    curves: Path   # reports/curves/: val-curves-<ds>.png
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MnistlabError(f"{path}: missing (run its train/evaluate stage)") from None
+    except ValueError:
+        raise MnistlabError(f"{path}: not valid JSON") from None
+
+
+def read_history(path: Path) -> pd.DataFrame:
+    """A train stage's ``history.csv`` (one row per epoch)."""
+    try:
+        df = pd.read_csv(path)
+    except FileNotFoundError:
+        raise MnistlabError(f"{path}: missing (run its train stage)") from None
+    except (ValueError, pd.errors.ParserError) as e:
+        raise MnistlabError(f"{path}: not a readable CSV ({' '.join(str(e).split())})") from None
+    missing = {"epoch", "val_accuracy", "val_loss"} - set(df.columns)
+    if missing:
+        raise MnistlabError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    return df
+
+
+def collect(metrics_root: Path, datasets: list[str], archs: list[str]) -> pd.DataFrame:
+    """One row per (dataset, arch) from its ``train.json`` and ``test.json``."""
+    rows = []
+    for ds in datasets:
+        for arch in archs:
+            d = metrics_root / ds / arch
+            train, test = _read_json(d / "train.json"), _read_json(d / "test.json")
+            try:
+                rows.append({
+                    "dataset": ds, "arch": arch,
+                    "test_accuracy": float(test["test_accuracy"]),
+                    "test_loss": float(test["test_loss"]),
+                    "macro_f1": float(test["macro_f1"]),
+                    "parameters": int(train["parameters"]),
+                    "train_seconds": float(train["train_seconds"]),
+                    "images_per_second": float(train["train_images_per_second"]),
+                    "epochs": int(train["epochs"]),
+                    "best_val_accuracy": float(train["best_val_accuracy"]),
+                })
+            except KeyError as e:
+                raise MnistlabError(f"{d}: train.json/test.json lack key {e.args[0]!r} "
+                                    "(re-run its train/evaluate stage)") from None
+    return pd.DataFrame(rows)
+
+
+def leaderboard(df: pd.DataFrame, rank_by: str) -> pd.DataFrame:
+    """Rank each dataset's archs by ``rank_by``; ties go to the lower test loss, then the smaller model.
+
+    Datasets keep their params.yaml order.
+    """
+    higher = RANKABLE[rank_by]
+    parts = []
+    for ds in dict.fromkeys(df["dataset"]):
+        part = df[df["dataset"] == ds].copy()
+        keys, asc = [rank_by, "test_loss", "parameters"], [not higher, True, True]
+        if rank_by == "test_loss":
+            keys, asc = keys[1:], asc[1:]
+        part = part.sort_values(keys, ascending=asc, kind="stable")
+        part["rank"] = range(1, len(part) + 1)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)[COLUMNS]
+
+
+def to_markdown(board: pd.DataFrame) -> str:
+    """The leaderboard as a GitHub Markdown table, numbers rounded for reading."""
+    fmt = board.copy()
+    for col in ("test_accuracy", "macro_f1", "best_val_accuracy", "test_loss"):
+        fmt[col] = fmt[col].map(lambda v: f"{v:.4f}")
+    fmt["parameters"] = fmt["parameters"].map(lambda v: f"{v:,}")
+    fmt["train_seconds"] = fmt["train_seconds"].map(lambda v: f"{v:.1f}")
+    fmt["images_per_second"] = fmt["images_per_second"].map(lambda v: f"{v:,.0f}")
+    return fmt.to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+def plot_curves(metrics_root: Path, dataset: str, archs: list[str], path: Path) -> None:
+    """Validation accuracy and loss per epoch, every arch on the same axes.
+
+    The x axis is logarithmic: with ``train.min_steps`` the archs run from a few
+    to over a hundred epochs, and a linear axis would squash the short runs.
+    """
+    fig = plots.figure(figsize=(12, 4.5), dpi=100)
+    acc, loss = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for arch in archs:
+        h = read_history(metrics_root / dataset / arch / "history.csv")
+        # markers on short runs: a one-epoch run is a single point, invisible as a line
+        style = {"lw": 1.5, "marker": "o" if len(h) <= 12 else None, "ms": 3}
+        acc.plot(h["epoch"], h["val_accuracy"], label=arch, **style)
+        loss.plot(h["epoch"], h["val_loss"], label=arch, **style)
+    for ax, name in ((acc, "validation accuracy"), (loss, "validation loss")):
+        ax.set_xscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_title(f"{dataset}: {name}")
+        ax.grid(alpha=0.3, which="both")
+    loss.set_yscale("log")
+    acc.legend(fontsize=8, loc="lower right")
+    plots.save(fig, path)
+
+
+# --------------------------------------------------------------------------- model registry
+
+
+@tracking.retry_locked
+def _logged_model_uri(c, run_id: str) -> str:
+    """URI of the model the train stage logged in ``run_id``.
+
+    MLflow 3 keeps logged models as their own entities (``models:/<model_id>``);
+    older servers only know ``runs:/<run_id>/model``.
+    """
+    run = c.get_run(run_id)
+    search = getattr(c, "search_logged_models", None)
+    if search is None:
+        return f"runs:/{run_id}/model"
+    found = search(experiment_ids=[run.info.experiment_id],
+                   filter_string=f"source_run_id = '{run_id}'",
+                   order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+    models = [m for m in found if m.name == "model"]
+    if not models:
+        raise MnistlabError(f"MLflow run {run_id} has no logged model 'model' (re-run its train stage)")
+    return f"models:/{models[0].model_id}"
+
+
+@tracking.retry_locked
+def register_champion(name: str, run_id: str, alias: str, tags: dict[str, str]) -> str:
+    """Register ``run_id``'s model under ``name`` (reusing a version from that run) and alias it.
+
+    Returns:
+        The version that now carries ``alias``.
+    """
+    c = tracking.client()
+    try:
+        c.get_run(run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises its own types for a missing run
+        raise MnistlabError(f"MLflow run {run_id} not found in {tracking.redact(tracking.tracking_uri())} "
+                            "(was it trained with another MLFLOW_TRACKING_URI?)") from None
+    try:
+        c.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - not registered yet
+        c.create_registered_model(name, description="Best mnistlab model for one dataset; "
+                                                    "the alias marks the current champion.")
+    existing = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:  # re-running compare with the same winner adds no version
+        version = str(max(int(v.version) for v in existing))
+    else:
+        source = _logged_model_uri(c, run_id)
+        kw = {"model_id": source.split("/", 1)[1]} if source.startswith("models:/") else {}
+        try:
+            mv = c.create_model_version(name, source, run_id=run_id, tags=tags, **kw)
+        except TypeError:  # MLflow 2: no model_id argument
+            mv = c.create_model_version(name, source, run_id=run_id, tags=tags)
+        version = str(mv.version)
+    c.set_registered_model_alias(name, alias, version)
+    return version
+
+
+def register_champions(board: pd.DataFrame, models_root: Path, prefix: str, alias: str
+                       ) -> dict[str, dict[str, Any]]:
+    """Register each dataset's rank-1 model; return ``{dataset: {arch, run_id, model, version, ...}}``."""
+    out = {}
+    for row in board[board["rank"] == 1].itertuples():
+        run_id = tracking.read_run_id(models_root / row.dataset / row.arch / "run.json")
+        name = f"{prefix}-{row.dataset}"
+        version = register_champion(name, run_id, alias, {
+            "dataset": row.dataset, "arch": row.arch, "test_accuracy": f"{row.test_accuracy:.6f}"})
+        out[row.dataset] = {"arch": row.arch, "run_id": run_id, "registered_model": name,
+                            "version": version, "alias": alias,
+                            "uri": f"models:/{name}@{alias}",
+                            "test_accuracy": row.test_accuracy}
+        log.info("%s: champion %s (test_accuracy %.4f) -> %s version %s @%s", row.dataset, row.arch,
+                 row.test_accuracy, name, version, alias)
+    return out
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_compare(params: dict[str, Any], paths: ComparePaths) -> pd.DataFrame:
+    """Leaderboard, curves and champions for ``datasets`` x ``archs``; returns the leaderboard.
+
+    Reads ``datasets``, ``archs`` and the ``compare`` section of params.yaml.
+    """
+    datasets, archs = list(get(params, "datasets")), list(get(params, "archs"))
+    if not datasets or not archs:
+        raise MnistlabError("params.yaml: datasets and archs must each list at least one name")
+    rank_by = choice("compare.rank_by", get(params, "compare.rank_by"), tuple(RANKABLE))
+    board = leaderboard(collect(paths.metrics, datasets, archs), rank_by)
+
+    with atomic_path(paths.out / "leaderboard.csv") as tmp:
+        board.to_csv(tmp, index=False, float_format="%.6g", quoting=csv.QUOTE_MINIMAL)
+    with atomic_path(paths.out / "leaderboard.md") as tmp:
+        tmp.write_text(f"# Leaderboard (ranked by {rank_by} within each dataset)\n\n"
+                       + to_markdown(board))
+    for ds in datasets:
+        plot_curves(paths.metrics, ds, archs, paths.curves / f"val-curves-{ds}.png")
+
+    champions: dict[str, Any] = {}
+    if get(params, "compare.register"):
+        champions = register_champions(board, paths.models, str(get(params, "compare.registry_prefix")),
+                                       str(get(params, "compare.alias")))
+    write_json(paths.out / "champions.json", champions)
+    return board

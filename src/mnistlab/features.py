@@ -1,0 +1,336 @@
+"""Stage ``features@{dataset}-{arch}``: look inside a trained network.
+
+Generic over the registry: nothing here knows an architecture by name. Layers
+are found by type and read with forward hooks, so a new builder in
+:mod:`mnistlab.models` gets its pictures for free.
+
+- every ``nn.Conv2d``: its kernels as an image grid (rows = output channels,
+  columns = input channels), and its output feature maps for one test image
+  per class (rows = classes, first column = the input image);
+- a network without convolutions (the MLP): the weights of the linear layer
+  that reads the raw pixels, each unit's row shown as a 28x28 image;
+- every network: the penultimate-layer embedding of the whole test set (the
+  input of the last ``nn.Linear``), saved with the labels, and mapped to 2-D
+  with scikit-learn's PCA (all points) and t-SNE (a seeded subsample), coloured
+  by class.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnistlab import data, plots, tracking
+from mnistlab.config import get, positive
+from mnistlab.errors import MnistlabError
+from mnistlab.evaluation import load_model
+from mnistlab.training import predict, to_device
+from mnistlab.utils import atomic_path, pick_device, torch_save
+
+log = logging.getLogger(__name__)
+
+CELL = 28  # every kernel and feature map is drawn at MNIST's own size, to line up with the input
+
+
+@dataclass(frozen=True)
+class FeaturePaths:
+    """Every file ``features@{dataset}-{arch}`` reads or writes; dvc.yaml passes each one in."""
+
+    split: Path      # data/split/<ds>: test.pt, summary.json
+    model_dir: Path  # models/<ds>/<arch>: model.pt, run.json
+    out: Path        # features/<ds>/<arch>: embeddings.pt
+    reports: Path    # reports/<ds>/<arch>/features: the PNGs
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """``features`` in params.yaml."""
+
+    device: str
+    batch_size: int
+    max_channels: int
+    max_units: int
+    tsne_max_points: int
+    tsne_perplexity: float
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> FeatureSettings:
+        """Validate ``features`` in params.yaml; every problem names its key."""
+        return cls(
+            device=str(get(params, "features.device")),
+            batch_size=positive("features.batch_size", get(params, "features.batch_size"), int),
+            max_channels=positive("features.max_channels", get(params, "features.max_channels"), int),
+            max_units=positive("features.max_units", get(params, "features.max_units"), int),
+            tsne_max_points=positive("features.tsne_max_points",
+                                     get(params, "features.tsne_max_points"), int),
+            tsne_perplexity=positive("features.tsne_perplexity",
+                                     get(params, "features.tsne_perplexity")),
+        )
+
+
+# --------------------------------------------------------------------------- finding layers
+
+
+def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """Every ``nn.Conv2d`` with its qualified name, in definition (= forward, for ours) order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The classifier head: the last ``nn.Linear``; its input is the penultimate-layer embedding."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise MnistlabError(f"{type(model).__name__}: no nn.Linear layer to take embeddings from")
+    return linears[-1]
+
+
+def pixel_linear(model: nn.Module, x: torch.Tensor) -> tuple[str, nn.Linear] | None:
+    """The first ``nn.Linear`` if it reads the raw pixels of ``x`` (no convolution before it).
+
+    Checked with a hook rather than by shape alone: its input must equal the
+    flattened image, so a linear layer after some other transform is not mistaken
+    for one that sees pixels.
+    """
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if conv_layers(model) or not linears:
+        return None
+    name, layer = linears[0]
+    seen = capture(model, {name: layer}, x[:1], inputs=True)[name]
+    return (name, layer) if torch.equal(seen, x[:1].flatten(1)) else None
+
+
+def capture(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor, inputs: bool = False,
+            batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Run ``model`` on ``x`` (eval mode, batched) and return what each layer saw or produced.
+
+    Args:
+        model: Any network.
+        layers: ``{name: module}`` to hook.
+        x: The model's input [N, C, H, W].
+        inputs: Record each layer's input (forward pre-hook) instead of its output.
+        batch_size: Batch size for :func:`mnistlab.training.predict` (default: all at once).
+
+    Returns:
+        ``{name: tensor}`` concatenated over batches, on the CPU ([N, ...] each).
+    """
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    handles = []
+    for name, layer in layers.items():
+        if inputs:
+            handles.append(layer.register_forward_pre_hook(
+                lambda _m, args, name=name: got[name].append(args[0].detach().float().cpu())))
+        else:
+            handles.append(layer.register_forward_hook(
+                lambda _m, _a, out, name=name: got[name].append(out.detach().float().cpu())))
+    try:
+        predict(model, x, batch_size or max(1, len(x)), bf16=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in got.items()}
+
+
+# --------------------------------------------------------------------------- image grids
+
+
+def _cells(t: torch.Tensor) -> torch.Tensor:
+    """[N, h, w] → [N, 1, CELL, CELL] by nearest upsampling (pixels stay visible as blocks)."""
+    return F.interpolate(t.unsqueeze(1).float(), size=(CELL, CELL), mode="nearest")
+
+
+def kernel_grid(weight: torch.Tensor, max_channels: int) -> torch.Tensor:
+    """Conv weights [O, I, k, k] → an image grid: row o, column i is kernel (o, i).
+
+    At most ``max_channels`` rows and columns; each kernel is contrast-stretched
+    on its own (``scale_each``) since kernels in one layer differ in scale.
+    """
+    from torchvision.utils import make_grid
+
+    w = weight.detach().float().cpu()[:max_channels, :max_channels]
+    o, i = w.shape[:2]
+    return make_grid(_cells(w.reshape(o * i, *w.shape[2:])), nrow=i, normalize=True,
+                     scale_each=True, padding=2, pad_value=1.0)
+
+
+def feature_map_grid(images: torch.Tensor, fmaps: torch.Tensor, max_channels: int) -> torch.Tensor:
+    """One row per probe image: the input, then its first ``max_channels`` feature maps.
+
+    Args:
+        images: [n, 1, H, W] the probe inputs (normalised model input).
+        fmaps: [n, C, h, w] a layer's output for them.
+    """
+    from torchvision.utils import make_grid
+
+    n = len(images)
+    maps = fmaps[:, :max_channels]
+    c = maps.shape[1]
+    cells = torch.cat([_cells(images[:, 0]).view(n, 1, CELL, CELL),
+                       _cells(maps.reshape(n * c, *maps.shape[2:])).view(n, c, CELL, CELL)], 1)
+    return make_grid(cells.reshape(n * (c + 1), 1, CELL, CELL), nrow=c + 1, normalize=True,
+                     scale_each=True, padding=2, pad_value=1.0)
+
+
+def weight_images(layer: nn.Linear, shape: tuple[int, ...], max_units: int) -> torch.Tensor:
+    """A pixel-reading linear layer's weight rows [units, C*H*W] shown as images [C,H,W]."""
+    from torchvision.utils import make_grid
+
+    w = layer.weight.detach().float().cpu()[:max_units]
+    return make_grid(w.reshape(len(w), *shape)[:, :1], nrow=int(np.ceil(np.sqrt(len(w)))),
+                     normalize=True, scale_each=True, padding=2, pad_value=1.0)
+
+
+def save_grid(grid: torch.Tensor, path: Path) -> None:
+    """A [3, H, W] image grid in [0, 1] as a PNG, written atomically."""
+    from torchvision.utils import save_image
+
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp, format="png")
+
+
+def probe_indices(labels: torch.Tensor, num_classes: int) -> list[int]:
+    """The first test image of each class present: a fixed, seed-free probe set."""
+    return [int(torch.nonzero(labels == c)[0]) for c in range(num_classes) if (labels == c).any()]
+
+
+def _slug(name: str) -> str:
+    """A module name (``features.0.0``) made safe for a file name (``features-0-0``)."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-") or "layer"
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def tsne_subsample(n: int, max_points: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded subsample of at most ``max_points`` of ``n``."""
+    if n <= max_points:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
+
+
+def embedding_map(emb: np.ndarray, labels: np.ndarray, classes: list[str], path: Path, seed: int,
+                  tsne_max_points: int, perplexity: float, title: str) -> dict[str, float]:
+    """PCA (every point) and t-SNE (a seeded subsample) of ``emb`` [N, D], coloured by class.
+
+    Returns:
+        Timings and sizes (``tsne_points``, ``tsne_seconds``, ``pca_explained_variance``).
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    pca = PCA(n_components=2, random_state=seed).fit(emb)
+    xy_pca = pca.transform(emb)
+    idx = tsne_subsample(len(emb), tsne_max_points, seed)
+    t0 = time.perf_counter()
+    # perplexity must stay below the number of points (tiny test sets in tests)
+    tsne = TSNE(n_components=2, init="pca", random_state=seed,
+                perplexity=min(perplexity, max(1.0, (len(idx) - 1) / 3)))
+    xy_tsne = tsne.fit_transform(emb[idx])
+    tsne_seconds = time.perf_counter() - t0
+
+    fig = plots.figure(figsize=(12, 5.5), dpi=100)
+    # tight_layout cannot place a colorbar shared by two panels: lay out by hand.
+    fig.subplots_adjust(left=0.02, right=0.9, top=0.86, bottom=0.03, wspace=0.05)
+    cmap = "tab10" if len(classes) <= 10 else "tab20"
+    panels = [(xy_pca, labels, f"PCA ({len(emb)} points, "
+                               f"{pca.explained_variance_ratio_.sum():.0%} of variance)"),
+              (xy_tsne, labels[idx], f"t-SNE ({len(idx)} points)")]
+    for k, (xy, lab, name) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, k + 1)
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=lab, cmap=cmap, vmin=-0.5, vmax=len(classes) - 0.5,
+                        s=max(2.0, min(16.0, 4000 / len(xy))), alpha=0.7, linewidths=0)
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    cbar = fig.colorbar(sc, cax=fig.add_axes((0.92, 0.1, 0.015, 0.7)), ticks=range(len(classes)))
+    cbar.ax.set_yticklabels(classes, fontsize=8)
+    fig.suptitle(title)
+    plots.save(fig, path, tight=False)
+    return {"tsne_points": len(idx), "tsne_seconds": tsne_seconds,
+            "pca_explained_variance": float(pca.explained_variance_ratio_.sum())}
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def extract(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, classes: list[str],
+            settings: FeatureSettings, reports: Path) -> tuple[torch.Tensor, str, list[Path]]:
+    """Write every picture of ``model`` into ``reports``; return the test embeddings.
+
+    Args:
+        model: A trained network in eval mode.
+        x: The normalised test images [N, C, 28, 28] on the model's device.
+        labels: int64 [N] on the CPU.
+        classes: Class names.
+        settings: Sizes of the grids and the embedding batch size.
+        reports: Output folder for the PNGs.
+
+    Returns:
+        ``(embeddings [N, D] float32 CPU, name of the head layer, PNG paths written)``.
+    """
+    written: list[Path] = []
+    probe = x[probe_indices(labels, len(classes))]
+    convs = conv_layers(model)
+    if convs:
+        fmaps = capture(model, dict(convs), probe)
+        for k, (name, conv) in enumerate(convs, 1):
+            stem = f"{k:02d}-{_slug(name)}"
+            save_grid(kernel_grid(conv.weight, settings.max_channels),
+                      reports / f"kernels-{stem}.png")
+            save_grid(feature_map_grid(probe.cpu(), fmaps[name], settings.max_channels),
+                      reports / f"fmaps-{stem}.png")
+            written += [reports / f"kernels-{stem}.png", reports / f"fmaps-{stem}.png"]
+    elif (pl := pixel_linear(model, x)) is not None:
+        name, layer = pl
+        save_grid(weight_images(layer, tuple(x.shape[1:]), settings.max_units),
+                  reports / f"weights-{_slug(name)}.png")
+        written.append(reports / f"weights-{_slug(name)}.png")
+    else:
+        log.warning("%s has neither convolutions nor a pixel-reading linear layer: "
+                    "no kernel pictures", type(model).__name__)
+    head_name, head = last_linear(model)
+    emb = capture(model, {head_name: head}, x, inputs=True, batch_size=settings.batch_size)[head_name]
+    return emb.flatten(1), head_name, written
+
+
+def run_features(params: dict[str, Any], dataset: str, arch: str, paths: FeaturePaths
+                 ) -> dict[str, Any]:
+    """Kernels, feature maps, embeddings and their 2-D maps for ``models/<ds>/<arch>/model.pt``.
+
+    Returns:
+        A summary (layers drawn, embedding shape, t-SNE size and time).
+    """
+    settings = FeatureSettings.from_params(params)
+    seed = get(params, "seed")
+    device = pick_device(settings.device)
+    run_id = tracking.read_run_id(paths.model_dir / "run.json")
+    model, record = load_model(paths.model_dir / "model.pt", device)
+    if record["arch"] != arch:
+        raise MnistlabError(f"{paths.model_dir / 'model.pt'}: holds arch {record['arch']!r}, "
+                            f"expected {arch!r}")
+    classes = data.load_classes(paths.split)
+    images, labels = data.load_split(paths.split, "test")
+    norm = record["normalize"]
+    x = to_device(images, labels, norm["mean"], norm["std"], device).x
+
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    emb, head, written = extract(model, x, labels, classes, settings, paths.reports)
+    torch_save({"embeddings": emb, "labels": labels.clone(), "classes": list(classes),
+                "layer": head}, paths.out / "embeddings.pt")
+    info = embedding_map(emb.numpy(), labels.numpy(), classes, paths.reports / "embedding-map.png",
+                         seed, settings.tsne_max_points, settings.tsne_perplexity,
+                         f"{dataset}/{arch}: input of {head!r}, {emb.shape[1]}-d")
+    written.append(paths.reports / "embedding-map.png")
+    log.info("%s/%s: %d pictures, embeddings %s, t-SNE of %d points in %.1fs", dataset, arch,
+             len(written), tuple(emb.shape), info["tsne_points"], info["tsne_seconds"])
+
+    tracking.log_artifacts(run_id, [paths.reports], "features")
+    return {"pictures": len(written), "embedding_shape": list(emb.shape), "head": head, **info}

@@ -1,0 +1,519 @@
+"""The CI regression gate: run the pipeline on the CI profile, compare with a committed baseline.
+
+The Makefile wraps it: ``make ci-gate`` (pipeline + check) and ``make baseline``
+(pipeline + accept)::
+
+    python -m mnistlab.gate pipeline  # build/ci/<dataset>/ copies + ci/profile.yaml; dvc repro there
+    python -m mnistlab.gate check     # Markdown table; exit 1 on any regression
+    python -m mnistlab.gate accept    # the copies' results become ci/baseline.json (commit it)
+
+Why copies in ``build/ci/`` rather than ``dvc exp run -S ...`` in the workspace:
+the profile must not touch the developer's params.yaml, outputs or MLflow store.
+Applying it in place would leave params.yaml modified (or retrain the default
+pipeline after every gate run, since both would share one dvc.lock). Each copy
+holds the tracked and untracked-but-not-ignored files of this working tree
+(uncommitted edits included, DVC outputs and dvc.lock excluded), keeps its own
+dvc.lock, DVC cache and ``mlflow.db`` across runs (an unchanged tree reruns
+nothing), and gets ``params.yaml`` = the repo's params.yaml with
+``ci/profile.yaml`` merged over it, for one dataset each (see :func:`prepare`).
+Relative local data sources (such as ``../shared/datasets/mnist-mini``) are made
+absolute so they still resolve from there. DVC runs there without git
+(``core.no_scm``); the code's own git lookups walk up to this repository, so
+MLflow runs still name the real commit.
+
+The comparison: for every ``dataset/arch`` in the baseline, each metric listed in
+``gate.metrics`` (params.yaml) is compared with an absolute tolerance and a
+direction (``max``: higher is better). Beyond tolerance in the bad direction is
+a REGRESSION, in the good one an improvement (reported, not failing). A
+baseline entry without a new result is MISSING and fails; a new entry without a
+baseline is reported as ``new``. ``gate.require_best`` ({dataset: arch}) also
+fails the gate unless that arch has the strictly highest test accuracy there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mnistlab.config import choice, get, load_params, non_negative, positive
+from mnistlab.errors import MnistlabError, run_stage
+from mnistlab.utils import atomic_path, git_info, json_digest, write_json
+
+log = logging.getLogger(__name__)
+
+DIRECTIONS = ("max", "min")
+# Verdicts that fail the gate.
+FAILING = ("REGRESSION", "MISSING", "FAILED")
+
+
+# --------------------------------------------------------------------------- the profile copy
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` merged into a copy of ``base``: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _absolute_location(loc: Any, root: Path) -> Any:
+    """A relative local folder made absolute against ``root``; URLs and the rest unchanged."""
+    if not isinstance(loc, str) or "://" in loc or os.path.isabs(loc):
+        return loc
+    return str((root / loc).resolve())
+
+
+def rebase_sources(params: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Copy of ``params`` whose relative local ``sources`` resolve from anywhere."""
+    sources = {}
+    for name, spec in (params.get("sources") or {}).items():
+        if isinstance(spec, str):
+            spec = _absolute_location(spec, root)
+        elif isinstance(spec, dict) and "mirrors" in spec:
+            m = spec["mirrors"]
+            spec = {**spec, "mirrors": [_absolute_location(x, root) for x in m]
+                    if isinstance(m, list) else _absolute_location(m, root)}
+        sources[name] = spec
+    return {**params, "sources": sources}
+
+
+def load_profile(path: Path) -> dict[str, Any]:
+    """The CI profile: a mapping of params.yaml overrides."""
+    try:
+        profile = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise MnistlabError(f"{path}: CI profile not found") from None
+    except yaml.YAMLError as e:
+        raise MnistlabError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(profile, dict):
+        raise MnistlabError(f"{path}: expected a mapping of params.yaml overrides")
+    return profile
+
+
+def profile_params(root: Path, profile: Path) -> dict[str, Any]:
+    """params.yaml of ``root`` with the profile merged over it and its sources made absolute."""
+    params = load_params(root / "params.yaml")
+    overrides = load_profile(profile)
+    unknown = sorted(set(overrides) - set(params))
+    if unknown:
+        raise MnistlabError(f"{profile}: override(s) {', '.join(unknown)} name no key of params.yaml")
+    return rebase_sources(deep_merge(params, overrides), root)
+
+
+def tree_files(root: Path, exclude: list[str]) -> list[str]:
+    """Tracked + untracked-but-not-ignored files of the working tree, minus ``exclude`` prefixes."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=root,
+                             capture_output=True, check=True).stdout.decode()
+    except (OSError, subprocess.CalledProcessError):
+        raise MnistlabError(f"{root}: not a git working tree (the CI copy lists files with git)") from None
+    prefixes = [e.rstrip("/") for e in exclude]
+    keep = []
+    for f in filter(None, out.split("\0")):
+        if any(f == p or f.startswith(p + "/") for p in prefixes):
+            continue
+        if (root / f).is_file():  # deleted-but-tracked files are listed too
+            keep.append(f)
+    return sorted(keep)
+
+
+def sync_tree(root: Path, dest: Path, exclude: list[str]) -> int:
+    """Mirror the working tree's files (see :func:`tree_files`) into ``dest``; return their count.
+
+    Idempotent: a file is rewritten only when its content changed, so DVC reruns
+    only the stages whose inputs did; files gone from the tree since the last
+    sync are removed.
+    """
+    files = tree_files(root, exclude)
+    manifest = dest / ".ci-files"
+    old = set(manifest.read_text().split("\n")) - {""} if manifest.is_file() else set()
+    for f in files:
+        src, dst = root / f, dest / f
+        if not dst.is_file() or dst.read_bytes() != src.read_bytes():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    for f in sorted(old - set(files)):
+        (dest / f).unlink(missing_ok=True)
+    with atomic_path(manifest) as tmp:
+        tmp.write_text("\n".join(files) + "\n")
+    return len(files)
+
+
+def _write_params(path: Path, params: dict[str, Any], note: str) -> None:
+    """``note`` + ``params`` as YAML at ``path``, rewritten only when the text changes."""
+    text = note + yaml.safe_dump(params, sort_keys=False, default_flow_style=None, width=100)
+    if not path.is_file() or path.read_text() != text:  # unchanged: no new mtime
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+
+
+def shard_dir(workdir: Path, dataset: str) -> Path:
+    """The copy that runs the CI pipeline of one dataset."""
+    return workdir / dataset
+
+
+def prepare(root: Path, workdir: Path, profile: Path) -> dict[str, Any]:
+    """Make one copy of the working tree per dataset of the CI profile under ``workdir``.
+
+    Why one copy (shard) per dataset: DVC runs the stages of one repo one after
+    the other, and most of a stage's time is single-threaded (imports, MLflow,
+    plotting); two shards side by side keep both CPU cores of a CI machine busy.
+    Each shard is a complete pipeline (its compare stage ranks all archs of its
+    dataset and registers that dataset's champion).
+
+    Returns:
+        The merged params (all datasets), also written to ``workdir/params.yaml``.
+    """
+    params = profile_params(root, profile)
+    rel_work = os.path.relpath(workdir.resolve(), root.resolve())
+    # DVC outputs and the lock belong to each copy; copying the default run's would clobber them.
+    outputs = [str(v) for v in (params.get("paths") or {}).values()]
+    note = (f"# Generated by `python -m mnistlab.gate prepare`: {root / 'params.yaml'}\n"
+            f"# with {profile} merged over it. Do not edit; edit those two instead.\n")
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_params(workdir / "params.yaml", params, note)
+    for ds in get(params, "datasets"):
+        shard = shard_dir(workdir, ds)
+        n = sync_tree(root, shard, [rel_work, "dvc.lock", "params.yaml", *outputs])
+        _write_params(shard / "params.yaml", {**params, "datasets": [ds]},
+                      note + f"# This shard runs dataset {ds!r} only.\n")
+        # No git in the copy: DVC must not look for one (it would find the parent repo's).
+        with atomic_path(shard / ".dvc" / "config.local") as tmp:
+            tmp.write_text("[core]\n    no_scm = true\n    analytics = false\n")
+        log.info("%s: %d files synced, CI profile %s applied", shard, n, profile)
+    return params
+
+
+def run_pipeline(workdir: Path, params: dict[str, Any]) -> None:
+    """``dvc repro`` in every shard, ``gate.jobs`` at a time; each shard's log is printed whole.
+
+    Every shard runs with ``gate.threads`` torch/OpenMP threads, whatever the
+    machine: CPU kernels may split their reductions by thread count, and the
+    baseline must not depend on how many cores made it. MLflow is pinned to each
+    shard's own sqlite store, so CI runs never mix with the developer's runs or
+    go to a tracking server set in the environment.
+    """
+    jobs = positive("gate.jobs", get(params, "gate.jobs"), int)
+    threads = str(positive("gate.threads", get(params, "gate.threads"), int))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db", "DVC_NO_ANALYTICS": "1",
+           "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env.pop("DVC_EXP_NAME", None)
+    # absolute: a relative PATH entry would not resolve from inside the shards
+    dvc = os.path.abspath(shutil.which("dvc", path=env.get("PATH"))
+                          or Path(sys.executable).parent / "dvc")
+    pending = [shard_dir(workdir, ds) for ds in get(params, "datasets")]
+    running: list[tuple[Path, subprocess.Popen, Any, float]] = []
+    failed = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            shard = pending.pop(0)
+            out = open(shard / "repro.log", "w")  # noqa: SIM115 - closed when the process ends
+            print(f"[{shard.name}] dvc repro (log: {shard / 'repro.log'})", flush=True)
+            running.append((shard, subprocess.Popen([dvc, "repro"], cwd=shard, env=env, stdout=out,
+                                                    stderr=subprocess.STDOUT), out, time.time()))
+        time.sleep(0.5)
+        for item in [r for r in running if r[1].poll() is not None]:
+            shard, proc, out, t0 = item
+            running.remove(item)
+            out.close()
+            print(f"----- [{shard.name}] dvc repro exited {proc.returncode} after "
+                  f"{time.time() - t0:.0f}s; its output:", flush=True)
+            print((shard / "repro.log").read_text(), flush=True)
+            if proc.returncode:
+                failed.append(f"{shard} (exit {proc.returncode})")
+    if failed:
+        raise MnistlabError(f"the CI pipeline failed in {', '.join(failed)}; its output is above")
+
+
+# --------------------------------------------------------------------------- comparing
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How one metric is judged: ``direction`` (max/min is better) and absolute ``tolerance``."""
+
+    direction: str
+    tolerance: float
+
+
+def gate_rules(params: dict[str, Any]) -> dict[str, Rule]:
+    """``gate.metrics`` of params.yaml: ``{metric: {direction: max|min, tolerance: x}}``."""
+    spec = get(params, "gate.metrics")
+    if not isinstance(spec, dict) or not spec:
+        raise MnistlabError("params.yaml: gate.metrics must map at least one metric to "
+                            "{direction, tolerance}")
+    rules = {}
+    for metric, r in spec.items():
+        if not isinstance(r, dict):
+            raise MnistlabError(f"params.yaml: gate.metrics.{metric} must be {{direction, tolerance}}")
+        rules[metric] = Rule(choice(f"gate.metrics.{metric}.direction", r.get("direction"), DIRECTIONS),
+                             non_negative(f"gate.metrics.{metric}.tolerance", r.get("tolerance")))
+    return rules
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the gate's table."""
+
+    key: str           # dataset/arch
+    metric: str
+    baseline: float | None
+    new: float | None
+    tolerance: float | None
+    verdict: str       # ok, improved, new, REGRESSION, MISSING, FAILED
+    note: str = ""
+
+    @property
+    def delta(self) -> float | None:
+        if self.baseline is None or self.new is None:
+            return None
+        return self.new - self.baseline
+
+
+def judge(baseline: float, new: float, rule: Rule) -> str:
+    """``ok``, ``improved`` or ``REGRESSION`` for one metric (NaN is always a regression)."""
+    if not math.isfinite(new):
+        return "REGRESSION"
+    gain = (new - baseline) if rule.direction == "max" else (baseline - new)
+    if gain < -rule.tolerance:
+        return "REGRESSION"
+    if gain > rule.tolerance:
+        return "improved"
+    return "ok"
+
+
+def compare_results(baseline: dict[str, dict[str, float]], new: dict[str, dict[str, float]],
+                    rules: dict[str, Rule]) -> list[Row]:
+    """Judge every gated metric of every ``dataset/arch``; a pure function of the three mappings."""
+    rows = []
+    for key in sorted(set(baseline) | set(new)):
+        for metric, rule in rules.items():
+            b = baseline.get(key, {}).get(metric)
+            n = new.get(key, {}).get(metric)
+            if b is None and n is None:
+                continue
+            if n is None:
+                what = "no result" if key not in new else f"no {metric}"
+                rows.append(Row(key, metric, b, None, rule.tolerance, "MISSING", what))
+            elif b is None:
+                rows.append(Row(key, metric, None, n, rule.tolerance, "new", "not in the baseline"))
+            else:
+                rows.append(Row(key, metric, b, n, rule.tolerance, judge(b, n, rule)))
+    return rows
+
+
+def check_best(new: dict[str, dict[str, float]], require_best: dict[str, str],
+               metric: str = "test_accuracy") -> list[Row]:
+    """``require_best`` {dataset: arch}: that arch must have the strictly highest ``metric``.
+
+    A dataset with no results at all is skipped (the profile does not run it; a
+    baseline that has it reports it MISSING anyway).
+    """
+    rows = []
+    for ds, arch in (require_best or {}).items():
+        key = f"{ds}/{arch}"
+        if not any(k.split("/", 1)[0] == ds for k in new):
+            continue
+        others = {k: v[metric] for k, v in new.items()
+                  if k.split("/", 1)[0] == ds and k != key and metric in v}
+        if key not in new or metric not in new[key]:
+            rows.append(Row(key, f"best {metric}", None, None, None, "MISSING",
+                            f"gate.require_best: no result for {key}"))
+            continue
+        mine = new[key][metric]
+        if not others:
+            rows.append(Row(key, f"best {metric}", None, mine, None, "ok", "no other arch to beat"))
+            continue
+        rival, best = max(others.items(), key=lambda kv: kv[1])
+        ok = mine > best
+        rows.append(Row(key, f"best {metric}", best, mine, None, "ok" if ok else "FAILED",
+                        f"must beat every other arch on {ds}; best other: {rival} {best:.4f}"))
+    return rows
+
+
+def _fmt(v: float | None, signed: bool = False) -> str:
+    if v is None:
+        return "—"
+    return f"{v:+.4f}" if signed else f"{v:.4f}"
+
+
+def render(rows: list[Row], problems: list[str], title: str) -> str:
+    """The gate's report: a Markdown table, then a verdict line and the failures by name."""
+    mark = {"REGRESSION": "❌ REGRESSION", "MISSING": "❌ MISSING", "FAILED": "❌ FAILED",
+            "improved": "✅ improved", "ok": "ok", "new": "🆕 new"}
+    lines = [f"## {title}", "",
+             "| dataset/arch | metric | baseline | new | delta | tolerance | verdict |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        verdict = mark.get(r.verdict, r.verdict) + (f" ({r.note})" if r.note else "")
+        lines.append(f"| {r.key} | {r.metric} | {_fmt(r.baseline)} | {_fmt(r.new)} | "
+                     f"{_fmt(r.delta, signed=True)} | {_fmt(r.tolerance)} | {verdict} |")
+    failed = [r for r in rows if r.verdict in FAILING]
+    improved = [r for r in rows if r.verdict == "improved"]
+    lines.append("")
+    if failed or problems:
+        lines.append(f"**Gate FAILED**: {len(failed)} failing check(s)"
+                     + (f", {len(problems)} problem(s)" if problems else "") + ".")
+    else:
+        lines.append(f"**Gate passed**: {len(rows)} checks, {len(improved)} improvement(s).")
+    lines += [f"- {p}" for p in problems]
+    lines += [f"- {r.key} {r.metric}: {r.verdict}" + (f" ({r.note})" if r.note else "")
+              + ("" if r.delta is None else f", {_fmt(r.baseline)} → {_fmt(r.new)}") for r in failed]
+    lines += [f"- {r.key} {r.metric}: improved {_fmt(r.baseline)} → {_fmt(r.new)}" for r in improved]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_results(workdir: Path, params: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``{dataset/arch: metrics}`` of every shard: train.json overlaid by test.json.
+
+    Only the datasets x archs the profile runs count: stale folders from an
+    earlier profile must not stand in for a result that is no longer produced.
+    """
+    out = {}
+    for ds in get(params, "datasets"):
+        root = shard_dir(workdir, ds) / str(get(params, "paths.metrics"))
+        for arch in get(params, "archs"):
+            merged: dict[str, float] = {}
+            for name in ("train.json", "test.json"):
+                p = root / ds / arch / name
+                if p.is_file():
+                    try:
+                        merged.update({k: float(v) for k, v in json.loads(p.read_text()).items()
+                                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
+                    except ValueError:
+                        raise MnistlabError(f"{p}: not valid JSON") from None
+            if merged:
+                out[f"{ds}/{arch}"] = merged
+    return out
+
+
+def read_baseline(path: Path) -> dict[str, Any]:
+    """The committed baseline (``results``: {dataset/arch: {metric: value}}, profile digest)."""
+    try:
+        base = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MnistlabError(f"{path}: no baseline yet; create it with `make baseline`") from None
+    except ValueError:
+        raise MnistlabError(f"{path}: not valid JSON") from None
+    if not isinstance(base, dict) or not isinstance(base.get("results"), dict):
+        raise MnistlabError(f"{path}: not a gate baseline (needs a 'results' mapping)")
+    return base
+
+
+def check(workdir: Path, profile: Path, baseline_path: Path) -> tuple[bool, str]:
+    """Compare the copy's fresh results with the baseline.
+
+    Returns:
+        ``(passed, Markdown report)``.
+    """
+    params = load_params(workdir / "params.yaml")
+    rules = gate_rules(params)
+    base = read_baseline(baseline_path)
+    new = read_results(workdir, params)
+    problems = []
+    digest = json_digest(load_profile(profile))
+    if base.get("profile_digest") != digest:
+        problems.append(f"{baseline_path} was made with another {profile.name} (profile digest "
+                        f"differs); compare like with like: run `make baseline` and commit it")
+    rows = compare_results(base["results"], new, rules)
+    rows += check_best(new, get(params, "gate.require_best") or {})
+    passed = not problems and not any(r.verdict in FAILING for r in rows)
+    return passed, render(rows, problems, f"Regression gate: {workdir} vs {baseline_path}")
+
+
+def accept(root: Path, workdir: Path, profile: Path, baseline_path: Path) -> dict[str, Any]:
+    """Write the copy's current results as the new baseline (only the gated metrics)."""
+    import torch
+
+    params = load_params(workdir / "params.yaml")
+    rules = gate_rules(params)
+    new = read_results(workdir, params)
+    expected = [f"{ds}/{a}" for ds in get(params, "datasets") for a in get(params, "archs")]
+    missing = [k for k in expected if not set(rules) <= set(new.get(k, {}))]
+    if missing:
+        raise MnistlabError(f"{workdir}: no complete results for {', '.join(missing)} "
+                            "(run the CI pipeline first: make ci-pipeline)")
+    baseline = {
+        "about": "Results of the CI profile, accepted with `make baseline`. Regenerate, never edit.",
+        "profile": str(profile.relative_to(root) if profile.is_relative_to(root) else profile),
+        "profile_digest": json_digest(load_profile(profile)),
+        "made_with": {**git_info(root), "python": platform.python_version(),
+                      "torch": torch.__version__, "machine": platform.machine(),
+                      "processor": platform.processor() or "unknown"},
+        "results": {k: {m: new[k][m] for m in rules} for k in expected},
+    }
+    write_json(baseline_path, baseline)
+    return baseline
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code (1: the gate failed)."""
+    ap = argparse.ArgumentParser(prog="python -m mnistlab.gate",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("command", choices=("prepare", "pipeline", "check", "accept"),
+                    help="prepare: make the CI copy; pipeline: prepare + dvc repro there; "
+                         "check: compare with the baseline (exit 1 on regression); "
+                         "accept: make the current results the baseline")
+    ap.add_argument("--root", type=Path, default=Path("."), help="the repository (default: .)")
+    ap.add_argument("--workdir", type=Path, default=None, help="the CI copy (default: gate.workdir)")
+    ap.add_argument("--profile", type=Path, default=None, help="default: gate.profile")
+    ap.add_argument("--baseline", type=Path, default=None, help="default: gate.baseline")
+    ap.add_argument("--summary", type=Path, default=None,
+                    help="also append the report here (e.g. $GITHUB_STEP_SUMMARY)")
+    args = ap.parse_args(argv)
+
+    root = args.root.resolve()
+    params = load_params(root / "params.yaml")
+    workdir = args.workdir or root / str(get(params, "gate.workdir"))
+    profile = args.profile or root / str(get(params, "gate.profile"))
+    baseline = args.baseline or root / str(get(params, "gate.baseline"))
+
+    if args.command in ("prepare", "pipeline"):
+        prepare(root, workdir, profile)
+        if args.command == "pipeline":
+            run_pipeline(workdir, load_params(workdir / "params.yaml"))
+        return 0
+    if args.command == "accept":
+        base = accept(root, workdir, profile, baseline)
+        print(f"{baseline}: {len(base['results'])} results accepted as the baseline; commit it")
+        return 0
+    passed, report = check(workdir, profile, baseline)
+    print(report, end="")
+    with atomic_path(workdir / "gate-report.md") as tmp:
+        tmp.write_text(report)
+    if args.summary:
+        with open(args.summary, "a") as f:
+            f.write(report)
+    if not passed:
+        print("error: regression gate failed (see the table above)", file=sys.stderr)
+    return 0 if passed else 1
+
+
+def _cli() -> None:
+    code = main()
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    run_stage(_cli)

@@ -1,0 +1,212 @@
+"""evaluate@{dataset}-{arch}: metrics against scikit-learn, model loading, every output file, MLflow.
+
+Also home of the small helpers test_features.py and test_compare_gate.py import
+(``from test_evaluation import ...``): a test split made of real digits, a model
+record as the train stage writes it, and an MLflow run in a temp sqlite store.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import accuracy_score, f1_score
+
+from mnistlab import data, evaluation, tracking
+from mnistlab.errors import MnistlabError
+from mnistlab.evaluation import EvalPaths
+from mnistlab.models import build_model
+from mnistlab.utils import torch_save, write_json
+
+CLASSES = [str(i) for i in range(10)]
+PARAMS = {"evaluate": {"device": "cpu", "batch_size": 16, "max_misclassified": 12}}
+
+
+# --------------------------------------------------------------------------- helpers (imported elsewhere)
+
+
+def write_split(split: Path, n: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """A test split of ``n`` real digits (scikit-learn's, at 28x28) and its summary.json."""
+    x, y = data.digits_as_mnist()
+    x, y = x[:n].clone(), y[:n].clone()
+    torch_save({"images": x, "labels": y}, split / "test.pt")
+    write_json(split / "summary.json", {"classes": CLASSES, "test": {"count": n}})
+    return x, y
+
+
+def write_model(model_dir: Path, arch: str, seed: int = 0, **args) -> torch.nn.Module:
+    """An (untrained) model record exactly as the train stage writes ``model.pt``."""
+    torch.manual_seed(seed)
+    args = {"num_classes": len(CLASSES), **args}
+    model = build_model(arch, **args)
+    torch_save({"arch": arch, "args": args, "state_dict": model.state_dict(),
+                "normalize": {"mean": 0.1307, "std": 0.3081}, "classes": CLASSES},
+               model_dir / "model.pt")
+    return model
+
+
+def open_run(model_dir: Path, dataset: str, arch: str) -> str:
+    """An MLflow run in the current store, recorded in ``run.json`` as the train stage does."""
+    run_id = tracking.start_run(dataset, arch, {"arch": arch}, {"dvc_stage": "test"})
+    write_json(model_dir / "run.json", {"run_id": run_id})
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory) -> Iterator[str]:
+    """One sqlite MLflow store per test module (creating one costs a few seconds)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+
+
+def assert_png(path: Path, min_side: int = 20) -> tuple[int, int]:
+    """``path`` is a PNG that decodes, of a plausible size; returns (width, height)."""
+    assert path.is_file(), path
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.load()  # decodes every pixel: a truncated file fails here
+        assert min(im.size) >= min_side, (path, im.size)
+        return im.size
+
+
+# --------------------------------------------------------------------------- summarize
+
+
+def test_summarize_matches_sklearn_and_counts_every_image():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 10
+    out = torch.randn(200, 10, generator=g)
+    out[torch.arange(150), y[:150]] += 5.0  # 150 clearly right, 50 random
+    ev = evaluation.summarize(out, y, CLASSES)
+    pred = out.argmax(1).numpy()
+    assert ev.metrics["test_accuracy"] == pytest.approx(accuracy_score(y.numpy(), pred))
+    assert ev.metrics["macro_f1"] == pytest.approx(f1_score(y.numpy(), pred, average="macro"))
+    assert ev.metrics["test_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(out, y)))
+    assert ev.metrics["test_samples"] == 200
+    assert ev.confusion.shape == (10, 10) and ev.confusion.sum() == 200
+    assert np.trace(ev.confusion) == int((pred == y.numpy()).sum())
+    assert [r["class"] for r in ev.per_class] == CLASSES
+    assert sum(r["support"] for r in ev.per_class) == 200
+    assert np.allclose(ev.confidence, out.softmax(1).max(1).values.numpy())
+
+
+def test_summarize_log_probabilities_give_the_same_loss():
+    # cnn_4_8 ends in LogSoftmax: the loss must not change because of it.
+    out = torch.randn(30, 10)
+    y = torch.arange(30) % 10
+    a = evaluation.summarize(out, y, CLASSES).metrics["test_loss"]
+    b = evaluation.summarize(out.log_softmax(1), y, CLASSES).metrics["test_loss"]
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_summarize_rejects_scores_of_the_wrong_width():
+    with pytest.raises(MnistlabError, match=r"shape \(4, 3\)"):
+        evaluation.summarize(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), CLASSES)
+
+
+def test_misclassified_most_confident_first():
+    out = torch.tensor([[0.0, 9.0], [0.0, 1.0], [5.0, 0.0], [0.0, 3.0]])
+    ev = evaluation.summarize(out, torch.tensor([0, 0, 0, 1]), ["a", "b"])
+    assert evaluation.misclassified(ev, 10).tolist() == [0, 1]
+    assert evaluation.misclassified(ev, 1).tolist() == [0]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_load_model_rebuilds_the_saved_weights(tmp_path):
+    model = write_model(tmp_path, "cnn_4_8", seed=3).eval()
+    loaded, record = evaluation.load_model(tmp_path / "model.pt", torch.device("cpu"))
+    assert record["arch"] == "cnn_4_8" and not loaded.training
+    x = torch.randn(5, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_load_model_errors_name_the_file(tmp_path):
+    torch_save({"arch": "mlp"}, tmp_path / "partial.pt")
+    with pytest.raises(MnistlabError, match="partial.pt: not a model file"):
+        evaluation.load_model(tmp_path / "partial.pt", torch.device("cpu"))
+    write_model(tmp_path, "mlp")
+    rec = torch.load(tmp_path / "model.pt", weights_only=True)
+    rec["args"]["hidden"] = 7  # weights of hidden=500 no longer fit
+    torch_save(rec, tmp_path / "model.pt")
+    with pytest.raises(MnistlabError, match="model.pt: weights do not fit arch 'mlp'"):
+        evaluation.load_model(tmp_path / "model.pt", torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def test_run_evaluation_writes_valid_outputs_and_logs_them(tmp_path, mlflow_store):
+    split, model_dir = tmp_path / "split", tmp_path / "models"
+    _, labels = write_split(split, n=50)
+    write_model(model_dir, "lenet5")
+    run_id = open_run(model_dir, "digits", "lenet5")
+    paths = EvalPaths(split, model_dir, tmp_path / "metrics", tmp_path / "reports")
+
+    metrics = evaluation.run_evaluation(PARAMS, "digits", "lenet5", paths)
+
+    test = json.loads((tmp_path / "metrics" / "test.json").read_text())
+    assert test == metrics
+    assert {"test_accuracy", "test_loss", "macro_f1"} <= set(test)
+    assert all(isinstance(v, (int, float)) for v in test.values())  # flat: DVC shows each key
+    assert 0 <= test["test_accuracy"] <= 1 and test["test_loss"] > 0 and test["test_samples"] == 50
+
+    with open(tmp_path / "metrics" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 50 and set(rows[0]) == {"actual", "predicted"}
+    assert [r["actual"] for r in rows] == [CLASSES[i] for i in labels.tolist()]
+    hits = sum(r["actual"] == r["predicted"] for r in rows)
+    assert hits / 50 == pytest.approx(test["test_accuracy"])
+
+    with open(tmp_path / "metrics" / "per_class.csv") as f:
+        per_class = list(csv.DictReader(f))
+    assert [r["class"] for r in per_class] == CLASSES
+    assert sum(int(r["support"]) for r in per_class) == 50
+
+    assert_png(tmp_path / "reports" / "confusion.png", 200)
+    assert_png(tmp_path / "reports" / "misclassified.png", 100)
+
+    c = tracking.client()
+    logged = c.get_run(run_id).data.metrics
+    assert logged["test_accuracy"] == pytest.approx(test["test_accuracy"])
+    assert "test_f1/0" in logged and "macro_f1" in logged
+    names = {a.path for a in c.list_artifacts(run_id, "evaluation")}
+    assert {f"evaluation/{n}" for n in ("test.json", "predictions.csv", "per_class.csv",
+                                        "confusion.png", "misclassified.png")} <= names
+
+
+def test_run_evaluation_refuses_a_model_of_another_arch(tmp_path, mlflow_store):
+    write_split(tmp_path, n=10)
+    write_model(tmp_path, "mlp")
+    write_json(tmp_path / "run.json", {"run_id": "x"})
+    with pytest.raises(MnistlabError, match="holds arch 'mlp', expected 'lenet5'"):
+        evaluation.run_evaluation(PARAMS, "digits", "lenet5",
+                                  EvalPaths(tmp_path, tmp_path, tmp_path / "m", tmp_path / "r"))
+    assert not (tmp_path / "m").exists()  # nothing half-written
+
+
+def test_run_evaluation_without_a_train_run_names_run_json(tmp_path):
+    write_split(tmp_path, n=10)
+    write_model(tmp_path, "mlp")
+    with pytest.raises(MnistlabError, match="run.json: missing or invalid MLflow run record"):
+        evaluation.run_evaluation(PARAMS, "digits", "mlp",
+                                  EvalPaths(tmp_path, tmp_path, tmp_path / "m", tmp_path / "r"))
+
+
+def test_plot_misclassified_without_mistakes_still_draws(tmp_path):
+    out = torch.eye(3) * 5
+    ev = evaluation.summarize(out, torch.arange(3), ["a", "b", "c"])
+    n = evaluation.plot_misclassified(tmp_path / "m.png", torch.zeros(3, 28, 28, dtype=torch.uint8),
+                                      ev, ["a", "b", "c"], 10, "none")
+    assert n == 0
+    assert_png(tmp_path / "m.png")
