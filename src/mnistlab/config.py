@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,32 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "onecycle", "cosine")
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats.
+
+    Why: PyYAML follows YAML 1.1, where a float needs a dot, so ``1e-06`` (which
+    ``dvc exp run -S hparams.mlp.lr=1e-6`` writes, and DVC itself reads as a
+    float) would arrive here as a string.
+    """
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text as params.yaml is parsed (safe, with YAML 1.2 floats)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     """Load params.yaml (a user error if missing or not YAML)."""
     path = Path(path)
     try:
-        params = yaml.safe_load(path.read_text())
+        params = load_yaml(path.read_text())
     except FileNotFoundError:
         raise MnistlabError(f"{path}: params file not found") from None
     except yaml.YAMLError as e:
@@ -132,6 +154,7 @@ class HParams:
     rotate: float
     scale: float
     label_smoothing: float
+    min_steps: int | None = None  # overrides train.min_steps for this arch when set
 
     @classmethod
     def from_params(cls, params: dict[str, Any], arch: str) -> HParams:
@@ -159,7 +182,7 @@ class HParams:
         k = f"hparams.{arch}"
         mapping(k, section, ("args", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
                              "schedule", "epochs", "batch_size", "normalize", "augment",
-                             "label_smoothing"))
+                             "label_smoothing", "min_steps"))
         args = mapping(f"{k}.args", section.get("args"))
         # num_classes comes from the data and in_channels from the images, never from params.
         for derived in ("num_classes", "in_channels"):
@@ -195,6 +218,11 @@ class HParams:
             scale=non_negative(f"{k}.augment.scale", aug.get("scale", 0.0)),
             label_smoothing=non_negative(f"{k}.label_smoothing", section.get("label_smoothing", 0.0)),
         )
+        if "min_steps" in section:
+            ms = section["min_steps"]
+            if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
+                raise MnistlabError(f"params.yaml: {k}.min_steps must be an integer >= 0 (got {ms!r})")
+            hp = dataclasses.replace(hp, min_steps=ms)
         if hp.label_smoothing >= 1:
             raise MnistlabError(f"params.yaml: {k}.label_smoothing must be < 1 (got {hp.label_smoothing})")
         if hp.scale >= 1:

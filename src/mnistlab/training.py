@@ -161,9 +161,11 @@ def effective_epochs(hp: HParams, n_train: int, min_steps: int) -> int:
     Why: the tutorials' epoch counts assume 60,000 images. On the 1,300-image
     digits quickstart, LeNet-5's 10 epochs at batch 256 are 60 steps — chance
     level. A floor on steps keeps every architecture meaningful on small data,
-    and ``train.min_steps: 0`` restores the tutorials' settings exactly.
+    and ``train.min_steps: 0`` restores the tutorials' settings exactly. An arch's
+    own ``hparams.<arch>.min_steps``, when set, replaces ``min_steps``.
     """
-    return max(hp.epochs, math.ceil(min_steps / steps_per_epoch(n_train, hp.batch_size)))
+    floor = hp.min_steps if hp.min_steps is not None else min_steps
+    return max(hp.epochs, math.ceil(floor / steps_per_epoch(n_train, hp.batch_size)))
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -404,8 +406,9 @@ def fit(hp: HParams, settings: TrainSettings, train: DeviceSplit, val: DeviceSpl
     # DDP's forward syncs buffers across ranks; evaluation (same data on every rank) needs no sync.
     eval_model = model if dist.enabled else step_model
     if epochs != hp.epochs and start_epoch == 1:
-        log.info("%s: %d epochs instead of %d so that at least train.min_steps=%d steps are made",
-                 tag, epochs, hp.epochs, settings.min_steps)
+        log.info("%s: %d epochs instead of %d so that at least min_steps=%d steps are made",
+                 tag, epochs, hp.epochs,
+                 hp.min_steps if hp.min_steps is not None else settings.min_steps)
 
     def save(epoch: int) -> None:
         if not dist.is_main:
