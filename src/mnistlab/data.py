@@ -48,7 +48,7 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import calculate_md5, check_integrity, download_url
 
 from mnistlab.errors import MnistlabError
-from mnistlab.utils import atomic_path, torch_save, write_json
+from mnistlab.utils import atomic_path, file_sha256, torch_save, write_json
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,9 @@ MANIFEST = "manifest.json"
 # subclass MNIST (EMNIST, QMNIST) inherit MNIST's file list and MD5s but download
 # something else, so ``issubclass(cls, MNIST)`` would silently pin the wrong MD5s.
 TORCHVISION = ("MNIST", "FashionMNIST", "KMNIST")
-SOURCE_KEYS = ("mirrors", "torchvision", "md5", "classes")
-_MD5_RE = re.compile(r"^[0-9a-fA-F]{32}$")
+SOURCE_KEYS = ("mirrors", "torchvision", "md5", "sha256", "classes")
+# Digests a source may pin per file: key in params.yaml → (name in messages, hex length).
+DIGESTS = {"md5": ("an MD5", 32), "sha256": ("a SHA-256", 64)}
 
 
 # --------------------------------------------------------------------------- sources
@@ -75,7 +76,8 @@ class Source:
     """Where one dataset comes from (``sources.<name>`` in params.yaml).
 
     ``md5`` maps a file name (``train-images-idx3-ubyte.gz``, or the uncompressed
-    name for folders holding uncompressed files) to its MD5.
+    name for folders holding uncompressed files) to its MD5; ``sha256`` likewise,
+    for files whose publisher gives a SHA-256 (both are checked when both are given).
     """
 
     name: str
@@ -83,13 +85,14 @@ class Source:
     md5: dict[str, str] = field(default_factory=dict)
     classes: tuple[str, ...] = DIGIT_CLASSES
     embedded: str | None = None
+    sha256: dict[str, str] = field(default_factory=dict)
 
 
 def resolve_source(params: dict[str, Any], name: str) -> Source:
     """Build the :class:`Source` for dataset ``name`` from ``params['sources']``.
 
     Accepted forms: ``{embedded: sklearn_digits}``; a plain string (a folder or a
-    base URL); or ``{mirrors: [...], torchvision: NAME, md5: {...}, classes: [...]}``
+    base URL); or ``{mirrors: [...], torchvision: NAME, md5: {...}, sha256: {...}, classes: [...]}``
     where ``torchvision`` (MNIST, FashionMNIST or KMNIST) supplies the official
     MD5s, class names and, unless ``mirrors`` is given, the mirrors.
     """
@@ -137,19 +140,21 @@ def resolve_source(params: dict[str, Any], name: str) -> Source:
         if cls is not tvd.MNIST:  # MNIST's names are "0 - zero"...; plain digits read better
             classes = tuple(cls.classes)
 
-    extra = spec.get("md5") or {}
     known = set(FILES) | {f"{f}.gz" for f in FILES}
-    if not isinstance(extra, dict):
-        raise MnistlabError(f"params.yaml: {key}.md5 must map file names to MD5s")
-    for fname, digest in extra.items():
-        if fname not in known:
-            raise MnistlabError(
-                f"params.yaml: {key}.md5: unknown file {fname!r} (valid: the official MNIST "
-                f"names, e.g. {FILES[0]}.gz or {FILES[0]})"
-            )
-        if not (isinstance(digest, str) and _MD5_RE.match(digest)):
-            raise MnistlabError(f"params.yaml: {key}.md5.{fname}: not an MD5 (got {digest!r})")
-        md5[fname] = digest.lower()
+    pinned: dict[str, dict[str, str]] = {"md5": md5, "sha256": {}}
+    for algo, (shown, length) in DIGESTS.items():
+        extra = spec.get(algo) or {}
+        if not isinstance(extra, dict):
+            raise MnistlabError(f"params.yaml: {key}.{algo} must map file names to {shown.split()[1]}s")
+        for fname, digest in extra.items():
+            if fname not in known:
+                raise MnistlabError(
+                    f"params.yaml: {key}.{algo}: unknown file {fname!r} (valid: the official "
+                    f"MNIST names, e.g. {FILES[0]}.gz or {FILES[0]})"
+                )
+            if not (isinstance(digest, str) and re.fullmatch(f"[0-9a-fA-F]{{{length}}}", digest)):
+                raise MnistlabError(f"params.yaml: {key}.{algo}.{fname}: not {shown} (got {digest!r})")
+            pinned[algo][fname] = digest.lower()
 
     if spec.get("classes") is not None:
         cl = spec["classes"]
@@ -164,7 +169,7 @@ def resolve_source(params: dict[str, Any], name: str) -> Source:
             mirrors = [mirrors]
     if not mirrors or not isinstance(mirrors, list) or not all(isinstance(m, str) and m for m in mirrors):
         raise MnistlabError(f"params.yaml: {key}.mirrors must list at least one URL or folder")
-    return Source(name, tuple(mirrors), md5, classes)
+    return Source(name, tuple(mirrors), md5, classes, sha256=pinned["sha256"])
 
 
 def _is_url(location: str) -> bool:
@@ -258,13 +263,27 @@ def _extract(src: Path, dest: Path) -> None:
         raise _BadFile(f"corrupt gzip ({e})") from None
 
 
-def _download(url: str, gz: Path, dest: Path, md5: str | None, settings: DownloadSettings
-              ) -> _Miss | None:
+def _mismatch(path: Path, md5: str | None, sha256: str | None) -> str | None:
+    """Why ``path`` fails its pinned digests (MD5 first, then SHA-256), or None if it passes."""
+    if md5 and not check_integrity(path, md5):
+        return f"MD5 mismatch (expected {md5}, got {calculate_md5(path)})"
+    if sha256 and (got := file_sha256(path)) != sha256:
+        return f"SHA-256 mismatch (expected {sha256}, got {got})"
+    return None
+
+
+def _verified(md5: str | None, sha256: str | None, otherwise: str) -> str:
+    """The manifest's ``verified`` entry: which digests a file was checked against."""
+    return "+".join(a for a, d in (("md5", md5), ("sha256", sha256)) if d) or otherwise
+
+
+def _download(url: str, gz: Path, dest: Path, md5: str | None, settings: DownloadSettings,
+              sha256: str | None = None) -> _Miss | None:
     """Download ``url`` to ``gz`` and extract it to ``dest``; None on success, else why not.
 
     Retries (with backoff) what may be transient: timeouts, dropped connections,
     5xx, a file cut short. Goes straight to the next mirror on what is not: 4xx,
-    unknown host, a complete file with the wrong MD5.
+    unknown host, a complete file with the wrong MD5 or SHA-256.
     """
     problem = "not attempted"
     for attempt in range(1, settings.retries + 1):
@@ -274,8 +293,8 @@ def _download(url: str, gz: Path, dest: Path, md5: str | None, settings: Downloa
             with _socket_timeout(settings.timeout):
                 download_url(url, str(gz.parent), filename=gz.name, md5=None)
             _extract(gz, dest)
-            if md5 and not check_integrity(gz, md5):
-                return _Miss(url, f"MD5 mismatch (expected {md5}, got {calculate_md5(gz)})")
+            if bad := _mismatch(gz, md5, sha256):
+                return _Miss(url, bad)
             return None
         except urllib.error.HTTPError as e:
             problem = f"HTTP {e.code}"
@@ -300,27 +319,28 @@ def _download(url: str, gz: Path, dest: Path, md5: str | None, settings: Downloa
     return _Miss(url, f"{problem} (after {settings.retries} attempts)")
 
 
-def _from_folder(folder: Path, fname: str, md5: dict[str, str], dest: Path
-                 ) -> tuple[str, str | None] | _Miss:
+def _from_folder(folder: Path, fname: str, md5: dict[str, str], dest: Path,
+                 sha256: dict[str, str] | None = None) -> tuple[str, str] | _Miss:
     """Extract ``fname`` (gzipped or not) from a local folder into ``dest``.
 
-    Returns (the file used, the MD5 it was checked against or None) or a miss.
+    Returns (the file used, the manifest's ``verified`` entry) or a miss.
     """
     if not folder.is_dir():
         return _Miss(str(folder), "folder not found", absent=True)
     local = next((c for c in (folder / f"{fname}.gz", folder / fname) if c.is_file()), None)
     if local is None:
         return _Miss(str(folder), f"no {fname}.gz or {fname}", absent=True)
-    want = md5.get(local.name)
-    if want and not check_integrity(local, want):
-        return _Miss(str(local), f"MD5 mismatch (expected {want}, got {calculate_md5(local)})")
-    if not want and md5:
-        log.warning("%s: no MD5 known for this name; not verified", local)
+    sha256 = sha256 or {}
+    want, want_sha = md5.get(local.name), sha256.get(local.name)
+    if bad := _mismatch(local, want, want_sha):
+        return _Miss(str(local), bad)
+    if not (want or want_sha) and (md5 or sha256):
+        log.warning("%s: no MD5 or SHA-256 known for this name; not verified", local)
     try:
         _extract(local, dest)
     except _BadFile as e:
         return _Miss(str(local), str(e))
-    return str(local), want
+    return str(local), _verified(want, want_sha, "no md5 given")
 
 
 def _read_manifest(out: Path) -> dict[str, Any]:
@@ -331,12 +351,12 @@ def _read_manifest(out: Path) -> dict[str, Any]:
         return {}
 
 
-def _reuse(out: Path, fname: str, md5: str | None, urls: list[str], previous: dict[str, Any]
-           ) -> str | None:
+def _reuse(out: Path, fname: str, md5: str | None, urls: list[str], previous: dict[str, Any],
+           sha256: str | None = None) -> str | None:
     """The URL a verified copy of ``fname``'s ``.gz`` already in ``out`` came from, or None.
 
-    Verified means: matches the known MD5; or, with no MD5 known, matches the MD5
-    recorded when it was downloaded from a URL that is still a mirror.
+    Verified means: matches the known MD5 and/or SHA-256; or, with neither known,
+    matches the MD5 recorded when it was downloaded from a URL that is still a mirror.
     """
     path = out / f"{fname}.gz"
     if not path.is_file():
@@ -344,8 +364,8 @@ def _reuse(out: Path, fname: str, md5: str | None, urls: list[str], previous: di
     entry = previous.get(fname) or {}
     if not isinstance(entry, dict):
         return None
-    if md5:
-        return entry.get("from", "earlier download") if check_integrity(path, md5) else None
+    if md5 or sha256:
+        return None if _mismatch(path, md5, sha256) else entry.get("from", "earlier download")
     if entry.get("from") in urls and entry.get("md5") and check_integrity(path, entry["md5"]):
         return entry["from"]
     return None
@@ -362,13 +382,14 @@ def _fetch_files(source: Source, out: Path, stage: Path, settings: DownloadSetti
     manifest: dict[str, dict[str, Any]] = {}
     for fname in FILES:
         gz = f"{fname}.gz"
-        md5 = source.md5.get(gz)
-        # The test pair is optional (the split then carves one), unless an MD5
+        md5, sha256 = source.md5.get(gz), source.sha256.get(gz)
+        # The test pair is optional (the split then carves one), unless a digest
         # pins it: an official dataset must come with its official test set.
-        optional = fname.startswith("t10k") and gz not in source.md5 and fname not in source.md5
+        optional = fname.startswith("t10k") and not any(
+            n in pins for n in (gz, fname) for pins in (source.md5, source.sha256))
         urls = [m.rstrip("/") + "/" + gz for m in source.mirrors if _is_url(m)]
 
-        origin = _reuse(out, fname, md5, urls, previous)
+        origin = _reuse(out, fname, md5, urls, previous, sha256)
         if origin is not None:
             shutil.copyfile(out / gz, stage / gz)
             try:
@@ -378,7 +399,7 @@ def _fetch_files(source: Source, out: Path, stage: Path, settings: DownloadSetti
             else:
                 log.info("%s: %s already present and verified; not fetched", source.name, gz)
                 manifest[fname] = {"from": origin, "md5": calculate_md5(stage / gz),
-                                   "verified": "md5" if md5 else "gzip only"}
+                                   "verified": _verified(md5, sha256, "gzip only")}
                 continue
             (stage / gz).unlink(missing_ok=True)
 
@@ -386,17 +407,18 @@ def _fetch_files(source: Source, out: Path, stage: Path, settings: DownloadSetti
         for mirror in source.mirrors:
             if _is_url(mirror):
                 url = mirror.rstrip("/") + "/" + gz
-                miss = _download(url, stage / gz, stage / fname, md5, settings)
+                miss = _download(url, stage / gz, stage / fname, md5, settings, sha256)
                 if miss is None:
                     manifest[fname] = {"from": url, "md5": calculate_md5(stage / gz),
-                                       "verified": "md5" if md5 else "gzip only"}
+                                       "verified": _verified(md5, sha256, "gzip only")}
                     break
             else:
-                got = _from_folder(Path(mirror).expanduser(), fname, source.md5, stage / fname)
+                got = _from_folder(Path(mirror).expanduser(), fname, source.md5, stage / fname,
+                                   source.sha256)
                 if not isinstance(got, _Miss):
-                    local, want = got
+                    local, verified = got
                     manifest[fname] = {"from": local, "md5": calculate_md5(Path(local)),
-                                       "verified": "md5" if want else "no md5 given"}
+                                       "verified": verified}
                     break
                 miss = got
             misses.append(miss)

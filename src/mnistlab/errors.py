@@ -16,6 +16,16 @@ class MnistlabError(Exception):
     """
 
 
+class UnsafeFileError(MnistlabError):
+    """A tensor file that would import and call code when unpickled (refused, never run).
+
+    Kept apart from other unreadable files: a resumable checkpoint that is merely
+    corrupt is replaced by a fresh run, but one carrying a pickle payload stops the
+    stage, so the planted file is reported (and left in place) rather than silently
+    overwritten.
+    """
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's ``main`` turning :class:`MnistlabError` into ``error: ...`` + exit 2."""
     logging.basicConfig(

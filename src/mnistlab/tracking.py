@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import os
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -33,8 +31,18 @@ T = TypeVar("T")
 
 
 def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, or ``sqlite:///mlflow.db`` (relative to the working directory)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """``$MLFLOW_TRACKING_URI``, or ``sqlite:///mlflow.db`` (relative to the working directory).
+
+    Except inside a queued or ``--temp`` DVC experiment: its stages run in a throwaway
+    copy of the repo at ``<repo>/.dvc/tmp/exps/...``, where a relative mlflow.db would
+    be deleted with the copy, runs and all. There the default is ``<repo>/mlflow.db``.
+    """
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    for d in Path.cwd().parents:
+        if d.name == "exps" and d.parent.name == "tmp" and d.parent.parent.name == ".dvc":
+            return f"sqlite:///{d.parent.parent.parent / 'mlflow.db'}"
+    return DEFAULT_URI
 
 
 def redact(uri: str) -> str:
@@ -122,27 +130,33 @@ def _client(uri: str):
 
 @contextlib.contextmanager
 def _schema_lock(uri: str) -> Iterator[None]:
-    """For a sqlite store: hold an exclusive lock, per database file, while it is opened.
+    """For a sqlite store: hold an exclusive lock on its folder while the store is opened.
 
     Why: MLflow creates and migrates a new sqlite store's schema the first time a
     process opens it, with no lock between processes; two stages starting together
     on one new mlflow.db (parallel experiments) both migrate, and one fails with
     "Online migration expected to match one row". :func:`retry_locked` cannot help:
     that is not a lock timeout. Server-backed stores migrate once, on the server.
+    The lock is a flock on the database's folder, so no lock file is left behind.
     """
-    parts = urllib.parse.urlsplit(uri)
     try:
         import fcntl
     except ImportError:  # Windows: no flock; MLflow's own (unlocked) behaviour
         fcntl = None
-    if parts.scheme != "sqlite" or fcntl is None:
+    fd = None
+    if urllib.parse.urlsplit(uri).scheme == "sqlite" and fcntl is not None:
+        db = uri[len("sqlite:///"):].split("?")[0]
+        try:
+            fd = os.open(os.path.dirname(os.path.abspath(db)) if db else ".", os.O_RDONLY)
+        except OSError:  # no such folder: MLflow will say so, in its own words
+            fd = None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
-        return
-    db = os.path.abspath(uri[len("sqlite:///"):].split("?")[0] or ":memory:")
-    lock = Path(tempfile.gettempdir()) / f"mnistlab-mlflow-{hashlib.sha256(db.encode()).hexdigest()[:16]}.lock"
-    with open(lock, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
-        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def _no_url_printing(uri: str) -> None:

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mnistlab.errors import MnistlabError
+from mnistlab.errors import MnistlabError, UnsafeFileError
 
 
 @contextlib.contextmanager
@@ -69,9 +70,23 @@ def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types; all mean "refused"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        # torch's first line advises retrying with weights_only=False: never quote that.
+        # The line that names the problem is the one about an unsupported GLOBAL (a
+        # pickle that imports something: the way a payload runs code) or operand.
+        unsafe = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([^\s,]+)", text)
+        if unsafe:
+            raise UnsafeFileError(
+                f"{path}: refused to load: it asks to import {unsafe.group(1)} (a pickle "
+                "payload that could run code; only plain tensor files are loaded, "
+                "weights_only=True). Delete it if you do not trust it"
+            ) from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if ln.startswith(("Unsupported", "Trying to"))),
+                      lines[0] if lines and not lines[0].startswith("Weights only load failed")
+                      else type(e).__name__)
         raise MnistlabError(
-            f"{path}: refused to load (not a plain tensor file; weights_only=True): {first}"
+            f"{path}: refused to load (not a plain tensor file; weights_only=True): {detail}"
         ) from None
 
 

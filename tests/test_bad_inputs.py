@@ -1,0 +1,325 @@
+"""Bad files and bad settings, through the user's path: the real stage scripts, run with
+the arguments dvc.yaml gives them, in a temp copy of the repo.
+
+Every case must end the same way: exit 2, exactly one ``error:`` line (the last line
+of stderr) naming the culprit (a file, a params key, a URL), no traceback, and every
+output an earlier successful run produced byte-for-byte as it was.
+
+The earlier outputs are made once per module (download + split of digits, a one-epoch
+mlp, and a download of ``byo``, a small synthetic dataset in a folder), with the same
+functions the stage scripts call; each case works in its own copy. The in-process
+checks of the messages live in test_data/test_split/test_training; this is the
+subprocess version, with the outputs-intact check they cannot make.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import make_repo, run, stage_env
+from test_data import _corrupt, assert_one_line_error, dataset_files, gz, tree_digest
+
+from mnistlab import config, data
+from mnistlab.experiment import TrainPaths, train
+
+pytestmark = pytest.mark.slow
+
+OUTPUTS = ("data", "models", "checkpoints", "metrics")  # every stage output in the repo
+
+
+# --------------------------------------------------------------------------- helpers (shared)
+
+
+def stage_cmd(repo: Path, stage: str, **item: str) -> list[str]:
+    """The command dvc.yaml runs for ``stage`` with this item (``item=`` for foreach,
+    ``dataset=``/``arch=`` for matrix stages), its ``${...}`` filled from params.yaml."""
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]
+    cmd = spec.get("do", spec)["cmd"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+
+    def value(m: re.Match) -> str:
+        key = m.group(1)
+        if key == "item" or key.startswith("item."):
+            return item[key.partition(".")[2] or "item"]
+        return str(config.get(params, key))
+
+    return shlex.split(re.sub(r"\$\{([^}]+)\}", value, cmd))
+
+
+def edit_params(repo: Path, edit: Callable[[dict], object]) -> None:
+    """Load the repo's params.yaml, let ``edit`` change it in place, write it back."""
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    edit(params)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def outputs_digest(repo: Path) -> dict[str, str]:
+    """MD5 of every file under the repo's output folders (hidden temp files included)."""
+    return {f"{d}/{k}": v for d in OUTPUTS if (repo / d).exists()
+            for k, v in tree_digest(repo / d).items()}
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (connection refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Payload:
+    """Unpickling this runs ``touch <marker>``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def plant_payload(path: Path, marker: Path) -> None:
+    """A tensor file that looks like a checkpoint but carries a pickle payload.
+
+    Proves the payload is live first (an unsafe load does create the marker), so the
+    tests that check it never ran could not pass with a dud.
+    """
+    torch.save({"epoch": 1, "model": {"w": torch.zeros(2)}, "payload": Payload(marker)}, path)
+    torch.load(path, weights_only=False)  # noqa: S614 - the control: this must run it
+    assert marker.exists(), "the payload does not work; the test would prove nothing"
+    marker.unlink()
+
+
+# --------------------------------------------------------------------------- the earlier outputs
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A temp repo holding a successful download/split/train of digits-mlp and a download of byo."""
+    repo = make_repo(tmp_path_factory.mktemp("bad-inputs") / "repo")
+
+    def small(p: dict) -> None:
+        p["datasets"], p["archs"] = ["digits"], ["mlp"]
+        p["train"]["min_steps"] = 0
+        p["hparams"]["mlp"]["epochs"] = 1
+        p["download"] = {"timeout": 5, "retries": 1, "backoff": 0}
+        p["sources"]["byo"] = "byo-src"  # a folder of the four MNIST files, relative to the repo
+
+    edit_params(repo, small)
+    for name, blob in dataset_files().items():
+        (repo / "byo-src").mkdir(exist_ok=True)
+        (repo / "byo-src" / f"{name}.gz").write_bytes(gz(blob))
+
+    params = config.load_params(repo / "params.yaml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(repo)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
+        mp.delenv("DVC_EXP_NAME", raising=False)
+        settings = data.DownloadSettings.from_params(params)
+        for ds in ("digits", "byo"):
+            data.fetch(data.resolve_source(params, ds), Path("data/raw") / ds, settings)
+        data.split(Path("data/raw/digits"), Path("data/split/digits"), list(data.DIGIT_CLASSES),
+                   0.1, 0.2, params["seed"], "digits")
+        train(params, "digits", "mlp", TrainPaths(Path("data/split/digits"), Path("models/digits/mlp"),
+                                                  Path("metrics/digits/mlp"),
+                                                  Path("checkpoints/digits/mlp/last.pt")))
+    for f in ("data/raw/byo/manifest.json", "data/split/digits/train.pt", "models/digits/mlp/model.pt",
+              "models/digits/mlp/run.json", "checkpoints/digits/mlp/last.pt",
+              "metrics/digits/mlp/train.json"):
+        assert (repo / f).is_file(), f
+    return repo
+
+
+# --------------------------------------------------------------------------- the cases
+# Each case: the stage and its item, what to break (returns extra environment, if any),
+# and the fragments the one error line must hold (``{repo}`` is the case's repo).
+
+
+def _byo_file(name: str, blob: bytes) -> Callable[[Path], None]:
+    def mutate(repo: Path) -> None:
+        (repo / "byo-src" / name).write_bytes(blob)
+    return mutate
+
+
+def _corrupted(case: str) -> Callable[[Path], None]:
+    """Replace byo's files by good ones broken by test_data's ``_corrupt(case)``."""
+    def mutate(repo: Path) -> None:
+        files, _ = _corrupt(dataset_files(), case)
+        for name, blob in files.items():
+            (repo / "byo-src" / f"{name}.gz").write_bytes(gz(blob))
+    return mutate
+
+
+def _corrupt_gzip(repo: Path) -> None:
+    path = repo / "byo-src" / "train-images-idx3-ubyte.gz"
+    blob = path.read_bytes()
+    path.write_bytes(blob[:-8] + bytes(4) + blob[-4:])  # wrong CRC32 in the gzip trailer
+    with pytest.raises(gzip.BadGzipFile):  # the control: it really is corrupt
+        gzip.decompress(path.read_bytes())
+
+
+def _source(spec) -> Callable[[Path], None]:
+    def mutate(repo: Path) -> None:
+        edit_params(repo, lambda p: p["sources"].__setitem__("byo", spec(repo) if callable(spec) else spec))
+    return mutate
+
+
+def _hparam(**override) -> Callable[[Path], None]:
+    def mutate(repo: Path) -> None:
+        edit_params(repo, lambda p: p["hparams"]["mlp"].update(override))
+    return mutate
+
+
+def _split(**override) -> Callable[[Path], None]:
+    def mutate(repo: Path) -> None:
+        edit_params(repo, lambda p: p["split"].update(override))
+    return mutate
+
+
+def _no_nines(repo: Path) -> None:
+    """Digits without any 9: the split has an empty class (a raw folder someone edited)."""
+    raw = repo / "data" / "raw" / "digits"
+    images, labels = data.read_pair(raw, "train", 10)
+    keep = labels != 9
+    data.write_idx(raw / data.IMAGES["train"], images[keep])
+    data.write_idx(raw / data.LABELS["train"], labels[keep])
+
+
+def _dead_url(repo: Path) -> None:
+    url = f"http://127.0.0.1:{closed_port()}/mnist/"
+    _source({"mirrors": [url]})(repo)
+
+
+def _unreachable_server(repo: Path) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed_port()}"}
+
+
+def _payload_at(rel: str) -> Callable[[Path], None]:
+    def mutate(repo: Path) -> None:
+        plant_payload(repo / rel, repo.parent / "PAYLOAD_RAN")
+    return mutate
+
+
+BYO = ("download", {"item": "byo"})
+TRAIN = ("train", {"dataset": "digits", "arch": "mlp"})
+SPLIT = ("split", {"item": "digits"})
+IMG = "byo-src/train-images-idx3-ubyte.gz"
+LAB = "byo-src/train-labels-idx1-ubyte.gz"
+ZERO_MD5, ZERO_SHA = "0" * 32, "0" * 64
+
+CASES = {
+    # ---- files
+    "corrupt gzip": (*BYO, _corrupt_gzip, [f"{IMG}: corrupt gzip (CRC check failed"]),
+    "truncated IDX": (*BYO, _corrupted("truncated idx"),
+                      [f"{IMG}: truncated IDX file (46956 bytes, the header's 60 images need 47056)"]),
+    "wrong magic": (*BYO, _corrupted("bad magic"), [f"{IMG}: not an IDX file (bad magic 0x12340803)"]),
+    "wrong image size": (*BYO, _corrupted("32x32"), [f"{IMG}: images are 32x32, expected 28x28"]),
+    "image/label count mismatch": (*BYO, _corrupted("count mismatch"),
+                                   [f"{IMG}: 60 images but {LAB} has 59 labels"]),
+    "labels out of range": (*BYO, _corrupted("label out of range"),
+                            [f"{LAB}: label 10 out of range 0..9"]),
+    "not gzip at all": (*BYO, _byo_file("train-labels-idx1-ubyte.gz", b"<html>404</html>"),
+                        [f"{LAB}: named .gz but is not a gzip file"]),
+    # ---- sources
+    "missing source path": (*BYO, _source("no/such/folder"),
+                            ["dataset 'byo'", "no/such/folder: folder not found"]),
+    "dead URL": (*BYO, _dead_url, ["dataset 'byo'", "http://127.0.0.1:", "/mnist/train-images-idx3-ubyte.gz",
+                                   "Connection refused", "Offline?"]),
+    "MD5 mismatch": (*BYO, _source({"mirrors": ["byo-src"], "md5": {"train-images-idx3-ubyte.gz": ZERO_MD5}}),
+                     [f"{IMG}: MD5 mismatch (expected {ZERO_MD5}, got "]),
+    "SHA-256 mismatch": (*BYO, _source({"mirrors": ["byo-src"],
+                                        "sha256": {"train-labels-idx1-ubyte.gz": ZERO_SHA}}),
+                         [f"{LAB}: SHA-256 mismatch (expected {ZERO_SHA}, got "]),
+    "unknown dataset": ("download", {"item": "nope"}, lambda repo: None,
+                        ["unknown dataset 'nope'", "known: byo, digits"]),
+    # ---- settings
+    "unknown arch": ("train", {"dataset": "digits", "arch": "alexnet"}, lambda repo: None,
+                     ["unknown arch 'alexnet'", "mlp", "resnet_bn"]),
+    "unknown optimizer": (*TRAIN, _hparam(optimizer="rmsprop"),
+                          ["hparams.mlp.optimizer", "'rmsprop'", "sgd, adam, adamw"]),
+    "lr zero": (*TRAIN, _hparam(lr=0), ["params.yaml: hparams.mlp.lr must be a positive number (got 0)"]),
+    "epochs zero": (*TRAIN, _hparam(epochs=0), ["hparams.mlp.epochs must be a positive integer (got 0)"]),
+    "batch size negative": (*TRAIN, _hparam(batch_size=-8),
+                            ["hparams.mlp.batch_size must be a positive integer (got -8)"]),
+    "val fraction 1.5": (*SPLIT, _split(val_fraction=1.5), ["split.val_fraction", "(got 1.5)"]),
+    "val fraction 0.0": (*SPLIT, _split(val_fraction=0.0), ["split.val_fraction", "(got 0.0)"]),
+    "empty class after split": (*SPLIT, _no_nines, ["dataset 'digits': no training samples of class(es) ['9']"]),
+    # ---- runs
+    "NaN loss": (*TRAIN, _hparam(lr=1e6, batch_size=32, epochs=2),
+                 ["dataset 'digits', arch 'mlp': loss diverged", "epoch 1", "hparams.mlp.lr=1000000.0"]),
+    "tracking server unreachable": (*TRAIN, _unreachable_server,
+                                    ["MLflow tracking server http://127.0.0.1:", "unreachable"]),
+    "pickle payload in last.pt": (*TRAIN, _payload_at("checkpoints/digits/mlp/last.pt"),
+                                  ["checkpoints/digits/mlp/last.pt: refused to load", "posix.system",
+                                   "weights_only=True"]),
+    "pickle payload in model.pt": ("evaluate", {"dataset": "digits", "arch": "mlp"},
+                                   _payload_at("models/digits/mlp/model.pt"),
+                                   ["models/digits/mlp/model.pt: refused to load", "posix.system"]),
+}
+
+
+@dataclass
+class Outcome:
+    process: subprocess.CompletedProcess
+    before: dict[str, str]  # outputs_digest just before the failing run
+    after: dict[str, str]
+    payload_ran: bool
+
+
+def attempt(workspace: Path, case_dir: Path, kind: str) -> Outcome:
+    """Copy the workspace, break it as ``kind`` says, run the stage, record what happened."""
+    stage, item, mutate, _ = CASES[kind]
+    repo = case_dir / "repo"
+    shutil.copytree(workspace, repo, symlinks=True)
+    env = {**stage_env(repo), **(mutate(repo) or {})}
+    before = outputs_digest(repo)
+    p = run(stage_cmd(repo, stage, **item), repo, check=False, env=env, timeout=300)
+    return Outcome(p, before, outputs_digest(repo), (case_dir / "PAYLOAD_RAN").exists())
+
+
+@pytest.fixture(scope="module")
+def outcomes(workspace: Path, tmp_path_factory, request) -> Iterator[dict[str, Future]]:
+    """The selected cases, run two at a time (each is one short, mostly single-threaded
+    process: two CPU cores halve the wall time); each test waits for its own."""
+    kinds = [item.callspec.params["kind"] for item in request.session.items
+             if getattr(item, "originalname", "") == "test_bad_input_is_one_line_and_loses_nothing"]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {kind: pool.submit(attempt, workspace, tmp_path_factory.mktemp("case"), kind)
+               for kind in dict.fromkeys(kinds)}
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_bad_input_is_one_line_and_loses_nothing(outcomes: dict[str, Future], kind: str):
+    out = outcomes[kind].result()
+    assert_one_line_error(out.process, *CASES[kind][3])
+    assert out.before, "no earlier outputs to protect"
+    assert out.after == out.before, f"{kind}: an earlier output changed"
+    assert not out.payload_ran, "the pickle payload ran"
+
+
+def test_the_cases_cover_the_issue():
+    """At least 15 kinds, and each stage script that reads user input is exercised."""
+    assert len(CASES) >= 15
+    assert {c[0] for c in CASES.values()} >= {"download", "split", "train", "evaluate"}
+
+
+def test_the_unbroken_path_succeeds(workspace: Path, tmp_path: Path):
+    """The control for the download cases: the same command on the unbroken copy works,
+    so their failures come from the broken input, not from the harness."""
+    repo = tmp_path / "repo"
+    shutil.copytree(workspace, repo, symlinks=True)
+    p = run(stage_cmd(repo, "download", item="byo"), repo, timeout=300)
+    assert "byo: train 60, test 20 samples verified in data/raw/byo" in p.stdout
