@@ -237,6 +237,8 @@ class HParams:
     def flat(self) -> dict[str, Any]:
         """Flat ``{name: value}`` for MLflow params (args prefixed ``arg_``)."""
         d = dataclasses.asdict(self)
+        if d["min_steps"] is None:  # unset: train.min_steps applies (logged beside)
+            del d["min_steps"]
         args = d.pop("args")
         d.update({f"arg_{a}": v for a, v in sorted(args.items())})
         return d

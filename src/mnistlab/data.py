@@ -43,14 +43,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision.datasets as tvd
-from torchvision.datasets.mnist import read_image_file, read_label_file
-from torchvision.datasets.utils import calculate_md5, check_integrity, download_url
 
 from mnistlab.errors import MnistlabError
 from mnistlab.utils import atomic_path, file_sha256, torch_save, write_json
 
 log = logging.getLogger(__name__)
+
+
+# torchvision is imported on first use: it adds ~1 s to every process start, and
+# only the download and split stages need it (train/evaluate/features read split files).
+def _tvd():
+    import torchvision.datasets
+
+    return torchvision.datasets
+
+
+def _tvm():
+    import torchvision.datasets.mnist
+
+    return torchvision.datasets.mnist
+
+
+def _tvu():
+    import torchvision.datasets.utils
+
+    return torchvision.datasets.utils
 
 IMAGES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
 LABELS = {"train": "train-labels-idx1-ubyte", "test": "t10k-labels-idx1-ubyte"}
@@ -134,10 +151,10 @@ def resolve_source(params: dict[str, Any], name: str) -> Source:
                 f"params.yaml: {key}.torchvision: {spec['torchvision']!r} is not a torchvision "
                 f"dataset in the MNIST file layout (valid: {', '.join(TORCHVISION)})"
             )
-        cls = getattr(tvd, spec["torchvision"])
+        cls = getattr(_tvd(), spec["torchvision"])
         md5 = dict(cls.resources)
         mirrors = list(cls.mirrors)
-        if cls is not tvd.MNIST:  # MNIST's names are "0 - zero"...; plain digits read better
+        if cls is not _tvd().MNIST:  # MNIST's names are "0 - zero"...; plain digits read better
             classes = tuple(cls.classes)
 
     known = set(FILES) | {f"{f}.gz" for f in FILES}
@@ -265,8 +282,8 @@ def _extract(src: Path, dest: Path) -> None:
 
 def _mismatch(path: Path, md5: str | None, sha256: str | None) -> str | None:
     """Why ``path`` fails its pinned digests (MD5 first, then SHA-256), or None if it passes."""
-    if md5 and not check_integrity(path, md5):
-        return f"MD5 mismatch (expected {md5}, got {calculate_md5(path)})"
+    if md5 and not _tvu().check_integrity(path, md5):
+        return f"MD5 mismatch (expected {md5}, got {_tvu().calculate_md5(path)})"
     if sha256 and (got := file_sha256(path)) != sha256:
         return f"SHA-256 mismatch (expected {sha256}, got {got})"
     return None
@@ -291,7 +308,7 @@ def _download(url: str, gz: Path, dest: Path, md5: str | None, settings: Downloa
         gz.unlink(missing_ok=True)
         try:
             with _socket_timeout(settings.timeout):
-                download_url(url, str(gz.parent), filename=gz.name, md5=None)
+                _tvu().download_url(url, str(gz.parent), filename=gz.name, md5=None)
             _extract(gz, dest)
             if bad := _mismatch(gz, md5, sha256):
                 return _Miss(url, bad)
@@ -366,7 +383,7 @@ def _reuse(out: Path, fname: str, md5: str | None, urls: list[str], previous: di
         return None
     if md5 or sha256:
         return None if _mismatch(path, md5, sha256) else entry.get("from", "earlier download")
-    if entry.get("from") in urls and entry.get("md5") and check_integrity(path, entry["md5"]):
+    if entry.get("from") in urls and entry.get("md5") and _tvu().check_integrity(path, entry["md5"]):
         return entry["from"]
     return None
 
@@ -398,7 +415,7 @@ def _fetch_files(source: Source, out: Path, stage: Path, settings: DownloadSetti
                 origin = None
             else:
                 log.info("%s: %s already present and verified; not fetched", source.name, gz)
-                manifest[fname] = {"from": origin, "md5": calculate_md5(stage / gz),
+                manifest[fname] = {"from": origin, "md5": _tvu().calculate_md5(stage / gz),
                                    "verified": _verified(md5, sha256, "gzip only")}
                 continue
             (stage / gz).unlink(missing_ok=True)
@@ -409,7 +426,7 @@ def _fetch_files(source: Source, out: Path, stage: Path, settings: DownloadSetti
                 url = mirror.rstrip("/") + "/" + gz
                 miss = _download(url, stage / gz, stage / fname, md5, settings, sha256)
                 if miss is None:
-                    manifest[fname] = {"from": url, "md5": calculate_md5(stage / gz),
+                    manifest[fname] = {"from": url, "md5": _tvu().calculate_md5(stage / gz),
                                        "verified": _verified(md5, sha256, "gzip only")}
                     break
             else:
@@ -417,7 +434,7 @@ def _fetch_files(source: Source, out: Path, stage: Path, settings: DownloadSetti
                                    source.sha256)
                 if not isinstance(got, _Miss):
                     local, verified = got
-                    manifest[fname] = {"from": local, "md5": calculate_md5(Path(local)),
+                    manifest[fname] = {"from": local, "md5": _tvu().calculate_md5(Path(local)),
                                        "verified": verified}
                     break
                 miss = got
@@ -547,8 +564,8 @@ def read_pair(raw: Path, subset: str, num_classes: int, shown: dict[str, str] | 
             raise MnistlabError(f"{p}: file not found (run the download stage first)")
     _check_idx_header(ipath, 3, name[ipath])
     _check_idx_header(lpath, 1, name[lpath])
-    images = read_image_file(str(ipath))
-    labels = read_label_file(str(lpath)).long()
+    images = _tvm().read_image_file(str(ipath))
+    labels = _tvm().read_label_file(str(lpath)).long()
     if len(images) != len(labels):
         raise MnistlabError(
             f"{name[ipath]}: {len(images)} images but {name[lpath]} has {len(labels)} labels"

@@ -206,7 +206,8 @@ def _train_ranked(params: dict[str, Any], dataset: str, arch: str, paths: TrainP
 
     tag = f"{dataset}-{arch}"
     mlflow_params = {**hp.flat(), "seed": seed, "device": device.type, "dataset": dataset,
-                     "data_digest": digest, "min_steps": settings.min_steps,
+                     "data_digest": digest,
+                     "min_steps": hp.min_steps if hp.min_steps is not None else settings.min_steps,
                      "effective_epochs": effective_epochs(hp, len(train_y), settings.min_steps),
                      "deterministic": settings.deterministic, "bf16": settings.bf16,
                      "channels_last": settings.channels_last, "compile": settings.compile,
