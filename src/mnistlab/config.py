@@ -40,13 +40,16 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Load params.yaml (a user error if missing or not YAML)."""
+def load_params(path: str | Path = "params.yaml", what: str = "params file") -> dict[str, Any]:
+    """Load a YAML mapping such as params.yaml (a user error if missing, not YAML or not a mapping).
+
+    ``what`` names the file in the not-found message (e.g. "CI profile").
+    """
     path = Path(path)
     try:
-        params = load_yaml(path.read_text())
+        params = load_yaml(path.read_text()) or {}
     except FileNotFoundError:
-        raise MnistlabError(f"{path}: params file not found") from None
+        raise MnistlabError(f"{path}: {what} not found") from None
     except yaml.YAMLError as e:
         raise MnistlabError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(params, dict):

@@ -48,7 +48,7 @@ from typing import Any
 
 import yaml
 
-from mnistlab.config import choice, get, load_params, load_yaml, non_negative, positive
+from mnistlab.config import choice, get, load_params, non_negative, positive
 from mnistlab.errors import MnistlabError, run_stage
 from mnistlab.utils import atomic_path, git_info, json_digest, write_json
 
@@ -93,15 +93,7 @@ def rebase_sources(params: dict[str, Any], root: Path) -> dict[str, Any]:
 
 def load_profile(path: Path) -> dict[str, Any]:
     """The CI profile: a mapping of params.yaml overrides."""
-    try:
-        profile = load_yaml(path.read_text()) or {}
-    except FileNotFoundError:
-        raise MnistlabError(f"{path}: CI profile not found") from None
-    except yaml.YAMLError as e:
-        raise MnistlabError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(profile, dict):
-        raise MnistlabError(f"{path}: expected a mapping of params.yaml overrides")
-    return profile
+    return load_params(path, what="CI profile")
 
 
 def profile_params(root: Path, profile: Path) -> dict[str, Any]:
