@@ -39,6 +39,11 @@ ci-gate: ci-pipeline
 baseline: ci-pipeline
 	$(GATE) accept
 
+# Classic DataLoader loop vs mnistlab's training function on ../shared/datasets/mnist-mini
+# (benchmarks/results/loops-<device>.{json,md}); run on an otherwise idle machine.
+benchmark: setup
+	PATH="$(BIN):$$PATH" $(PY) benchmarks/compare_loops.py
+
 lint: setup
 	$(BIN)/ruff check src stages tests benchmarks
 

@@ -10,15 +10,17 @@ Writes ``benchmarks/results/overheads.json`` and ``.md``.
 - no-op repro: wall time of ``dvc repro`` when nothing changed (median of 3).
 - start-up: wall time of ``python stages/<stage>.py --help`` — the imports a
   stage pays before doing any work (median of 3).
-- MLflow: the train stage logs one batched request per epoch; its cost is
-  measured here by timing that very call (``tracking.log_metrics``) against a
-  fresh store of the same kind as the pipeline's, and compared with the mean
-  epoch time of each trained (dataset, arch).
+- MLflow: each train stage records in ``train.json`` the seconds it spent
+  sending per-epoch metrics (``tracking_seconds``; rows are batched so that this
+  stays under 2 % of the time, see ``experiment.EpochLogger``); its share of the
+  stage's epoch time is reported per (dataset, arch). The cost of one request
+  is also timed here against a fresh store of the same kind.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import statistics
 import subprocess
@@ -71,9 +73,10 @@ def main() -> None:
     shares = {}
     for hist in sorted((ROOT / "metrics").glob("*/*/history.csv")):
         with open(hist) as f:
-            rows = list(csv.DictReader(f))
-        epoch_s = statistics.mean(float(r["epoch_seconds"]) for r in rows)
-        shares[f"{hist.parent.parent.name}/{hist.parent.name}"] = per_call / (epoch_s + per_call)
+            epoch_s = sum(float(r["epoch_seconds"]) for r in csv.DictReader(f))
+        logged = json.loads((hist.parent / "train.json").read_text()).get("tracking_seconds")
+        if logged is not None:
+            shares[f"{hist.parent.parent.name}/{hist.parent.name}"] = logged / (epoch_s + logged)
     result = {"noop_repro_seconds": noop, "stage_startup_seconds": startup,
               "mlflow_log_call_seconds": per_call, "mlflow_share_of_epoch": shares,
               "mlflow_share_max": max(shares.values()) if shares else None}
@@ -85,8 +88,10 @@ def main() -> None:
     lines.append(f"| one per-epoch MLflow `log_batch` | {per_call * 1000:.1f} ms | |")
     if shares:
         worst = max(shares, key=shares.get)
-        lines.append(f"| MLflow share of an epoch, worst ({worst}) | {shares[worst]:.2%} | < 2 % |")
-        lines.append(f"| MLflow share of an epoch, median | {statistics.median(shares.values()):.2%} | < 2 % |")
+        lines.append(f"| MLflow per-epoch logging, share of training, worst ({worst}) "
+                     f"| {shares[worst]:.2%} | < 2 % |")
+        lines.append(f"| MLflow per-epoch logging, share of training, median "
+                     f"| {statistics.median(shares.values()):.2%} | < 2 % |")
     (out / "overheads.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
