@@ -35,7 +35,7 @@ from torchvision import datasets, transforms
 
 from mnistlab.config import HParams, TrainSettings, load_params
 from mnistlab.models import REGISTRY, build_model
-from mnistlab.training import fit, make_optimizer, to_device
+from mnistlab.training import fit, make_optimizer, make_scheduler, native_bf16, to_device
 from mnistlab.utils import pick_device, seed_everything, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,24 +56,34 @@ def torchvision_root(src: Path, dest: Path) -> Path:
 
 
 def classic(hp: HParams, root: Path, device: torch.device, seed: int) -> dict[str, float]:
-    """The tutorials' loop, as they wrote it (model moved to the device, batches copied per step)."""
+    """The tutorials' loop, as they wrote it (model moved to the device, batches copied per step).
+
+    With the arch's full hyperparameters: an arch that augments gets the same random
+    affine as torchvision's per-sample ``RandomAffine`` (the tutorial way), and its
+    schedule and label smoothing; the classics have neither, so their loop is the
+    tutorials' verbatim.
+    """
     torch.manual_seed(seed)
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((hp.mean,), (hp.std,))])
-    train = datasets.MNIST(str(root), train=True, transform=tf, download=False)
-    test = datasets.MNIST(str(root), train=False, transform=tf, download=False)
+    norm = [transforms.ToTensor(), transforms.Normalize((hp.mean,), (hp.std,))]
+    aug = [transforms.RandomAffine(degrees=hp.rotate, translate=(hp.translate / 28,) * 2,
+                                   scale=(1 - hp.scale, 1 + hp.scale))] if hp.augments else []
+    train = datasets.MNIST(str(root), train=True, transform=transforms.Compose(aug + norm), download=False)
+    test = datasets.MNIST(str(root), train=False, transform=transforms.Compose(norm), download=False)
     loader = DataLoader(train, batch_size=hp.batch_size, shuffle=True)
     model = build_model(hp.arch, **hp.args).to(device)
     opt = make_optimizer(model, hp)
+    sched = make_scheduler(opt, hp, hp.epochs * len(loader))
     seen, seconds = 0, 0.0
     for _ in range(hp.epochs):
         model.train()
         t0 = time.perf_counter()
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x), y, label_smoothing=hp.label_smoothing)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
             _ = loss.item()  # the tutorials print/accumulate the loss every step
             seen += len(y)
         if device.type == "cuda":
@@ -106,6 +116,17 @@ def ours(hp: HParams, settings: TrainSettings, root: Path, device: torch.device,
     return {"images_per_second": r.summary["train_images_per_second"],
             "train_seconds": r.summary["train_seconds"],
             "test_accuracy": r.history[-1]["val_accuracy"]}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def main() -> None:
@@ -145,15 +166,18 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
     geomean = math.exp(sum(math.log(r["ratio"]) for r in rows) / len(rows))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
     result = {"device": device.type, "device_name": name, "torch": torch.__version__,
+              "mnistlab_bf16_autocast": settings.bf16 and native_bf16(device),
               "threads": torch.get_num_threads(), "data": str(args.data),
               "settings": dataclasses.asdict(settings), "geomean_ratio": geomean, "archs": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"loops-{device.type}"
     write_json(stem.with_suffix(".json"), result)
     lines = [f"Device: {device.type} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-             f"data {args.data.name}", "",
+             f"data {args.data.name}; mnistlab: channels_last={settings.channels_last}, "
+             f"bf16 autocast={settings.bf16 and native_bf16(device)}, deterministic={settings.deterministic}; "
+             "classic: fp32, contiguous, DataLoader(num_workers=0)", "",
              "| arch | epochs | batch | classic img/s | mnistlab img/s | ratio | classic acc | mnistlab acc |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -21,7 +21,7 @@ from mnistlab import data, distributed, tracking
 from mnistlab.config import HParams, TrainSettings, seed_of
 from mnistlab.errors import MnistlabError
 from mnistlab.models import count_parameters
-from mnistlab.training import effective_epochs, fit, load_resumable, to_device
+from mnistlab.training import effective_epochs, fit, load_resumable, native_bf16, to_device
 from mnistlab.utils import (
     atomic_path,
     file_sha256,
@@ -201,6 +201,7 @@ def _train_ranked(params: dict[str, Any], dataset: str, arch: str, paths: TrainP
         "code": code_digest(), "world": dist.world,
         "train": {k: getattr(settings, k) for k in ("deterministic", "min_steps", "bf16",
                                                     "channels_last", "compile")},
+        "native_bf16": native_bf16(device),  # whether bf16 autocast actually applies here
     })
     resume = load_resumable(paths.checkpoint, fingerprint)
 
@@ -209,7 +210,8 @@ def _train_ranked(params: dict[str, Any], dataset: str, arch: str, paths: TrainP
                      "data_digest": digest,
                      "min_steps": hp.min_steps if hp.min_steps is not None else settings.min_steps,
                      "effective_epochs": effective_epochs(hp, len(train_y), settings.min_steps),
-                     "deterministic": settings.deterministic, "bf16": settings.bf16,
+                     "deterministic": settings.deterministic,
+                     "bf16": settings.bf16 and native_bf16(device),
                      "channels_last": settings.channels_last, "compile": settings.compile,
                      "n_train": len(train_y), "n_val": len(val_y), "world_size": dist.world}
     if not dist.is_main:
