@@ -74,8 +74,14 @@ class Evaluation:
 # --------------------------------------------------------------------------- model + scores
 
 
-def load_model(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(path: Path, device: torch.device, arch: str | None = None
+               ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a train stage saved (weights only) and put it on ``device`` in eval mode.
+
+    Args:
+        path: A ``model.pt`` written by the train stage.
+        device: Where to put the model.
+        arch: If given, the arch the file must hold (a stage's item), else a one-line error.
 
     Returns:
         The model and its record (``arch``, ``args``, ``normalize``, ``classes``, ...).
@@ -83,6 +89,8 @@ def load_model(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, A
     record = torch_load(path)
     if not isinstance(record, dict) or not set(MODEL_KEYS) <= set(record):
         raise MnistlabError(f"{path}: not a model file (needs keys {', '.join(MODEL_KEYS)})")
+    if arch is not None and record["arch"] != arch:
+        raise MnistlabError(f"{path}: holds arch {record['arch']!r}, expected {arch!r}")
     model = build_model(record["arch"], **record["args"])
     try:
         model.load_state_dict(record["state_dict"])
@@ -237,10 +245,7 @@ def run_evaluation(params: dict[str, Any], dataset: str, arch: str, paths: EvalP
     limit = positive("evaluate.max_misclassified", get(params, "evaluate.max_misclassified"), int)
     run_id = tracking.read_run_id(paths.model_dir / "run.json")
 
-    model, record = load_model(paths.model_dir / "model.pt", device)
-    if record["arch"] != arch:
-        raise MnistlabError(f"{paths.model_dir / 'model.pt'}: holds arch {record['arch']!r}, "
-                            f"expected {arch!r}")
+    model, record = load_model(paths.model_dir / "model.pt", device, arch)
     classes = data.load_classes(paths.split)
     if list(record["classes"]) != list(classes):
         raise MnistlabError(f"{paths.model_dir / 'model.pt'}: trained on classes {record['classes']}, "

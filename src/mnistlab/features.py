@@ -312,10 +312,7 @@ def run_features(params: dict[str, Any], dataset: str, arch: str, paths: Feature
     seed = get(params, "seed")
     device = pick_device(settings.device)
     run_id = tracking.read_run_id(paths.model_dir / "run.json")
-    model, record = load_model(paths.model_dir / "model.pt", device)
-    if record["arch"] != arch:
-        raise MnistlabError(f"{paths.model_dir / 'model.pt'}: holds arch {record['arch']!r}, "
-                            f"expected {arch!r}")
+    model, record = load_model(paths.model_dir / "model.pt", device, arch)
     classes = data.load_classes(paths.split)
     images, labels = data.load_split(paths.split, "test")
     norm = record["normalize"]
