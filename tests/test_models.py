@@ -143,3 +143,56 @@ def test_registering_a_name_twice_is_refused():
     with pytest.raises(ValueError, match="twice"):
         register(mlp)
     assert REGISTRY["mlp"] is not mlp
+
+
+# The five tutorial programs, layer for layer (issue: full-scale data). Each entry is the
+# sequence of (layer type, its defining sizes) and the published parameter count: a seed
+# name must always mean the seed's network, so any drift in a layer fails here.
+SEEDS = {
+    "mlp": (397_510, [("Flatten",), ("Linear", 784, 500), ("ReLU",), ("Linear", 500, 10)]),
+    "cnn_16_32": (28_938, [
+        ("Conv2d", 1, 16, (5, 5), (1, 1), (2, 2)), ("ReLU",), ("MaxPool2d", 2),
+        ("Conv2d", 16, 32, (5, 5), (1, 1), (2, 2)), ("ReLU",), ("MaxPool2d", 2),
+        ("Flatten",), ("Linear", 1568, 10)]),
+    "cnn_32_64": (225_034, [
+        ("Conv2d", 1, 32, (3, 3), (1, 1), (0, 0)), ("ReLU",), ("MaxPool2d", 2),
+        ("Conv2d", 32, 64, (3, 3), (1, 1), (0, 0)), ("ReLU",), ("MaxPool2d", 2),
+        ("Flatten",), ("Linear", 1600, 128), ("ReLU",), ("Linear", 128, 10)]),
+    "cnn_4_8": (207_258, [
+        ("Conv2d", 1, 4, (5, 5), (1, 1), (2, 2)), ("ReLU",), ("MaxPool2d", 2),
+        ("Conv2d", 4, 8, (5, 5), (1, 1), (2, 2)), ("ReLU",), ("MaxPool2d", 2),
+        ("Flatten",), ("Linear", 392, 512), ("ReLU",), ("Dropout", 0.5), ("Linear", 512, 10),
+        ("LogSoftmax",)]),
+    "lenet5": (61_706, [
+        ("Conv2d", 1, 6, (5, 5), (1, 1), (2, 2)), ("Sigmoid",), ("AvgPool2d", 2),
+        ("Conv2d", 6, 16, (5, 5), (1, 1), (0, 0)), ("Sigmoid",), ("AvgPool2d", 2),
+        ("Flatten",), ("Linear", 400, 120), ("Sigmoid",), ("Linear", 120, 84), ("Sigmoid",),
+        ("Linear", 84, 10)]),
+}
+
+
+def _describe(m: torch.nn.Module) -> tuple:
+    name = type(m).__name__
+    if isinstance(m, torch.nn.Conv2d):
+        return (name, m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding)
+    if isinstance(m, torch.nn.Linear):
+        return (name, m.in_features, m.out_features)
+    if isinstance(m, (torch.nn.MaxPool2d, torch.nn.AvgPool2d)):
+        return (name, m.kernel_size)
+    if isinstance(m, torch.nn.Dropout):
+        return (name, m.p)
+    return (name,)
+
+
+@pytest.mark.parametrize("arch", sorted(SEEDS))
+def test_seed_networks_are_the_tutorials_layer_for_layer(params, arch):
+    """Built from params.yaml's own args, every seed is its tutorial's exact network."""
+    count, layers = SEEDS[arch]
+    hp = HParams.from_params(params, arch)
+    model = build_model(arch, num_classes=10, **hp.args)
+    assert [_describe(m) for m in model.children()] == layers
+    assert count_parameters(model) == count
+
+
+def test_every_tutorial_network_is_registered_under_its_seed_name():
+    assert set(SEEDS) | {"resnet_bn"} == set(REGISTRY)
