@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mnistlab.config import HParams, load_params, load_yaml
+from mnistlab.config import HParams, TrainSettings, load_params, load_yaml
 from mnistlab.errors import MnistlabError
 from mnistlab.training import effective_epochs
 
@@ -29,14 +29,15 @@ def test_arch_min_steps_overrides_the_shared_floor():
     params = load_params(PARAMS)
     hp = HParams.from_params(params, "lenet5")  # batch 256
     assert hp.min_steps is None
-    assert effective_epochs(hp, 1280, 100) == max(hp.epochs, 20)  # 5 steps/epoch
+    floor = {n: TrainSettings(min_steps=n) for n in (0, 100)}
+    assert effective_epochs(hp, floor[100], 1280) == max(hp.epochs, 20)  # 5 steps/epoch
     own = copy.deepcopy(params)
     own["hparams"]["lenet5"]["min_steps"] = 1500
     hp = HParams.from_params(own, "lenet5")
-    assert effective_epochs(hp, 1280, 100) == 300
-    assert effective_epochs(hp, 1280, 0) == 300
+    assert effective_epochs(hp, floor[100], 1280) == 300
+    assert effective_epochs(hp, floor[0], 1280) == 300
     own["hparams"]["lenet5"]["min_steps"] = 0
-    assert effective_epochs(HParams.from_params(own, "lenet5"), 1280, 100) == hp.epochs
+    assert effective_epochs(HParams.from_params(own, "lenet5"), floor[100], 1280) == hp.epochs
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "many", True])

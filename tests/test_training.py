@@ -30,6 +30,7 @@ from mnistlab.training import (
     load_resumable,
     make_optimizer,
     make_scheduler,
+    step_floor,
     steps_per_epoch,
     to_device,
 )
@@ -172,10 +173,34 @@ def test_min_steps_raises_epochs_for_every_arch(params):
     n_train = 1293  # the digits quickstart's training split
     for arch in REGISTRY:
         hp = HParams.from_params(params, arch)
-        assert effective_epochs(hp, n_train, 0) == hp.epochs  # 0 = the tutorials' own settings
-        epochs = effective_epochs(hp, n_train, 1500)
+        # 0 = the tutorials' own settings
+        assert effective_epochs(hp, TrainSettings(min_steps=0), n_train) == hp.epochs
+        epochs = effective_epochs(hp, TrainSettings(min_steps=1500), n_train)
         steps = epochs * steps_per_epoch(n_train, hp.batch_size)
         assert steps >= 1500 and (epochs == hp.epochs or steps - 1500 < steps_per_epoch(n_train, hp.batch_size))
+
+
+@pytest.mark.parametrize("n_train", [54_000, 60_000])
+def test_no_epoch_is_raised_on_full_size_data(params, n_train):
+    """Full MNIST / Fashion-MNIST (54,000 after the validation split): the tutorials' epochs,
+    exactly, for every arch, with params.yaml's own train section (floor 1,500 steps)."""
+    settings = TrainSettings.from_params(params)
+    assert settings.min_steps > 0 and n_train >= settings.min_steps_below
+    for arch in REGISTRY:
+        hp = HParams.from_params(params, arch)
+        assert step_floor(hp, settings, n_train) == 0
+        assert effective_epochs(hp, settings, n_train) == hp.epochs, arch
+    # cnn_16_32's single epoch at batch 50 is 1,080 steps: a floor would have doubled it.
+    hp = HParams.from_params(params, "cnn_16_32")
+    assert effective_epochs(hp, dataclasses.replace(settings, min_steps_below=10**9), 54_000) == 2
+
+
+def test_the_floor_still_applies_below_the_threshold(params):
+    settings = TrainSettings.from_params(params)
+    hp = HParams.from_params(params, "lenet5")
+    n = settings.min_steps_below - 1
+    assert step_floor(hp, settings, n) == settings.min_steps
+    assert effective_epochs(hp, settings, 1293) * steps_per_epoch(1293, hp.batch_size) >= 1500
 
 
 def test_steps_per_epoch_drops_the_last_partial_batch():

@@ -254,6 +254,8 @@ class TrainSettings:
     device: str = "auto"
     deterministic: bool = True
     min_steps: int = 0
+    # The floor applies only to training sets smaller than this (see training.step_floor).
+    min_steps_below: int = 50_000
     bf16: bool = True
     channels_last: bool = False
     compile: bool = False
@@ -279,7 +281,7 @@ class TrainSettings:
         for flag in ("deterministic", "bf16", "channels_last", "compile"):
             if flag in s:
                 boolean(f"train.{flag}", s[flag])
-        for count in ("eval_batch_size", "checkpoint_every"):
+        for count in ("eval_batch_size", "checkpoint_every", "min_steps_below"):
             if count in s:
                 s[count] = positive(f"train.{count}", s[count], int)
         return cls(**s)

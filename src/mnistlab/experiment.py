@@ -21,7 +21,14 @@ from mnistlab import data, distributed, tracking
 from mnistlab.config import HParams, TrainSettings, seed_of
 from mnistlab.errors import MnistlabError
 from mnistlab.models import count_parameters
-from mnistlab.training import effective_epochs, fit, load_resumable, native_bf16, to_device
+from mnistlab.training import (
+    effective_epochs,
+    fit,
+    load_resumable,
+    native_bf16,
+    step_floor,
+    to_device,
+)
 from mnistlab.utils import (
     atomic_path,
     file_sha256,
@@ -202,8 +209,9 @@ def _train_ranked(params: dict[str, Any], dataset: str, arch: str, paths: TrainP
     fingerprint = json_digest({
         "hparams": hp.flat(), "seed": seed, "data": digest, "device": device.type,
         "code": code_digest(), "world": dist.world,
-        "train": {k: getattr(settings, k) for k in ("deterministic", "min_steps", "bf16",
-                                                    "channels_last", "compile")},
+        "train": {k: getattr(settings, k) for k in ("deterministic", "bf16", "channels_last",
+                                                    "compile")},
+        "step_floor": step_floor(hp, settings, len(train_y)),
         "native_bf16": native_bf16(device),  # whether bf16 autocast actually applies here
     })
     resume = load_resumable(paths.checkpoint, fingerprint)
@@ -211,8 +219,8 @@ def _train_ranked(params: dict[str, Any], dataset: str, arch: str, paths: TrainP
     tag = f"{dataset}-{arch}"
     mlflow_params = {**hp.flat(), "seed": seed, "device": device.type, "dataset": dataset,
                      "data_digest": digest,
-                     "min_steps": hp.min_steps if hp.min_steps is not None else settings.min_steps,
-                     "effective_epochs": effective_epochs(hp, len(train_y), settings.min_steps),
+                     "min_steps": step_floor(hp, settings, len(train_y)),
+                     "effective_epochs": effective_epochs(hp, settings, len(train_y)),
                      "deterministic": settings.deterministic,
                      "bf16": settings.bf16 and native_bf16(device),
                      "channels_last": settings.channels_last, "compile": settings.compile,
