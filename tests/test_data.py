@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
+import logging
 import re
 import shutil
 import subprocess
@@ -167,13 +169,57 @@ def test_md5_override_and_string_source(tmp_path: Path):
     ({"mirrors": [3]}, r"sources\.x\.mirrors must list"),
     ({"mirrors": ["/x"], "md5": {"train.gz": "a" * 32}}, r"sources\.x\.md5: unknown file 'train\.gz'"),
     ({"mirrors": ["/x"], "md5": {"train-images-idx3-ubyte.gz": "xyz"}}, r"md5\.train-images-idx3-ubyte\.gz: not an MD5"),
+    ({"mirrors": ["/x"], "content_md5": {"train-images-idx3-ubyte.gz": "a" * 32}},
+     r"^params\.yaml: sources\.x\.content_md5: unknown file 'train-images-idx3-ubyte\.gz' "
+     r"\(valid: the uncompressed official MNIST names: train-images-idx3-ubyte, "),
+    ({"mirrors": ["/x"], "content_md5": {"train-images-idx3-ubyte": "xyz"}},
+     r"^params\.yaml: sources\.x\.content_md5\.train-images-idx3-ubyte: not an MD5 \(got 'xyz'\)$"),
+    ({"mirrors": ["/x"], "content_md5": {"t10k-labels-idx1-ubyte": "g" * 32}},
+     r"^params\.yaml: sources\.x\.content_md5\.t10k-labels-idx1-ubyte: not an MD5"),
+    ({"mirrors": ["/x"], "content_sha256": {"t10k-labels-idx1-ubyte": "a" * 32}},
+     r"^params\.yaml: sources\.x\.content_sha256\.t10k-labels-idx1-ubyte: not a SHA-256"),
+    ({"torchvision": "MNIST", "content_sha256": {"train": "a" * 64}},
+     r"^params\.yaml: sources\.x\.content_sha256: unknown file 'train'"),
+    ({"mirrors": ["/x"], "content_md5": ["a" * 32]},
+     r"^params\.yaml: sources\.x\.content_md5 must map uncompressed file names to MD5s$"),
     ({"mirrors": ["/x"], "classes": ["a"]}, r"sources\.x\.classes must list 2 to 256 distinct names"),
     ({"mirrors": ["/x"], "classes": ["a", "a"]}, r"distinct"),
     (42, r"sources\.x must be a path, a URL or a mapping"),
 ])
 def test_bad_source_specs(spec, match):
-    with raises_one_line(match):
+    with raises_one_line(match) as e:
         data.resolve_source({"sources": {"x": spec}}, "x")
+    assert "\n" not in str(e.value)
+
+
+def test_torchvision_sources_take_official_content_md5s():
+    for name in ("MNIST", "FashionMNIST"):
+        s = data.resolve_source({"sources": {"m": {"torchvision": name}}}, "m")
+        assert s.content_md5 == data.OFFICIAL_CONTENT_MD5[name] and set(s.content_md5) == set(data.FILES)
+        assert s.content_sha256 == {}
+    kmnist = data.resolve_source({"sources": {"k": {"torchvision": "KMNIST"}}}, "k")
+    assert kmnist.content_md5 == {} and kmnist.md5 == dict(tvd.KMNIST.resources)  # .gz MD5s only
+    # params.yaml overrides per file; the built-in ones stay for the others
+    s = data.resolve_source({"sources": {"m": {
+        "torchvision": "MNIST", "content_md5": {"train-images-idx3-ubyte": "A" * 32},
+        "content_sha256": {"t10k-labels-idx1-ubyte": "b" * 64}}}}, "m")
+    assert s.content_md5["train-images-idx3-ubyte"] == "a" * 32
+    assert s.content_md5["t10k-labels-idx1-ubyte"] == "27ae3e4e09519cfbb04c329615203637"
+    assert s.content_sha256 == {"t10k-labels-idx1-ubyte": "b" * 64}
+    # the positional order of Source is unchanged; the new fields default to empty
+    assert data.Source("x", ("/m",), {"a": "b"}).content_md5 == {}
+
+
+def test_params_yaml_lists_local_folders_first(root: Path):
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    fashion = data.resolve_source(params, "fashion_mnist")
+    assert fashion.mirrors[:2] == ("/usr/share/datasets/fashion-mnist", "../shared/datasets/fashion-mnist")
+    assert all(data._is_url(m) for m in fashion.mirrors[2:]) and len(fashion.mirrors) > 2
+    assert fashion.content_md5 == data.OFFICIAL_CONTENT_MD5["FashionMNIST"]
+    assert fashion.md5 == dict(tvd.FashionMNIST.resources)
+    mnist = data.resolve_source(params, "mnist")
+    assert mnist.mirrors[0] == "../shared/datasets/mnist" and data._is_url(mnist.mirrors[1])
+    assert mnist.content_md5 == data.OFFICIAL_CONTENT_MD5["MNIST"]
 
 
 def test_unknown_dataset_lists_known_ones():
@@ -215,69 +261,221 @@ def test_real_t10k_files_parse(mnist_t10k: Path, tmp_path: Path):
 
 
 @pytest.fixture(scope="module")
-def official_folder(tmp_path_factory, mnist_t10k: Path) -> tuple[Path, str]:
+def official_folder(tmp_path_factory, mnist_t10k: Path) -> tuple[Path, dict[str, dict[str, str]]]:
     """A local mirror with three real official files and a synthetic train-images file.
 
-    The 60,000 official training images are not available offline, so
+    The 60,000 official training images are not in ``mnist-t10k``, so
     train-images-idx3-ubyte.gz is 60,000 blank 28x28 images and its official MD5
-    is overridden with this file's MD5. The other three files are checked against
-    torchvision.datasets.MNIST.resources, unmodified.
+    and content MD5 are overridden (the returned source keys). The other three
+    files are checked against torchvision.datasets.MNIST.resources and
+    data.OFFICIAL_CONTENT_MD5, unmodified.
     """
     folder = tmp_path_factory.mktemp("official")
     for name in (data.IMAGES["test"], data.LABELS["test"], data.LABELS["train"]):
         (folder / f"{name}.gz").symlink_to(mnist_t10k / f"{name}.gz")
-    blank = gz(idx_bytes(torch.zeros(60_000, 28, 28, dtype=torch.uint8)))
+    raw = idx_bytes(torch.zeros(60_000, 28, 28, dtype=torch.uint8))
+    blank = gz(raw)
     (folder / f"{data.IMAGES['train']}.gz").write_bytes(blank)
-    return folder, md5(blank)
+    return folder, {"md5": {f"{data.IMAGES['train']}.gz": md5(blank)},
+                    "content_md5": {data.IMAGES["train"]: md5(raw)}}
 
 
 def test_official_md5s_verify_the_real_files(official_folder, tmp_path: Path):
-    folder, synthetic_md5 = official_folder
+    folder, synthetic = official_folder
     official = dict(tvd.MNIST.resources)
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz"):
         assert md5((folder / name).read_bytes()) == official[name]  # the files are the real ones
 
     source = data.resolve_source({"sources": {"mnist": {
-        "torchvision": "MNIST", "mirrors": [str(folder)],
-        "md5": {"train-images-idx3-ubyte.gz": synthetic_md5}}}}, "mnist")
+        "torchvision": "MNIST", "mirrors": [str(folder)], **synthetic}}}, "mnist")
     assert source.md5["t10k-images-idx3-ubyte.gz"] == official["t10k-images-idx3-ubyte.gz"]
     counts = data.fetch(source, tmp_path / "raw", QUICK)
     assert counts == {"train": 60_000, "test": 10_000}
     manifest = (tmp_path / "raw" / data.MANIFEST).read_text()
-    assert manifest.count('"verified": "md5"') == 4
+    assert manifest.count('"verified": "md5+content-md5"') == 4  # the official .gz and its content
     images, labels = data.read_pair(tmp_path / "raw", "test", 10)
     assert torch.bincount(labels).tolist() == T10K_LABEL_COUNTS
 
 
 def test_official_md5_rejects_a_modified_real_file(official_folder, mnist_t10k: Path, tmp_path: Path):
-    folder, synthetic_md5 = official_folder
+    folder, synthetic = official_folder
     bad = tmp_path / "bad"
     bad.mkdir()
     for p in folder.iterdir():
         (bad / p.name).symlink_to(p.resolve())
-    # A valid gzip of a valid IDX file, one label changed: only the MD5 can tell.
+    # A valid gzip of a valid IDX file, one label changed: only a digest can tell, and
+    # since it is re-compressed anyway, only the content digest can tell it from a
+    # harmless re-compressed copy.
     with gzip.open(mnist_t10k / "t10k-labels-idx1-ubyte.gz") as f:
         blob = bytearray(f.read())
     blob[8] = (blob[8] + 1) % 10
     (bad / "t10k-labels-idx1-ubyte.gz").unlink()
     (bad / "t10k-labels-idx1-ubyte.gz").write_bytes(gz(bytes(blob)))
-    msg = fetch_error(bad, tmp_path / "raw", torchvision="MNIST",
-                      md5={"train-images-idx3-ubyte.gz": synthetic_md5})
-    assert f"{bad}/t10k-labels-idx1-ubyte.gz: MD5 mismatch (expected ec29112dd5afa0611ce80d1b7f02629c" in msg
+    msg = fetch_error(bad, tmp_path / "raw", torchvision="MNIST", **synthetic)
+    assert (f"{bad}/t10k-labels-idx1-ubyte.gz: content MD5 mismatch "
+            f"(expected 27ae3e4e09519cfbb04c329615203637, got {md5(bytes(blob))})") in msg
     assert not (tmp_path / "raw").exists()
 
 
 def test_official_dataset_requires_its_test_set(official_folder, tmp_path: Path):
     """An MD5 pins the t10k files: an official dataset is never silently given a carved test set."""
-    folder, synthetic_md5 = official_folder
+    folder, synthetic = official_folder
     partial = tmp_path / "partial"
     partial.mkdir()
     for p in folder.iterdir():
         if not p.name.startswith("t10k"):
             (partial / p.name).symlink_to(p.resolve())
-    msg = fetch_error(partial, tmp_path / "raw", torchvision="MNIST",
-                      md5={"train-images-idx3-ubyte.gz": synthetic_md5})
+    msg = fetch_error(partial, tmp_path / "raw", torchvision="MNIST", **synthetic)
     assert "could not get t10k-images-idx3-ubyte.gz" in msg and "no t10k-images-idx3-ubyte.gz or" in msg
+
+
+# --------------------------------------------------------------------------- content digests
+
+
+SHARED = ROOT.parent / "shared" / "datasets"
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED / name
+    if not path.is_dir():
+        pytest.skip(f"{path} not present")
+    return path
+
+
+def manifest_verified(out: Path) -> set[str]:
+    return {e["verified"] for e in json.loads((out / data.MANIFEST).read_text())["files"].values()}
+
+
+def test_uncompressed_official_mnist_verifies_by_content(tmp_path: Path, caplog):
+    """../shared/datasets/mnist: the official MNIST, uncompressed; the .gz MD5s cannot apply."""
+    folder = shared_dataset("mnist")
+    assert all((folder / f).is_file() for f in data.FILES)
+    source = data.resolve_source({"sources": {"mnist": {"torchvision": "MNIST",
+                                                        "mirrors": [str(folder)]}}}, "mnist")
+    with caplog.at_level(logging.INFO, logger="mnistlab.data"):
+        assert data.fetch(source, tmp_path / "raw", QUICK) == {"train": 60_000, "test": 10_000}
+    assert manifest_verified(tmp_path / "raw") == {"content-md5"}
+    assert "not verified" not in caplog.text and "differs from the official file" not in caplog.text
+    assert torch.bincount(data.read_pair(tmp_path / "raw", "train", 10)[1]).tolist() == TRAIN_LABEL_COUNTS
+
+
+def test_recompressed_official_fashion_mnist_verifies_by_content(tmp_path: Path, caplog):
+    """../shared/datasets/fashion-mnist: Debian's re-compressed copy; its .gz MD5s are not
+    torchvision's, its content is the official data. A missing first folder is skipped."""
+    folder = shared_dataset("fashion-mnist")
+    official = dict(tvd.FashionMNIST.resources)
+    assert md5((folder / "train-labels-idx1-ubyte.gz").read_bytes()) != official["train-labels-idx1-ubyte.gz"]
+    source = data.resolve_source({"sources": {"fashion_mnist": {
+        "torchvision": "FashionMNIST", "mirrors": [str(tmp_path / "nowhere"), str(folder)]}}}, "fashion_mnist")
+    with caplog.at_level(logging.INFO, logger="mnistlab.data"):
+        assert data.fetch(source, tmp_path / "raw", QUICK) == {"train": 60_000, "test": 10_000}
+    assert manifest_verified(tmp_path / "raw") == {"content-md5"}
+    assert f"{folder}/train-images-idx3-ubyte.gz: differs from the official file (MD5 mismatch " \
+           f"(expected {official['train-images-idx3-ubyte.gz']}, got " in caplog.text
+    assert "but its content matches" in caplog.text
+    assert not any(r.levelno >= logging.WARNING for r in caplog.records)
+
+
+def regz(blob: bytes) -> bytes:
+    """Another gzip of ``blob`` than :func:`gz` makes: the same content, other bytes."""
+    other = gzip.compress(blob, compresslevel=9, mtime=1_234_567)
+    assert other != gz(blob)
+    return other
+
+
+def official_spec(files: dict[str, bytes], **extra) -> dict:
+    """Source keys pinning ``files`` as an official dataset would: their .gz MD5 (as
+    :func:`gz` makes them) and their content MD5."""
+    return {"md5": {f"{n}.gz": md5(gz(b)) for n, b in files.items()},
+            "content_md5": {n: md5(b) for n, b in files.items()}, **extra}
+
+
+@pytest.mark.parametrize("copy, verified", [
+    ("official", "md5+content-md5"),
+    ("recompressed", "content-md5"),
+    ("uncompressed", "content-md5"),
+])
+def test_content_md5_accepts_other_containers_of_the_same_data(tmp_path: Path, caplog, copy: str,
+                                                                verified: str):
+    files = dataset_files()
+    src = tmp_path / "src"
+    if copy == "recompressed":
+        src.mkdir()
+        for name, blob in files.items():
+            (src / f"{name}.gz").write_bytes(regz(blob))
+    else:
+        write_folder(src, files, gzipped=copy == "official")
+    out = tmp_path / "raw"
+    with caplog.at_level(logging.INFO, logger="mnistlab.data"):
+        assert data.fetch(folder_source(src, **official_spec(files)), out, QUICK) == {"train": 60, "test": 20}
+    for name, blob in files.items():
+        assert (out / name).read_bytes() == blob
+    assert manifest_verified(out) == {verified}
+    assert ("differs from the official file (MD5 mismatch" in caplog.text) == (copy == "recompressed")
+    assert "not verified" not in caplog.text
+
+
+@pytest.mark.parametrize("copy", ["recompressed", "official gzip settings", "uncompressed"])
+@pytest.mark.parametrize("container_pins", [True, False])
+def test_one_changed_content_byte_is_refused(tmp_path: Path, copy: str, container_pins: bool):
+    """A valid gzip of a valid IDX file, one label changed: only the content digest
+    tells it from a re-compressed copy of the official file."""
+    files = dataset_files()
+    spec = official_spec(files)
+    if not container_pins:
+        del spec["md5"]
+    name = data.LABELS["train"]
+    changed = bytearray(files[name])
+    changed[-1] = (changed[-1] + 1) % 10
+    src = write_folder(tmp_path / "src", {**files, name: bytes(changed)}, gzipped=copy != "uncompressed")
+    if copy == "recompressed":
+        (src / f"{name}.gz").write_bytes(regz(bytes(changed)))
+    out = tmp_path / "raw"
+    msg = fetch_error(src, out, **spec)
+    shown = f"{src}/{name}" + ("" if copy == "uncompressed" else ".gz")
+    assert msg == (f"dataset 'byo': could not get {name}.gz from any mirror (tried: {shown}: content MD5 "
+                   f"mismatch (expected {md5(files[name])}, got {md5(bytes(changed))}))")
+    assert not out.exists()
+
+
+def test_content_sha256(tmp_path: Path):
+    files = dataset_files()
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, blob in files.items():
+        (src / f"{name}.gz").write_bytes(regz(blob))
+    pins = {n: hashlib.sha256(b).hexdigest() for n, b in files.items()}
+    out = tmp_path / "raw"
+    data.fetch(folder_source(src, content_sha256=pins), out, QUICK)
+    assert manifest_verified(out) == {"content-sha256"}
+    data.fetch(folder_source(src, content_sha256=pins, content_md5={n: md5(b) for n, b in files.items()}),
+               out, QUICK)
+    assert manifest_verified(out) == {"content-md5+content-sha256"}
+    wrong = {**pins, data.IMAGES["test"]: "0" * 64}
+    msg = fetch_error(src, tmp_path / "other", content_sha256=wrong)
+    assert (f"{src}/{data.IMAGES['test']}.gz: content SHA-256 mismatch (expected {'0' * 64}, "
+            f"got {pins[data.IMAGES['test']]})") in msg
+
+
+def test_content_digest_pins_the_test_pair(tmp_path: Path):
+    """A content digest for a t10k file makes the test pair required, as an MD5 does."""
+    files = dataset_files()
+    src = write_folder(tmp_path / "src", {n: b for n, b in files.items() if not n.startswith("t10k")})
+    msg = fetch_error(src, tmp_path / "raw", content_md5={data.LABELS["test"]: md5(files[data.LABELS["test"]])})
+    assert msg.startswith("dataset 'byo': could not get t10k-labels-idx1-ubyte.gz from any mirror (tried: "
+                          f"{src}: no t10k-labels-idx1-ubyte.gz or t10k-labels-idx1-ubyte)")
+    assert data.fetch(folder_source(src, content_md5={data.LABELS["train"]: md5(files[data.LABELS["train"]])}),
+                      tmp_path / "raw", QUICK) == {"train": 60}
+
+
+def test_missing_first_folder_is_skipped(tmp_path: Path, caplog):
+    src = write_folder(tmp_path / "src", dataset_files())
+    source = data.resolve_source({"sources": {"x": {"mirrors": [str(tmp_path / "nowhere"), str(src)]}}}, "x")
+    with caplog.at_level(logging.INFO, logger="mnistlab.data"):
+        assert data.fetch(source, tmp_path / "raw", QUICK) == {"train": 60, "test": 20}
+    assert "nowhere" not in caplog.text  # skipped without a word
+    files = json.loads((tmp_path / "raw" / data.MANIFEST).read_text())["files"]
+    assert {e["from"] for e in files.values()} == {f"{src}/{n}.gz" for n in data.FILES}
 
 
 # --------------------------------------------------------------------------- local folders
@@ -318,6 +516,197 @@ def test_rerun_replaces_stale_files(tmp_path: Path):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [data.IMAGES["train"], data.LABELS["train"], data.MANIFEST])
     assert data.validate_raw(out, 10) == {"train": 40}
+
+
+# --------------------------------------------------------------------------- take: the first N/M samples
+
+
+def take_source(folder: Path | str, take, **spec) -> data.Source:
+    return folder_source(folder, take=take, **spec)
+
+
+def raw_manifest(out: Path) -> dict:
+    return json.loads((out / data.MANIFEST).read_text())
+
+
+@pytest.mark.parametrize("gzipped", [True, False])
+def test_take_keeps_the_first_samples_in_file_order(tmp_path: Path, gzipped: bool):
+    files = dataset_files()  # 60 train, 20 test; the index is written into pixels 0-1
+    src = write_folder(tmp_path / "src", files, gzipped=gzipped)
+    out = tmp_path / "raw"
+    source = take_source(src, {"train": 25, "test": 7}, **official_spec(files))
+    assert source.take == {"train": 25, "test": 7}
+    assert data.fetch(source, out, QUICK) == {"train": 25, "test": 7}
+    assert data.validate_raw(out, 10) == {"train": 25, "test": 7}
+    for subset, n, seed in (("train", 25, 0), ("test", 7, 1)):
+        x, y = make_pair(60 if subset == "train" else 20, seed=seed)
+        images, labels = data.read_pair(out, subset, 10)
+        assert torch.equal(images, x[:n]) and torch.equal(labels, y[:n])
+        # valid IDX files, byte for byte what the full files' first rows make
+        assert (out / data.IMAGES[subset]).read_bytes() == idx_bytes(x[:n])
+        assert (out / data.LABELS[subset]).read_bytes() == idx_bytes(y[:n])
+    manifest = raw_manifest(out)
+    assert manifest["take"] == {"train": 25, "test": 7}
+    # each file entry describes the full file as obtained and verified
+    suffix = ".gz" if gzipped else ""
+    for name, entry in manifest["files"].items():
+        assert entry["from"] == f"{src}/{name}{suffix}"
+        assert entry["md5"] == md5((src / f"{name}{suffix}").read_bytes())
+        assert entry["verified"] == ("md5+content-md5" if gzipped else "content-md5")
+    assert not list(out.glob("*.gz"))
+
+
+def test_take_one_subset_or_all_of_it(tmp_path: Path):
+    files = dataset_files()
+    src = write_folder(tmp_path / "src", files)
+    out = tmp_path / "raw"
+    assert data.fetch(take_source(src, {"test": 5}), out, QUICK) == {"train": 60, "test": 5}
+    assert (out / data.IMAGES["train"]).read_bytes() == files[data.IMAGES["train"]]
+    assert raw_manifest(out)["take"] == {"test": 5}
+    # as many as the file holds: the file is kept as it is
+    assert data.fetch(take_source(src, {"train": 60, "test": 20}), out, QUICK) == {"train": 60, "test": 20}
+    for name, blob in files.items():
+        assert (out / name).read_bytes() == blob
+    # without a take: no take in the manifest
+    data.fetch(folder_source(src), out, QUICK)
+    assert "take" not in raw_manifest(out)
+    # without a test set, take.train alone is fine
+    src2 = write_folder(tmp_path / "src2", dataset_files(test=False))
+    assert data.fetch(take_source(src2, {"train": 10}), tmp_path / "raw2", QUICK) == {"train": 10}
+
+
+def test_changing_take_gives_the_new_slice(tmp_path: Path):
+    files = dataset_files()
+    src = write_folder(tmp_path / "src", files)
+    out = tmp_path / "raw"
+    assert data.fetch(take_source(src, {"train": 10, "test": 3}), out, QUICK) == {"train": 10, "test": 3}
+    assert data.fetch(take_source(src, {"train": 40, "test": 3}), out, QUICK) == {"train": 40, "test": 3}
+    x, y = make_pair(60)
+    assert torch.equal(data.read_pair(out, "train", 10)[0], x[:40])
+    assert data.fetch(folder_source(src), out, QUICK) == {"train": 60, "test": 20}
+    assert (out / data.IMAGES["train"]).read_bytes() == files[data.IMAGES["train"]]
+
+
+@pytest.mark.parametrize("pins", ["md5 only", "md5+content"])
+def test_take_still_verifies_the_full_files(tmp_path: Path, pins: str):
+    """One changed byte in the last training image, far beyond the slice: still refused."""
+    files = dataset_files()
+    spec = official_spec(files)
+    if pins == "md5 only":
+        del spec["content_md5"]
+    name = data.IMAGES["train"]
+    changed = bytearray(files[name])
+    changed[-1] ^= 0xFF
+    src = write_folder(tmp_path / "src", {**files, name: bytes(changed)})
+    out = tmp_path / "raw"
+    msg = fetch_error(src, out, take={"train": 10, "test": 5}, **spec)
+    if pins == "md5 only":
+        want = f"MD5 mismatch (expected {md5(gz(files[name]))}, got {md5(gz(bytes(changed)))})"
+    else:
+        want = f"content MD5 mismatch (expected {md5(files[name])}, got {md5(bytes(changed))})"
+    assert msg == f"dataset 'byo': could not get {name}.gz from any mirror (tried: {src}/{name}.gz: {want})"
+    assert not out.exists()
+    # the slice alone is what the good file gives: the same take of the good files works
+    good = write_folder(tmp_path / "good", files)
+    assert data.fetch(take_source(good, {"train": 10, "test": 5}, **spec), out, QUICK) == {"train": 10, "test": 5}
+
+
+def test_take_still_validates_the_full_files(tmp_path: Path):
+    """A label out of range beyond the slice is still an error: the full files are validated."""
+    files = dataset_files()
+    y = make_pair(60)[1]
+    y[-1] = 12
+    files[data.LABELS["train"]] = idx_bytes(y)
+    src = write_folder(tmp_path / "src", files)
+    msg = fetch_error(src, tmp_path / "raw", take={"train": 10})
+    assert msg == f"{src}/{data.LABELS['train']}.gz: label 12 out of range 0..9 (1 such labels)"
+
+
+def test_take_more_than_the_file_holds(tmp_path: Path):
+    src = write_folder(tmp_path / "src", dataset_files())
+    out = tmp_path / "raw"
+    msg = fetch_error(src, out, take={"train": 61})
+    assert msg == (f"params.yaml: sources.byo.take.train: asks for 61 samples, but "
+                   f"{src}/train-images-idx3-ubyte.gz holds only 60")
+    msg = fetch_error(src, out, take={"train": 8, "test": 2000})
+    assert msg == (f"params.yaml: sources.byo.take.test: asks for 2000 samples, but "
+                   f"{src}/t10k-images-idx3-ubyte.gz holds only 20")
+    assert not out.exists()
+    # a failed take leaves an earlier raw folder as it was
+    data.fetch(take_source(src, {"train": 8}), out, QUICK)
+    before = tree_digest(out)
+    fetch_error(src, out, take={"train": 100})
+    assert tree_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "src"]  # no staging left behind
+
+    no_test = write_folder(tmp_path / "no_test", dataset_files(test=False))
+    msg = fetch_error(no_test, tmp_path / "raw2", take={"test": 5})
+    assert msg == ("params.yaml: sources.byo.take.test: asks for 5 samples, but dataset 'byo' has no "
+                   "test set (t10k-images-idx3-ubyte not found in any mirror)")
+
+
+@pytest.mark.parametrize("take, match", [
+    ({"train": 0}, r"^params\.yaml: sources\.x\.take\.train must be a positive integer \(got 0\)$"),
+    ({"test": -5}, r"^params\.yaml: sources\.x\.take\.test must be a positive integer \(got -5\)$"),
+    ({"train": 8000.0}, r"^params\.yaml: sources\.x\.take\.train must be a positive integer \(got 8000\.0\)$"),
+    ({"train": 1.5}, r"^params\.yaml: sources\.x\.take\.train must be a positive integer \(got 1\.5\)$"),
+    ({"train": True}, r"^params\.yaml: sources\.x\.take\.train must be a positive integer \(got True\)$"),
+    ({"test": "2000"}, r"^params\.yaml: sources\.x\.take\.test must be a positive integer \(got '2000'\)$"),
+    ({"train": None}, r"^params\.yaml: sources\.x\.take\.train must be a positive integer \(got None\)$"),
+    ({"train": 10, "val": 5}, r"^params\.yaml: sources\.x\.take: unknown key\(s\) val \(valid: train, test\)$"),
+    ({1: 5}, r"^params\.yaml: sources\.x\.take: unknown key\(s\) 1 \(valid: train, test\)$"),
+    (8000, r"^params\.yaml: sources\.x\.take must map train and/or test to a sample count "
+           r"\(e\.g\. \{train: 8000, test: 2000\}; got 8000\)$"),
+    ([8000, 2000], r"^params\.yaml: sources\.x\.take must map train and/or test"),
+])
+def test_bad_take_specs(take, match):
+    with raises_one_line(match) as e:
+        data.resolve_source({"sources": {"x": {"mirrors": ["/x"], "take": take}}}, "x")
+    assert "\n" not in str(e.value)
+
+
+def test_take_is_not_for_embedded_sources():
+    with raises_one_line(r"^params\.yaml: sources\.x: 'embedded' takes no other keys$"):
+        data.resolve_source({"sources": {"x": {"embedded": "sklearn_digits", "take": {"train": 10}}}}, "x")
+
+
+def test_fashion_mini_is_the_first_of_the_real_fashion_mnist(root: Path, tmp_path: Path, monkeypatch):
+    """params.yaml's fashion_mini: the first 8,000/2,000 official Fashion-MNIST images
+    (from ../shared, as the CI gate gets them), verified as official, then split."""
+    folder = shared_dataset("fashion-mnist")
+    monkeypatch.chdir(root)  # the mirrors are relative to the repo root
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    source = data.resolve_source(params, "fashion_mini")
+    assert source.take == {"train": 8000, "test": 2000}
+    assert source.content_md5 == data.OFFICIAL_CONTENT_MD5["FashionMNIST"]
+    assert source.mirrors == data.resolve_source(params, "fashion_mnist").mirrors
+    out = tmp_path / "raw"
+    assert data.fetch(source, out, QUICK) == {"train": 8000, "test": 2000}
+
+    manifest = raw_manifest(out)
+    assert manifest["take"] == {"train": 8000, "test": 2000}
+    assert {e["verified"] for e in manifest["files"].values()} == {"content-md5"}  # the full official content
+    first = next(m for m in source.mirrors if Path(m).is_dir())
+    assert {e["from"] for e in manifest["files"].values()} == {f"{first}/{f}.gz" for f in data.FILES}
+    for subset, n in (("train", 8000), ("test", 2000)):
+        for name, size in ((data.IMAGES[subset], 28 * 28), (data.LABELS[subset], 1)):
+            head = 16 if size > 1 else 8
+            with gzip.open(folder / f"{name}.gz") as f:
+                full_head = f.read(head + n * size)  # the full file's header and first n rows
+            sliced = (out / name).read_bytes()
+            assert len(sliced) == head + n * size and sliced[head:] == full_head[head:]
+        images, labels = data.read_pair(out, subset, 10)
+        assert images.shape == (n, 28, 28)
+        per_class = torch.bincount(labels, minlength=10)
+        assert len(per_class) == 10 and (per_class > 0).all(), per_class.tolist()
+
+    summary = data.split(out, tmp_path / "split", list(source.classes), 0.1, 0.2, 1234, "fashion_mini")
+    assert summary["test_source"] == "official" and summary["classes"][0] == "T-shirt/top"
+    assert {k: summary[k]["count"] for k in ("train", "val", "test")} == {"train": 7200, "val": 800, "test": 2000}
+    for k in ("train", "val", "test"):
+        assert all(c > 0 for c in summary[k]["per_class"]), (k, summary[k]["per_class"])
+    x, y = data.load_split(tmp_path / "split", "test")
+    assert torch.equal(x, data.read_pair(out, "test", 10)[0])
 
 
 # --------------------------------------------------------------------------- validation errors

@@ -8,6 +8,7 @@ makes, under one path prefix per "mirror", and can misbehave on request
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -23,9 +24,14 @@ from test_data import (
     dataset_files,
     gz,
     idx_bytes,
+    make_pair,
+    manifest_verified,
     md5,
+    official_spec,
+    regz,
     run_stage,
     tree_digest,
+    write_folder,
 )
 
 from mnistlab import data
@@ -303,6 +309,132 @@ def test_no_md5_and_a_new_mirror_list_fetches_again(mirrors: Mirrors, tmp_path: 
     data.fetch(url_source(mirrors.url("m2")), out, FAST)
     assert mirrors.count("/m2/") > 0 and mirrors.count("/m1/") == 0
     assert (out / data.IMAGES["train"]).read_bytes() == dataset_files(seed=5)[data.IMAGES["train"]]
+
+
+# --------------------------------------------------------------------------- content digests
+
+
+def content_source(*mirrors: str, files: dict[str, bytes]) -> data.Source:
+    """Pinned as an official dataset: .gz MD5s (of :func:`gz`'s bytes) and content MD5s."""
+    return data.resolve_source({"sources": {"web": {"mirrors": list(mirrors), **official_spec(files)}}}, "web")
+
+
+def publish_recompressed(m: Mirrors, mirror: str, files: dict[str, bytes]) -> dict[str, bytes]:
+    served = {f"{name}.gz": regz(blob) for name, blob in files.items()}
+    for name, blob in served.items():
+        m.files[f"/{mirror}/{name}"] = blob
+    return served
+
+
+def test_recompressed_download_verifies_by_content_and_is_reused(mirrors: Mirrors, tmp_path: Path, caplog):
+    files = dataset_files()
+    served = publish_recompressed(mirrors, "m1", files)
+    source = content_source(mirrors.url("m1"), files=files)
+    out = tmp_path / "raw"
+    with caplog.at_level(logging.INFO, logger="mnistlab.data"):
+        assert data.fetch(source, out, FAST) == {"train": 60, "test": 20}
+    assert manifest_verified(out) == {"content-md5"}
+    url = mirrors.url("m1") + "train-images-idx3-ubyte.gz"
+    assert f"{url}: differs from the official file (MD5 mismatch (expected " \
+           f"{md5(gz(files[data.IMAGES['train']]))}, got {md5(served['train-images-idx3-ubyte.gz'])})" in caplog.text
+    for name, blob in files.items():
+        assert (out / name).read_bytes() == blob
+        assert (out / f"{name}.gz").read_bytes() == served[f"{name}.gz"]
+
+    # a rerun reuses the kept .gz files: their content is verified, no request is made
+    before = tree_digest(out)
+    mirrors.requests.clear()
+    assert data.fetch(source, out, FAST) == {"train": 60, "test": 20}
+    assert mirrors.requests == [] and tree_digest(out) == before
+
+    # a kept .gz whose content changed (a valid gzip) is fetched again
+    name = data.LABELS["train"]
+    assert files[name][-1] == 9
+    (out / f"{name}.gz").write_bytes(regz(files[name][:-1] + b"\x00"))
+    assert data.fetch(source, out, FAST) == {"train": 60, "test": 20}
+    assert {r.rsplit("/", 1)[1] for r in mirrors.requests} == {f"{name}.gz"}
+    assert (out / name).read_bytes() == files[name]
+
+
+def test_changed_content_byte_over_http(mirrors: Mirrors, tmp_path: Path):
+    """Re-compressed with one content byte changed: refused (next mirror), one line naming the URL."""
+    per_attempt = requests_per_attempt(mirrors, tmp_path)
+    files = dataset_files()
+    name = data.LABELS["train"]
+    changed = {**files, name: files[name][:-1] + bytes([(files[name][-1] + 1) % 10])}
+    publish_recompressed(mirrors, "bad", changed)
+    mirrors.publish("good", files)
+    out = tmp_path / "raw"
+    source = content_source(mirrors.url("bad"), mirrors.url("good"), files=files)
+    assert data.fetch(source, out, FAST) == {"train": 60, "test": 20}
+    assert (out / name).read_bytes() == files[name]
+    assert mirrors.requests.count(f"/bad/{name}.gz") == per_attempt  # not retried
+    assert mirrors.count("/good/") == per_attempt  # only that file came from the good mirror
+
+    with pytest.raises(MnistlabError) as e:
+        data.fetch(content_source(mirrors.url("bad"), files=files), tmp_path / "other", FAST)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(
+        f"dataset 'web': could not get {name}.gz from any mirror (tried: {mirrors.url('bad')}{name}.gz: "
+        f"content MD5 mismatch (expected {md5(files[name])}, got {md5(changed[name])})). Offline?")
+    assert not (tmp_path / "other").exists()
+
+
+def test_local_folder_first_means_no_request(mirrors: Mirrors, tmp_path: Path):
+    files = dataset_files()
+    mirrors.publish("m1", files)
+    folder = write_folder(tmp_path / "local", files, gzipped=False)
+    out = tmp_path / "raw"
+    assert data.fetch(content_source(str(folder), mirrors.url("m1"), files=files), out, FAST) == {"train": 60, "test": 20}
+    assert mirrors.requests == []
+    assert manifest_verified(out) == {"content-md5"}
+    assert not list(out.glob("*.gz"))
+
+    # a folder that does not exist is skipped: the URL mirror is used
+    out2 = tmp_path / "raw2"
+    source = content_source(str(tmp_path / "nowhere"), mirrors.url("m1"), files=files)
+    assert data.fetch(source, out2, FAST) == {"train": 60, "test": 20}
+    assert mirrors.count("/m1/") > 0 and manifest_verified(out2) == {"md5+content-md5"}
+
+
+def test_take_keeps_the_full_gz_and_reruns_without_requests(mirrors: Mirrors, tmp_path: Path):
+    """With take, the kept .gz files stay the full verified downloads: a rerun, or a
+    new take, is cut from them without any request; a changed one is fetched again."""
+    files = dataset_files()
+    served = publish_recompressed(mirrors, "m1", files)  # verified by content, as Debian's copy
+    out = tmp_path / "raw"
+
+    def source(take: dict) -> data.Source:
+        spec = {"mirrors": [mirrors.url("m1")], **official_spec(files), "take": take}
+        return data.resolve_source({"sources": {"web": spec}}, "web")
+
+    assert data.fetch(source({"train": 25, "test": 7}), out, FAST) == {"train": 25, "test": 7}
+    for name in files:
+        assert (out / f"{name}.gz").read_bytes() == served[f"{name}.gz"]  # the full file
+    x, y = make_pair(60)
+    assert data.read_pair(out, "train", 10)[0].equal(x[:25])
+    manifest = json.loads((out / data.MANIFEST).read_text())
+    assert manifest["take"] == {"train": 25, "test": 7}
+    assert {e["md5"] for e in manifest["files"].values()} == {md5(b) for b in served.values()}
+
+    before = tree_digest(out)
+    mirrors.requests.clear()
+    assert data.fetch(source({"train": 25, "test": 7}), out, FAST) == {"train": 25, "test": 7}
+    assert mirrors.requests == [] and tree_digest(out) == before
+
+    # a new take: cut from the kept files, still no request
+    assert data.fetch(source({"train": 40}), out, FAST) == {"train": 40, "test": 20}
+    assert mirrors.requests == []
+    assert data.read_pair(out, "train", 10)[1].equal(y[:40])
+    assert (out / data.IMAGES["test"]).read_bytes() == files[data.IMAGES["test"]]
+
+    # a kept .gz changed beyond the slice (valid gzip, last label altered): fetched again
+    name = data.LABELS["train"]
+    (out / f"{name}.gz").write_bytes(regz(files[name][:-1] + bytes([(files[name][-1] + 1) % 10])))
+    assert data.fetch(source({"train": 25, "test": 7}), out, FAST) == {"train": 25, "test": 7}
+    assert {r.rsplit("/", 1)[1] for r in mirrors.requests} == {f"{name}.gz"}
+    assert (out / f"{name}.gz").read_bytes() == served[f"{name}.gz"]
 
 
 # --------------------------------------------------------------------------- no network at all

@@ -89,8 +89,11 @@ def _default_mnist_mirrors(root: Path) -> list[str]:
 
 def _skip_if_online(mirrors: list[str]) -> None:
     for m in mirrors:
+        host = urllib.parse.urlparse(m).hostname
+        if host is None:  # a folder mirror (getaddrinfo(None) would "resolve" it)
+            continue
         try:
-            socket.getaddrinfo(urllib.parse.urlparse(m).hostname, 443)
+            socket.getaddrinfo(host, 443)
         except OSError:
             continue
         pytest.skip(f"{m} resolves: this check is for machines without a network")
@@ -99,6 +102,8 @@ def _skip_if_online(mirrors: list[str]) -> None:
 def test_mnist_with_default_params_fails_fast_offline(root: Path, tmp_path: Path):
     mirrors = _default_mnist_mirrors(root)
     _skip_if_online(mirrors)
+    # the folder mirrors (../shared/datasets/mnist) are relative to the stage's cwd: absent here
+    assert not any((tmp_path / m).exists() for m in mirrors if "://" not in m)
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, str(root / "stages" / "download.py"), "--dataset", "mnist",
                         "--out", str(tmp_path / "raw" / "mnist"), "--params", str(root / "params.yaml")],
@@ -116,6 +121,9 @@ def test_mnist_with_default_params_fails_fast_offline(root: Path, tmp_path: Path
 def test_dvc_exp_run_mnist_fails_fast_offline(root: Path, tmp_repo: Path):
     """The issue's acceptance check, verbatim: ``dvc exp run -S 'datasets=[mnist]'``."""
     _skip_if_online(_default_mnist_mirrors(root))
+    # Without the MNIST files at hand: params.yaml's first mirror, ../shared/datasets/mnist,
+    # is then a folder that does not exist (skipped), and the URL mirrors are unreachable.
+    (tmp_repo.parent / "shared").unlink(missing_ok=True)
     t0 = time.perf_counter()
     p = run(["dvc", "exp", "run", "-S", "datasets=[mnist]"], tmp_repo, check=False, timeout=300)
     assert time.perf_counter() - t0 < 60

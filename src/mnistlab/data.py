@@ -8,7 +8,11 @@ it came from:
                               split stage carves a test set out of train), the
                               ``.gz`` files as downloaded from a URL (kept so a
                               rerun can verify them without the network), and
-                              manifest.json (where each file came from, its MD5)
+                              manifest.json (where each file came from, its MD5).
+                              With ``take`` in the source, the IDX files hold only
+                              the first N train / M test samples, cut after the
+                              full files were verified; the kept ``.gz`` files and
+                              the manifest's digests stay those of the full files
     data/split/<name>/        train.pt, val.pt, test.pt  ({images: uint8 [N,28,28],
                               labels: int64 [N]}, loadable with weights_only=True)
                               and summary.json
@@ -80,9 +84,32 @@ MANIFEST = "manifest.json"
 # subclass MNIST (EMNIST, QMNIST) inherit MNIST's file list and MD5s but download
 # something else, so ``issubclass(cls, MNIST)`` would silently pin the wrong MD5s.
 TORCHVISION = ("MNIST", "FashionMNIST", "KMNIST")
-SOURCE_KEYS = ("mirrors", "torchvision", "md5", "sha256", "classes")
+SOURCE_KEYS = ("mirrors", "torchvision", "md5", "sha256", "classes", "content_md5", "content_sha256",
+               "take")
+# ``take`` keys: the official subsets a source may keep only the first samples of.
+TAKE_KEYS = ("train", "test")
 # Digests a source may pin per file: key in params.yaml → (name in messages, hex length).
 DIGESTS = {"md5": ("an MD5", 32), "sha256": ("a SHA-256", 64)}
+# Digests of a file's content (the uncompressed IDX bytes): key in params.yaml → the
+# algorithm, as in DIGESTS. They hold whatever the compression, so an uncompressed or
+# re-compressed copy of the official data verifies, and altered content never does.
+CONTENT_DIGESTS = {"content_md5": "md5", "content_sha256": "sha256"}
+# MD5s of the decompressed official files (torchvision pins only the .gz files, whose
+# bytes change when a distributor re-compresses them, e.g. Debian's dataset-fashion-mnist).
+OFFICIAL_CONTENT_MD5 = {
+    "MNIST": {
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    },
+    "FashionMNIST": {
+        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+    },
+}
 
 
 # --------------------------------------------------------------------------- sources
@@ -95,6 +122,12 @@ class Source:
     ``md5`` maps a file name (``train-images-idx3-ubyte.gz``, or the uncompressed
     name for folders holding uncompressed files) to its MD5; ``sha256`` likewise,
     for files whose publisher gives a SHA-256 (both are checked when both are given).
+    ``content_md5``/``content_sha256`` map an uncompressed name
+    (``train-images-idx3-ubyte``) to the digest of the decompressed bytes: where one
+    is given, the content must match it and the file as obtained need not match
+    ``md5``/``sha256`` (an uncompressed or re-compressed copy of the same data).
+    ``take`` maps ``train``/``test`` to how many samples to keep, the first ones
+    in file order, once the full files are verified and validated (empty: all).
     """
 
     name: str
@@ -103,15 +136,38 @@ class Source:
     classes: tuple[str, ...] = DIGIT_CLASSES
     embedded: str | None = None
     sha256: dict[str, str] = field(default_factory=dict)
+    content_md5: dict[str, str] = field(default_factory=dict)
+    content_sha256: dict[str, str] = field(default_factory=dict)
+    take: dict[str, int] = field(default_factory=dict)
+
+
+def _take_spec(key: str, spec: Any) -> dict[str, int]:
+    """Check ``sources.<name>.take`` (``key``): {train: N, test: M}, each optional, N, M >= 1."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise MnistlabError(f"params.yaml: {key} must map train and/or test to a sample count "
+                            f"(e.g. {{train: 8000, test: 2000}}; got {spec!r})")
+    unknown = sorted(set(spec) - set(TAKE_KEYS), key=str)
+    if unknown:
+        raise MnistlabError(f"params.yaml: {key}: unknown key(s) {', '.join(map(str, unknown))} "
+                            f"(valid: {', '.join(TAKE_KEYS)})")
+    for subset, n in spec.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise MnistlabError(f"params.yaml: {key}.{subset} must be a positive integer (got {n!r})")
+    return {s: spec[s] for s in TAKE_KEYS if s in spec}
 
 
 def resolve_source(params: dict[str, Any], name: str) -> Source:
     """Build the :class:`Source` for dataset ``name`` from ``params['sources']``.
 
     Accepted forms: ``{embedded: sklearn_digits}``; a plain string (a folder or a
-    base URL); or ``{mirrors: [...], torchvision: NAME, md5: {...}, sha256: {...}, classes: [...]}``
-    where ``torchvision`` (MNIST, FashionMNIST or KMNIST) supplies the official
-    MD5s, class names and, unless ``mirrors`` is given, the mirrors.
+    base URL); or ``{mirrors: [...], torchvision: NAME, md5: {...}, sha256: {...},
+    content_md5: {...}, content_sha256: {...}, classes: [...], take: {...}}`` where ``torchvision``
+    (MNIST, FashionMNIST or KMNIST) supplies the official MD5s (of the ``.gz`` files
+    and, for MNIST and FashionMNIST, of their content), class names and, unless
+    ``mirrors`` is given, the mirrors. Digests given in ``spec`` override those per file.
+    ``take: {train: N, test: M}`` (either optional) keeps only the first N/M samples.
     """
     sources = params.get("sources") or {}
     if not isinstance(sources, dict):
@@ -143,6 +199,7 @@ def resolve_source(params: dict[str, Any], name: str) -> Source:
         )
 
     md5: dict[str, str] = {}
+    content_md5: dict[str, str] = {}
     classes = DIGIT_CLASSES
     mirrors: Any = None
     if "torchvision" in spec:
@@ -153,25 +210,31 @@ def resolve_source(params: dict[str, Any], name: str) -> Source:
             )
         cls = getattr(_tvd(), spec["torchvision"])
         md5 = dict(cls.resources)
+        content_md5 = dict(OFFICIAL_CONTENT_MD5.get(spec["torchvision"], {}))
         mirrors = list(cls.mirrors)
         if cls is not _tvd().MNIST:  # MNIST's names are "0 - zero"...; plain digits read better
             classes = tuple(cls.classes)
 
     known = set(FILES) | {f"{f}.gz" for f in FILES}
-    pinned: dict[str, dict[str, str]] = {"md5": md5, "sha256": {}}
-    for algo, (shown, length) in DIGESTS.items():
-        extra = spec.get(algo) or {}
+    pinned: dict[str, dict[str, str]] = {"md5": md5, "sha256": {},
+                                         "content_md5": content_md5, "content_sha256": {}}
+    for param in (*DIGESTS, *CONTENT_DIGESTS):
+        shown, length = DIGESTS[CONTENT_DIGESTS.get(param, param)]
+        content = param in CONTENT_DIGESTS
+        extra = spec.get(param) or {}
         if not isinstance(extra, dict):
-            raise MnistlabError(f"params.yaml: {key}.{algo} must map file names to {shown.split()[1]}s")
+            raise MnistlabError(
+                f"params.yaml: {key}.{param} must map "
+                f"{'uncompressed ' if content else ''}file names to {shown.split()[1]}s"
+            )
         for fname, digest in extra.items():
-            if fname not in known:
-                raise MnistlabError(
-                    f"params.yaml: {key}.{algo}: unknown file {fname!r} (valid: the official "
-                    f"MNIST names, e.g. {FILES[0]}.gz or {FILES[0]})"
-                )
+            if fname not in (FILES if content else known):
+                valid = (f"the uncompressed official MNIST names: {', '.join(FILES)}" if content
+                         else f"the official MNIST names, e.g. {FILES[0]}.gz or {FILES[0]}")
+                raise MnistlabError(f"params.yaml: {key}.{param}: unknown file {fname!r} (valid: {valid})")
             if not (isinstance(digest, str) and re.fullmatch(f"[0-9a-fA-F]{{{length}}}", digest)):
-                raise MnistlabError(f"params.yaml: {key}.{algo}.{fname}: not {shown} (got {digest!r})")
-            pinned[algo][fname] = digest.lower()
+                raise MnistlabError(f"params.yaml: {key}.{param}.{fname}: not {shown} (got {digest!r})")
+            pinned[param][fname] = digest.lower()
 
     if spec.get("classes") is not None:
         cl = spec["classes"]
@@ -186,7 +249,10 @@ def resolve_source(params: dict[str, Any], name: str) -> Source:
             mirrors = [mirrors]
     if not mirrors or not isinstance(mirrors, list) or not all(isinstance(m, str) and m for m in mirrors):
         raise MnistlabError(f"params.yaml: {key}.mirrors must list at least one URL or folder")
-    return Source(name, tuple(mirrors), md5, classes, sha256=pinned["sha256"])
+    take = _take_spec(f"{key}.take", spec.get("take"))
+    return Source(name, tuple(mirrors), md5, classes, sha256=pinned["sha256"],
+                  content_md5=pinned["content_md5"], content_sha256=pinned["content_sha256"],
+                  take=take)
 
 
 def _is_url(location: str) -> bool:
@@ -294,13 +360,61 @@ def _verified(md5: str | None, sha256: str | None, otherwise: str) -> str:
     return "+".join(a for a, d in (("md5", md5), ("sha256", sha256)) if d) or otherwise
 
 
-def _download(url: str, gz: Path, dest: Path, md5: str | None, settings: DownloadSettings,
-              sha256: str | None = None) -> _Miss | None:
-    """Download ``url`` to ``gz`` and extract it to ``dest``; None on success, else why not.
+@dataclass(frozen=True)
+class _Pins:
+    """The digests pinned for one file: of the file as obtained, and of its content."""
 
-    Retries (with backoff) what may be transient: timeouts, dropped connections,
-    5xx, a file cut short. Goes straight to the next mirror on what is not: 4xx,
-    unknown host, a complete file with the wrong MD5 or SHA-256.
+    md5: str | None = None
+    sha256: str | None = None
+    content_md5: str | None = None
+    content_sha256: str | None = None
+
+    @classmethod
+    def of(cls, source: Source, obtained: str, fname: str) -> _Pins:
+        """``obtained``: the name of the file as obtained (``fname`` or ``fname.gz``)."""
+        return cls(source.md5.get(obtained), source.sha256.get(obtained),
+                   source.content_md5.get(fname), source.content_sha256.get(fname))
+
+    @property
+    def content(self) -> bool:
+        return bool(self.content_md5 or self.content_sha256)
+
+    def __bool__(self) -> bool:
+        return bool(self.md5 or self.sha256 or self.content)
+
+
+def _verify(obtained: Path, content: Path, pins: _Pins, otherwise: str, shown: str) -> str:
+    """Check a file as obtained and as extracted (``content``) against ``pins``.
+
+    With a content digest pinned, the content must match it and the file as
+    obtained need not match its own digests (a re-compressed or uncompressed copy
+    of the same data: only logged); otherwise the file as obtained must match.
+    Returns the manifest's ``verified`` entry (``otherwise`` when nothing is
+    pinned); raises :class:`_BadFile` (not transient) with the reason. ``shown``:
+    what the log calls the file (its URL or path).
+    """
+    container_bad = _mismatch(obtained, pins.md5, pins.sha256)
+    if not pins.content:
+        if container_bad:
+            raise _BadFile(container_bad)
+        return _verified(pins.md5, pins.sha256, otherwise)
+    if bad := _mismatch(content, pins.content_md5, pins.content_sha256):
+        raise _BadFile(f"content {bad}")
+    if container_bad:
+        log.info("%s: differs from the official file (%s), but its content matches: a "
+                 "re-compressed or uncompressed copy; accepted", shown, container_bad)
+    checked = [] if container_bad else [a for a, d in (("md5", pins.md5), ("sha256", pins.sha256)) if d]
+    checked += [f"content-{a}" for a, d in (("md5", pins.content_md5), ("sha256", pins.content_sha256)) if d]
+    return "+".join(checked)
+
+
+def _download(url: str, gz: Path, dest: Path, pins: _Pins, settings: DownloadSettings) -> str | _Miss:
+    """Download ``url`` to ``gz``, extract it to ``dest`` and verify it (:func:`_verify`).
+
+    Returns the manifest's ``verified`` entry, or why not. Retries (with backoff)
+    what may be transient: timeouts, dropped connections, 5xx, a file cut short.
+    Goes straight to the next mirror on what is not: 4xx, unknown host, a complete
+    file with the wrong digest.
     """
     problem = "not attempted"
     for attempt in range(1, settings.retries + 1):
@@ -310,9 +424,7 @@ def _download(url: str, gz: Path, dest: Path, md5: str | None, settings: Downloa
             with _socket_timeout(settings.timeout):
                 _tvu().download_url(url, str(gz.parent), filename=gz.name, md5=None)
             _extract(gz, dest)
-            if bad := _mismatch(gz, md5, sha256):
-                return _Miss(url, bad)
-            return None
+            return _verify(gz, dest, pins, "gzip only", url)
         except urllib.error.HTTPError as e:
             problem = f"HTTP {e.code}"
             if 400 <= e.code < 500 and e.code not in (408, 429):
@@ -336,9 +448,8 @@ def _download(url: str, gz: Path, dest: Path, md5: str | None, settings: Downloa
     return _Miss(url, f"{problem} (after {settings.retries} attempts)")
 
 
-def _from_folder(folder: Path, fname: str, md5: dict[str, str], dest: Path,
-                 sha256: dict[str, str] | None = None) -> tuple[str, str] | _Miss:
-    """Extract ``fname`` (gzipped or not) from a local folder into ``dest``.
+def _from_folder(folder: Path, fname: str, source: Source, dest: Path) -> tuple[str, str] | _Miss:
+    """Extract ``fname`` (gzipped or not) from a local folder into ``dest``, verified.
 
     Returns (the file used, the manifest's ``verified`` entry) or a miss.
     """
@@ -347,17 +458,18 @@ def _from_folder(folder: Path, fname: str, md5: dict[str, str], dest: Path,
     local = next((c for c in (folder / f"{fname}.gz", folder / fname) if c.is_file()), None)
     if local is None:
         return _Miss(str(folder), f"no {fname}.gz or {fname}", absent=True)
-    sha256 = sha256 or {}
-    want, want_sha = md5.get(local.name), sha256.get(local.name)
-    if bad := _mismatch(local, want, want_sha):
-        return _Miss(str(local), bad)
-    if not (want or want_sha) and (md5 or sha256):
+    pins = _Pins.of(source, local.name, fname)
+    if not pins and (source.md5 or source.sha256 or source.content_md5 or source.content_sha256):
         log.warning("%s: no MD5 or SHA-256 known for this name; not verified", local)
     try:
         _extract(local, dest)
+        return str(local), _verify(local, dest, pins, "no md5 given", str(local))
     except _BadFile as e:
-        return _Miss(str(local), str(e))
-    return str(local), _verified(want, want_sha, "no md5 given")
+        dest.unlink(missing_ok=True)
+        # Without a content digest, a wrong digest is the reason given, even when the
+        # file cannot be extracted either (it was checked before extracting, as ever).
+        bad = None if pins.content else _mismatch(local, pins.md5, pins.sha256)
+        return _Miss(str(local), bad or str(e))
 
 
 def _read_manifest(out: Path) -> dict[str, Any]:
@@ -368,24 +480,35 @@ def _read_manifest(out: Path) -> dict[str, Any]:
         return {}
 
 
-def _reuse(out: Path, fname: str, md5: str | None, urls: list[str], previous: dict[str, Any],
-           sha256: str | None = None) -> str | None:
-    """The URL a verified copy of ``fname``'s ``.gz`` already in ``out`` came from, or None.
+def _reuse(out: Path, stage: Path, fname: str, pins: _Pins, urls: list[str],
+           previous: dict[str, Any]) -> dict[str, Any] | None:
+    """Reuse a verified copy of ``fname``'s ``.gz`` already in ``out``: copy and extract
+    it into ``stage``; return its manifest entry, or None (nothing left in ``stage``).
 
-    Verified means: matches the known MD5 and/or SHA-256; or, with neither known,
+    Verified means: passes :func:`_verify` against ``pins``; or, with nothing pinned,
     matches the MD5 recorded when it was downloaded from a URL that is still a mirror.
     """
-    path = out / f"{fname}.gz"
+    gz = f"{fname}.gz"
+    path = out / gz
     if not path.is_file():
         return None
     entry = previous.get(fname) or {}
     if not isinstance(entry, dict):
         return None
-    if md5 or sha256:
-        return None if _mismatch(path, md5, sha256) else entry.get("from", "earlier download")
-    if entry.get("from") in urls and entry.get("md5") and _tvu().check_integrity(path, entry["md5"]):
-        return entry["from"]
-    return None
+    if not pins and not (entry.get("from") in urls and entry.get("md5")
+                         and _tvu().check_integrity(path, entry["md5"])):
+        return None
+    shutil.copyfile(path, stage / gz)
+    try:
+        _extract(stage / gz, stage / fname)
+        verified = _verify(stage / gz, stage / fname, pins, "gzip only", str(path))
+    except _BadFile as e:  # changed, or verified by MD5 yet unreadable: fetch it again
+        log.info("%s: %s; fetching it again", path, e)
+        (stage / gz).unlink(missing_ok=True)
+        (stage / fname).unlink(missing_ok=True)
+        return None
+    return {"from": entry.get("from", "earlier download"), "md5": _tvu().calculate_md5(stage / gz),
+            "verified": verified}
 
 
 def _fetch_files(source: Source, out: Path, stage: Path, settings: DownloadSettings
@@ -399,46 +522,37 @@ def _fetch_files(source: Source, out: Path, stage: Path, settings: DownloadSetti
     manifest: dict[str, dict[str, Any]] = {}
     for fname in FILES:
         gz = f"{fname}.gz"
-        md5, sha256 = source.md5.get(gz), source.sha256.get(gz)
+        pins = _Pins.of(source, gz, fname)
         # The test pair is optional (the split then carves one), unless a digest
         # pins it: an official dataset must come with its official test set.
         optional = fname.startswith("t10k") and not any(
-            n in pins for n in (gz, fname) for pins in (source.md5, source.sha256))
+            n in pinned for n in (gz, fname)
+            for pinned in (source.md5, source.sha256, source.content_md5, source.content_sha256))
         urls = [m.rstrip("/") + "/" + gz for m in source.mirrors if _is_url(m)]
 
-        origin = _reuse(out, fname, md5, urls, previous, sha256)
-        if origin is not None:
-            shutil.copyfile(out / gz, stage / gz)
-            try:
-                _extract(stage / gz, stage / fname)
-            except _BadFile:  # verified by MD5 yet unreadable: fetch it again below
-                origin = None
-            else:
-                log.info("%s: %s already present and verified; not fetched", source.name, gz)
-                manifest[fname] = {"from": origin, "md5": _tvu().calculate_md5(stage / gz),
-                                   "verified": _verified(md5, sha256, "gzip only")}
-                continue
-            (stage / gz).unlink(missing_ok=True)
+        reused = _reuse(out, stage, fname, pins, urls, previous)
+        if reused is not None:
+            log.info("%s: %s already present and verified; not fetched", source.name, gz)
+            manifest[fname] = reused
+            continue
 
         misses: list[_Miss] = []
         for mirror in source.mirrors:
             if _is_url(mirror):
                 url = mirror.rstrip("/") + "/" + gz
-                miss = _download(url, stage / gz, stage / fname, md5, settings, sha256)
-                if miss is None:
+                got = _download(url, stage / gz, stage / fname, pins, settings)
+                if not isinstance(got, _Miss):
                     manifest[fname] = {"from": url, "md5": _tvu().calculate_md5(stage / gz),
-                                       "verified": _verified(md5, sha256, "gzip only")}
+                                       "verified": got}
                     break
             else:
-                got = _from_folder(Path(mirror).expanduser(), fname, source.md5, stage / fname,
-                                   source.sha256)
+                got = _from_folder(Path(mirror).expanduser(), fname, source, stage / fname)
                 if not isinstance(got, _Miss):
                     local, verified = got
                     manifest[fname] = {"from": local, "md5": _tvu().calculate_md5(Path(local)),
                                        "verified": verified}
                     break
-                miss = got
-            misses.append(miss)
+            misses.append(got)
             (stage / gz).unlink(missing_ok=True)
             (stage / fname).unlink(missing_ok=True)
         else:
@@ -477,6 +591,8 @@ def fetch(source: Source, out: str | os.PathLike, settings: DownloadSettings) ->
     then replaces ``out``, so a failure leaves an earlier ``out`` untouched, and a
     success leaves no stale file behind (dvc.yaml marks ``out`` ``persist`` so that
     verified files survive a rerun: they are reused without any network access).
+    With ``source.take``, the full files are verified and validated first, then cut
+    to their first samples (:func:`_take`); the counts returned are those kept.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -493,11 +609,40 @@ def fetch(source: Source, out: str | os.PathLike, settings: DownloadSettings) ->
             manifest = _fetch_files(source, out, stage, settings)
             shown = {f: entry["from"] for f, entry in manifest.items()}
         counts = validate_raw(stage, len(source.classes), shown)
-        write_json(stage / MANIFEST, {"dataset": source.name, "files": manifest})
+        record: dict[str, Any] = {"dataset": source.name, "files": manifest}
+        if source.take:
+            counts = _take(stage, source, counts, shown)
+            record["take"] = dict(source.take)
+        write_json(stage / MANIFEST, record)
         _replace_dir(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return counts
+
+
+def _take(stage: Path, source: Source, counts: dict[str, int], shown: dict[str, str]
+          ) -> dict[str, int]:
+    """Cut the validated IDX pairs in ``stage`` to their first ``source.take`` samples.
+
+    ``counts``: the full files' sample counts (from :func:`validate_raw`). Only the
+    uncompressed IDX files are rewritten; a kept ``.gz`` stays the full, verified
+    file, so a rerun reuses it and cuts again. Returns the counts kept.
+    """
+    for subset, n in source.take.items():
+        key = f"params.yaml: sources.{source.name}.take.{subset}"
+        if subset not in counts:
+            raise MnistlabError(f"{key}: asks for {n} samples, but dataset {source.name!r} has no "
+                                f"{subset} set ({IMAGES[subset]} not found in any mirror)")
+        if n > counts[subset]:
+            raise MnistlabError(f"{key}: asks for {n} samples, but {shown.get(IMAGES[subset], IMAGES[subset])} "
+                                f"holds only {counts[subset]}")
+        if n == counts[subset]:
+            continue
+        images, labels = read_pair(stage, subset, len(source.classes), shown)
+        write_idx(stage / IMAGES[subset], images[:n])
+        write_idx(stage / LABELS[subset], labels[:n])
+        log.info("%s: kept the first %d of %d %s samples (take)", source.name, n, counts[subset], subset)
+    return validate_raw(stage, len(source.classes), shown)
 
 
 def _replace_dir(new: Path, out: Path) -> None:
