@@ -33,9 +33,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from mnistlab.config import HParams, TrainSettings, load_params
+from mnistlab.config import TrainSettings, load_params
+from mnistlab.hparams import HParams
+from mnistlab.inference import native_bf16, to_device
 from mnistlab.models import REGISTRY, build_model
-from mnistlab.training import fit, make_optimizer, make_scheduler, native_bf16, to_device
+from mnistlab.training import build, fit, make_optimizer, make_scheduler
 from mnistlab.utils import pick_device, seed_everything, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,8 +113,9 @@ def ours(hp: HParams, settings: TrainSettings, root: Path, device: torch.device,
                    settings.channels_last)
     ckpt = tmp / f"{hp.arch}.pt"
     ckpt.unlink(missing_ok=True)
-    r = fit(hp, settings, tr, te, num_classes=10, seed=seed, fingerprint="bench", checkpoint=ckpt,
-            tag=f"bench-{hp.arch}")
+    built = build(hp, settings, num_classes=10, n_train=len(tr), device=device, seed=seed)
+    r = fit(built, tr, te, hp=hp, settings=settings, dataset="bench", seed=seed,
+            fingerprint="bench", checkpoint=ckpt)
     return {"images_per_second": r.summary["train_images_per_second"],
             "train_seconds": r.summary["train_seconds"],
             "test_accuracy": r.history[-1]["val_accuracy"]}
@@ -136,12 +139,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=0, help="override every arch's epochs (0: params.yaml)")
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--seed", type=int, default=None, help="default: params.yaml's seed")
     args = ap.parse_args()
 
     params = load_params(args.params)
     settings = dataclasses.replace(TrainSettings.from_params(params), min_steps=0)
     device = pick_device(settings.device)
-    seed = params["seed"]
+    seed = params["seed"] if args.seed is None else args.seed
     archs = sorted(REGISTRY) if args.archs == "all" else args.archs.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,7 +173,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
     result = {"device": device.type, "device_name": name, "torch": torch.__version__,
               "mnistlab_bf16_autocast": settings.bf16 and native_bf16(device),
-              "threads": torch.get_num_threads(), "data": str(args.data),
+              "threads": torch.get_num_threads(), "data": str(args.data), "seed": seed,
               "settings": dataclasses.asdict(settings), "geomean_ratio": geomean, "archs": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"loops-{device.type}"

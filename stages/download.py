@@ -8,8 +8,9 @@ Reads params: sources.<dataset>, download.
 import argparse
 from pathlib import Path
 
-from mnistlab import data
-from mnistlab.config import load_params
+from mnistlab.config import DownloadSettings, load_params
+from mnistlab.data.download import fetch
+from mnistlab.data.sources import resolve_source
 from mnistlab.errors import run_stage
 
 
@@ -21,8 +22,8 @@ def main() -> None:
     args = ap.parse_args()
 
     params = load_params(args.params)
-    source = data.resolve_source(params, args.dataset)
-    counts = data.fetch(source, args.out, data.DownloadSettings.from_params(params))
+    source = resolve_source(params, args.dataset)
+    counts = fetch(source, args.out, DownloadSettings.from_params(params))
     print(f"{args.dataset}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
           + f" samples verified in {args.out}")
 

@@ -8,8 +8,9 @@ Reads params: seed, split, sources.<dataset> (for the class names).
 import argparse
 from pathlib import Path
 
-from mnistlab import data
 from mnistlab.config import get, load_params
+from mnistlab.data.sources import resolve_source
+from mnistlab.data.split import split
 from mnistlab.errors import run_stage
 
 
@@ -22,9 +23,9 @@ def main() -> None:
     args = ap.parse_args()
 
     params = load_params(args.params)
-    source = data.resolve_source(params, args.dataset)
-    summary = data.split(args.raw, args.out, list(source.classes), get(params, "split.val_fraction"),
-                         get(params, "split.test_fraction"), get(params, "seed"), args.dataset)
+    source = resolve_source(params, args.dataset)
+    summary = split(args.raw, args.out, list(source.classes), get(params, "split.val_fraction"),
+                    get(params, "split.test_fraction"), get(params, "seed"), args.dataset)
     print(f"{args.dataset}: " + ", ".join(f"{s} {summary[s]['count']}" for s in ("train", "val", "test"))
           + f" ({summary['test_source']} test set) in {args.out}")
 

@@ -5,30 +5,8 @@
         --checkpoint checkpoints/digits/mlp/last.pt
 """
 
-import argparse
-import json
-from pathlib import Path
-
-from mnistlab.config import load_params
-from mnistlab.errors import run_stage
-from mnistlab.experiment import TrainPaths, train
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--dataset", required=True)
-    ap.add_argument("--arch", required=True)
-    ap.add_argument("--split", required=True, type=Path)
-    ap.add_argument("--model-dir", required=True, type=Path)
-    ap.add_argument("--metrics-dir", required=True, type=Path)
-    ap.add_argument("--checkpoint", required=True, type=Path)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
-
-    paths = TrainPaths(args.split, args.model_dir, args.metrics_dir, args.checkpoint)
-    summary = train(load_params(args.params), args.dataset, args.arch, paths)
-    print(json.dumps({"dataset": args.dataset, "arch": args.arch, **summary}))
-
+from mnistlab.stages import cli
+from mnistlab.stages.train import TrainPaths, train
 
 if __name__ == "__main__":
-    run_stage(main)
+    cli(train, TrainPaths, __doc__)

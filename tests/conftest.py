@@ -1,19 +1,24 @@
-"""Shared fixtures: repo paths, the real MNIST files beside the repo, and temp copies of the repo."""
+"""Shared fixtures: repo paths, the real MNIST files beside the repo, temp copies of the repo,
+a temp MLflow store per module, and a local HTTP server of mirrors.
+
+The helpers behind them, and those that several test modules share, live in ``tests/helpers``
+(imported as ``helpers.*``: tests never import from each other's test files).
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "datasets"
-VENV_BIN = Path(sys.executable).parent
+# The helpers' asserts report as a test's own do (registered before they are imported).
+pytest.register_assert_rewrite("helpers")
+
+from helpers.http import Mirrors  # noqa: E402
+from helpers.repo import ROOT, SHARED, make_repo  # noqa: E402
 
 # Tests are CPU-only and small; two threads match the CI machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -40,16 +45,6 @@ def mnist_mini() -> Path:
     return path
 
 
-def stage_env(tmp: Path) -> dict[str, str]:
-    """Environment for running stages/DVC in a temp repo: venv first on PATH, own MLflow store."""
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
-    env.pop("DVC_EXP_NAME", None)
-    env["DVC_NO_ANALYTICS"] = "1"
-    return env
-
-
 @pytest.fixture
 def tmp_repo(tmp_path: Path) -> Path:
     """A git+DVC copy of the project (code and params only) in a temp dir.
@@ -59,29 +54,23 @@ def tmp_repo(tmp_path: Path) -> Path:
     return make_repo(tmp_path / "repo")
 
 
-def make_repo(repo: Path) -> Path:
-    """What :func:`tmp_repo` makes, at ``repo`` (for module-scoped copies built once)."""
-    tmp_path = repo.parent
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore"):
-        if (ROOT / name).exists():
-            shutil.copy2(ROOT / name, repo / name)
-    for d in ("stages", "src"):
-        shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    if SHARED.parent.is_dir() and not (tmp_path / "shared").exists():
-        (tmp_path / "shared").symlink_to(SHARED.parent)
-    env = stage_env(repo)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=repo, check=True, env=env)
-    return repo
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory) -> Iterator[str]:
+    """One sqlite MLflow store per test module (creating one costs a few seconds)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
-    """Run a command in a temp repo with the stage environment; show output on failure."""
-    env = kw.pop("env", None) or stage_env(cwd)
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **kw)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}")
-    return p
+@pytest.fixture
+def mirrors() -> Iterator[Mirrors]:
+    m = Mirrors()
+    assert m.server.server_address[0] == "127.0.0.1"
+    m.thread.start()
+    try:
+        yield m
+    finally:
+        m.server.shutdown()
+        m.server.server_close()
+        m.thread.join(timeout=10)

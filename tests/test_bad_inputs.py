@@ -26,20 +26,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from conftest import make_repo, run, stage_env
-from test_data import _corrupt, assert_one_line_error, dataset_files, gz, tree_digest
+from helpers.checks import assert_one_line_error
+from helpers.data import corrupt, dataset_files, gz, tree_digest
+from helpers.payload import plant_payload
+from helpers.repo import edit_params, make_repo, run, stage_env
 
-from mnistlab import config, data
-from mnistlab.experiment import TrainPaths, train
+from mnistlab import config
+from mnistlab.data.download import fetch
+from mnistlab.data.idx import IMAGES, LABELS, read_pair, write_idx
+from mnistlab.data.sources import DIGIT_CLASSES, resolve_source
+from mnistlab.data.split import split
+from mnistlab.stages.train import TrainPaths, train
 
 pytestmark = pytest.mark.slow
 
 OUTPUTS = ("data", "models", "checkpoints", "metrics")  # every stage output in the repo
 
 
-# --------------------------------------------------------------------------- helpers (shared)
+# --------------------------------------------------------------------------- helpers
 
 
 def stage_cmd(repo: Path, stage: str, **item: str) -> list[str]:
@@ -58,14 +63,6 @@ def stage_cmd(repo: Path, stage: str, **item: str) -> list[str]:
     return shlex.split(re.sub(r"\$\{([^}]+)\}", value, cmd))
 
 
-def edit_params(repo: Path, edit: Callable[[dict], object]) -> None:
-    """Load the repo's params.yaml, let ``edit`` change it in place, write it back."""
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    edit(params)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def outputs_digest(repo: Path) -> dict[str, str]:
     """MD5 of every file under the repo's output folders (hidden temp files included)."""
     return {f"{d}/{k}": v for d in OUTPUTS if (repo / d).exists()
@@ -77,30 +74,6 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class Payload:
-    """Unpickling this runs ``touch <marker>``: what a malicious checkpoint would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
-
-
-def plant_payload(path: Path, marker: Path) -> None:
-    """A tensor file that looks like a checkpoint but carries a pickle payload.
-
-    Proves the payload is live first (an unsafe load does create the marker), so the
-    tests that check it never ran could not pass with a dud.
-    """
-    torch.save({"epoch": 1, "model": {"w": torch.zeros(2)}, "payload": Payload(marker)}, path)
-    torch.load(path, weights_only=False)  # noqa: S614 - the control: this must run it
-    assert marker.exists(), "the payload does not work; the test would prove nothing"
-    marker.unlink()
 
 
 # --------------------------------------------------------------------------- the earlier outputs
@@ -128,11 +101,11 @@ def workspace(tmp_path_factory) -> Path:
         mp.chdir(repo)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
         mp.delenv("DVC_EXP_NAME", raising=False)
-        settings = data.DownloadSettings.from_params(params)
+        settings = config.DownloadSettings.from_params(params)
         for ds in ("digits", "byo"):
-            data.fetch(data.resolve_source(params, ds), Path("data/raw") / ds, settings)
-        data.split(Path("data/raw/digits"), Path("data/split/digits"), list(data.DIGIT_CLASSES),
-                   0.1, 0.2, params["seed"], "digits")
+            fetch(resolve_source(params, ds), Path("data/raw") / ds, settings)
+        split(Path("data/raw/digits"), Path("data/split/digits"), list(DIGIT_CLASSES),
+              0.1, 0.2, params["seed"], "digits")
         train(params, "digits", "mlp", TrainPaths(Path("data/split/digits"), Path("models/digits/mlp"),
                                                   Path("metrics/digits/mlp"),
                                                   Path("checkpoints/digits/mlp/last.pt")))
@@ -155,9 +128,9 @@ def _byo_file(name: str, blob: bytes) -> Callable[[Path], None]:
 
 
 def _corrupted(case: str) -> Callable[[Path], None]:
-    """Replace byo's files by good ones broken by test_data's ``_corrupt(case)``."""
+    """Replace byo's files by good ones broken by helpers.data's ``corrupt(case)``."""
     def mutate(repo: Path) -> None:
-        files, _ = _corrupt(dataset_files(), case)
+        files, _ = corrupt(dataset_files(), case)
         for name, blob in files.items():
             (repo / "byo-src" / f"{name}.gz").write_bytes(gz(blob))
     return mutate
@@ -192,10 +165,10 @@ def _split(**override) -> Callable[[Path], None]:
 def _no_nines(repo: Path) -> None:
     """Digits without any 9: the split has an empty class (a raw folder someone edited)."""
     raw = repo / "data" / "raw" / "digits"
-    images, labels = data.read_pair(raw, "train", 10)
+    images, labels = read_pair(raw, "train", 10)
     keep = labels != 9
-    data.write_idx(raw / data.IMAGES["train"], images[keep])
-    data.write_idx(raw / data.LABELS["train"], labels[keep])
+    write_idx(raw / IMAGES["train"], images[keep])
+    write_idx(raw / LABELS["train"], labels[keep])
 
 
 def _dead_url(repo: Path) -> None:

@@ -12,15 +12,16 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import ROOT
-from test_evaluation import assert_png, mlflow_store, open_run
+from helpers.checks import assert_png
+from helpers.mlflow import open_run
+from helpers.repo import ROOT
 
-from mnistlab import compare, gate, tracking
+from mnistlab import tracking
+from mnistlab.ci import copies, gate
 from mnistlab.errors import MnistlabError
 from mnistlab.models import build_model
+from mnistlab.stages import compare
 from mnistlab.utils import json_digest, write_json
-
-__all__ = ["mlflow_store"]  # a fixture, imported for this module's tests
 
 RULES = {"test_accuracy": gate.Rule("max", 0.01), "macro_f1": gate.Rule("max", 0.01),
          "test_loss": gate.Rule("min", 0.05)}
@@ -192,12 +193,12 @@ def test_check_best():
 
 
 def test_gate_rules_validate():
-    assert gate.gate_rules({"gate": GATE}) == RULES
-    bad = {"gate": {"metrics": {"test_accuracy": {"direction": "up", "tolerance": 0.1}}}}
-    with pytest.raises(MnistlabError, match="gate.metrics.test_accuracy.direction: unknown value 'up'"):
+    assert gate.gate_rules(GATE) == RULES
+    bad = {"metrics": {"test_accuracy": {"direction": "up", "tolerance": 0.1}}}
+    with pytest.raises(MnistlabError, match="gate.yaml: metrics.test_accuracy.direction: unknown value 'up'"):
         gate.gate_rules(bad)
-    bad = {"gate": {"metrics": {"test_accuracy": {"direction": "max", "tolerance": -1}}}}
-    with pytest.raises(MnistlabError, match="gate.metrics.test_accuracy.tolerance must be"):
+    bad = {"metrics": {"test_accuracy": {"direction": "max", "tolerance": -1}}}
+    with pytest.raises(MnistlabError, match="gate.yaml: metrics.test_accuracy.tolerance must be"):
         gate.gate_rules(bad)
 
 
@@ -205,10 +206,13 @@ def test_gate_rules_validate():
 
 
 def gate_workdir(tmp_path, accs: dict[str, float]):
-    """A finished CI run (merged params.yaml + the shard ``ds/`` with its metrics) and a profile."""
+    """A finished CI run (merged params.yaml + the shard ``ds/`` with its metrics) and a profile.
+
+    The gate's settings are ``GATE``.
+    """
     work = tmp_path / "work"
     archs = sorted({k.split("/")[1] for k in accs})
-    params = {"datasets": ["ds"], "archs": archs, "paths": {"metrics": "metrics"}, "gate": GATE}
+    params = {"datasets": ["ds"], "archs": archs, "paths": {"metrics": "metrics"}}
     work.mkdir(parents=True, exist_ok=True)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     for key, acc in accs.items():
@@ -222,16 +226,16 @@ def gate_workdir(tmp_path, accs: dict[str, float]):
 def test_accept_then_check_passes_and_a_planted_regression_fails(tmp_path):
     work, profile = gate_workdir(tmp_path, {"ds/a": 0.90, "ds/b": 0.95})
     baseline = tmp_path / "baseline.json"
-    base = gate.accept(tmp_path, work, profile, baseline)
+    base = gate.accept(tmp_path, work, profile, baseline, GATE)
     assert base["results"]["ds/a"] == {"test_accuracy": 0.90, "macro_f1": pytest.approx(0.89),
                                        "test_loss": 0.1}
     assert base["profile_digest"] == json_digest({"datasets": ["ds"]})
 
-    passed, report = gate.check(work, profile, baseline)
+    passed, report = gate.check(work, profile, baseline, GATE)
     assert passed, report
 
     write_run(work / "ds" / "metrics", "ds", "a", 0.60)  # the planted regression
-    passed, report = gate.check(work, profile, baseline)
+    passed, report = gate.check(work, profile, baseline, GATE)
     assert not passed
     assert "ds/a test_accuracy: REGRESSION" in report and "ds/a macro_f1: REGRESSION" in report
     assert "ds/b test_accuracy" not in report.split("**Gate FAILED**")[1]
@@ -240,15 +244,15 @@ def test_accept_then_check_passes_and_a_planted_regression_fails(tmp_path):
 def test_check_fails_when_an_arch_is_missing_or_the_profile_changed(tmp_path):
     work, profile = gate_workdir(tmp_path, {"ds/a": 0.90, "ds/b": 0.95})
     baseline = tmp_path / "baseline.json"
-    gate.accept(tmp_path, work, profile, baseline)
+    gate.accept(tmp_path, work, profile, baseline, GATE)
     params = yaml.safe_load((work / "params.yaml").read_text())
     (work / "params.yaml").write_text(yaml.safe_dump({**params, "archs": ["b"]}))
-    passed, report = gate.check(work, profile, baseline)  # ds/a's old files stay on disk
+    passed, report = gate.check(work, profile, baseline, GATE)  # ds/a's old files stay on disk
     assert not passed and "ds/a test_accuracy: MISSING (no result)" in report
 
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     profile.write_text("datasets: [ds]\ntrain: {min_steps: 1}\n")
-    passed, report = gate.check(work, profile, baseline)
+    passed, report = gate.check(work, profile, baseline, GATE)
     assert not passed and "was made with another profile.yaml" in report
 
 
@@ -256,18 +260,19 @@ def test_accept_refuses_incomplete_results(tmp_path):
     work, profile = gate_workdir(tmp_path, {"ds/a": 0.9, "ds/b": 0.95})
     (work / "ds" / "metrics" / "ds" / "b" / "test.json").unlink()
     with pytest.raises(MnistlabError, match="no complete results for ds/b"):
-        gate.accept(tmp_path, work, profile, tmp_path / "baseline.json")
+        gate.accept(tmp_path, work, profile, tmp_path / "baseline.json", GATE)
 
 
 def test_cli_exit_codes_and_summary(tmp_path):
     work, profile = gate_workdir(tmp_path, {"ds/a": 0.90, "ds/b": 0.95})
-    (tmp_path / "params.yaml").write_text((work / "params.yaml").read_text())
+    (tmp_path / "ci").mkdir()
+    (tmp_path / "ci" / "gate.yaml").write_text(yaml.safe_dump(GATE))  # the default --config
     base, summary = tmp_path / "baseline.json", tmp_path / "summary.md"
     args = ["--root", str(tmp_path), "--workdir", str(work), "--profile", str(profile),
             "--baseline", str(base)]
 
     def cli(*extra):
-        return subprocess.run([sys.executable, "-m", "mnistlab.gate", *extra, *args],
+        return subprocess.run([sys.executable, "-m", "mnistlab.ci.gate", *extra, *args],
                               capture_output=True, text=True, cwd=tmp_path)
 
     p = cli("check")
@@ -288,12 +293,12 @@ def test_cli_exit_codes_and_summary(tmp_path):
 
 
 def test_deep_merge_and_rebased_sources(tmp_path):
-    merged = gate.deep_merge({"a": {"x": 1, "y": 2}, "l": [1, 2], "k": 1},
-                             {"a": {"y": 3}, "l": [9]})
+    merged = copies.deep_merge({"a": {"x": 1, "y": 2}, "l": [1, 2], "k": 1},
+                               {"a": {"y": 3}, "l": [9]})
     assert merged == {"a": {"x": 1, "y": 3}, "l": [9], "k": 1}
     params = {"sources": {"rel": "../shared/d", "url": "https://h/x/", "emb": {"embedded": "e"},
                           "m": {"mirrors": ["here", "/abs", "http://u/"]}}}
-    out = gate.rebase_sources(params, tmp_path)["sources"]
+    out = copies.rebase_sources(params, tmp_path)["sources"]
     assert out["rel"] == str((tmp_path / "../shared/d").resolve())
     assert out["url"] == "https://h/x/" and out["emb"] == {"embedded": "e"}
     assert out["m"]["mirrors"] == [str(tmp_path / "here"), "/abs", "http://u/"]
@@ -357,9 +362,9 @@ def test_run_pipeline_runs_every_shard_and_names_the_failed_one(tmp_path, monkey
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     for ds in ("good", "bad", "fine"):
         (tmp_path / "w" / ds).mkdir(parents=True)
-    params = {"datasets": ["good", "bad", "fine"], "gate": {"jobs": 2, "threads": 1}}
+    params, settings = {"datasets": ["good", "bad", "fine"]}, {"jobs": 2, "threads": 1}
     with pytest.raises(MnistlabError, match=r"failed in \S*/w/bad \(exit 1\); its output is above"):
-        gate.run_pipeline(tmp_path / "w", params)
+        gate.run_pipeline(tmp_path / "w", params, settings)
     out = capsys.readouterr().out
     assert out.count("threads=1 uri=sqlite:///mlflow.db") == 3  # every shard ran, pinned
     for ds in ("good", "bad", "fine"):
@@ -375,4 +380,4 @@ def test_repo_profile_and_baseline_agree():
     expected = {f"{d}/{a}" for d in params["datasets"] for a in params["archs"]}
     assert set(base["results"]) == expected
     for metrics in base["results"].values():
-        assert set(metrics) == set(params["gate"]["metrics"])
+        assert set(metrics) == set(gate.load_settings(ROOT / gate.CONFIG)["metrics"])

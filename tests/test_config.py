@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mnistlab.config import HParams, TrainSettings, load_params, load_yaml
+from mnistlab.config import TrainSettings, load_params, load_yaml
 from mnistlab.errors import MnistlabError
+from mnistlab.hparams import HParams
 from mnistlab.training import effective_epochs
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"

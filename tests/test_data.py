@@ -1,7 +1,7 @@
 """Sources, IDX parsing and validation, the embedded digits, and the real MNIST files.
 
-Also home of the small synthetic-IDX helpers the other data tests import
-(``from test_data import ...``): every test builds its own files in ``tmp_path``.
+Every test builds its own files in ``tmp_path``, with the small synthetic-IDX helpers
+of ``helpers.data`` (which the other data tests use too).
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import json
 import logging
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,94 +19,41 @@ import pytest
 import torch
 import torchvision.datasets as tvd
 import yaml
+from helpers.checks import assert_one_line_error
+from helpers.data import (
+    QUICK,
+    corrupt,
+    dataset_files,
+    gz,
+    idx_bytes,
+    make_pair,
+    manifest_verified,
+    md5,
+    official_spec,
+    regz,
+    tree_digest,
+    write_folder,
+)
+from helpers.repo import SHARED, run_stage
 
-from mnistlab import data
+from mnistlab.artifacts import load_split
+from mnistlab.config import DownloadSettings
+from mnistlab.data.digits import digits_as_mnist
+from mnistlab.data.download import MANIFEST, _is_url, fetch
+from mnistlab.data.idx import FILES, IMAGES, LABELS, read_pair, validate_raw, write_idx
+from mnistlab.data.sources import OFFICIAL_CONTENT_MD5, Source, resolve_source
+from mnistlab.data.split import split
 from mnistlab.errors import MnistlabError
 
-ROOT = Path(__file__).resolve().parents[1]
 T10K_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 TRAIN_LABEL_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
-QUICK = data.DownloadSettings(timeout=5, retries=1, backoff=0)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def idx_bytes(t: torch.Tensor) -> bytes:
-    """A uint8 tensor as IDX bytes (magic 0x0000 08 ndim, big-endian dims, data)."""
-    t = t.to(torch.uint8).contiguous()
-    head = bytes([0, 0, 0x08, t.dim()]) + b"".join(int(s).to_bytes(4, "big") for s in t.shape)
-    return head + t.numpy().tobytes()
-
-
-def make_pair(n: int, num_classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` distinct random images (the index is written into pixels 0-1) and cycling labels."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)
-    x[:, 0, 0] = torch.arange(n) // 256
-    x[:, 0, 1] = torch.arange(n) % 256
-    return x, torch.arange(n) % num_classes
-
-
-def dataset_files(n_train: int = 60, n_test: int = 20, num_classes: int = 10, test: bool = True,
-                  seed: int = 0) -> dict[str, bytes]:
-    """The four official names → uncompressed IDX bytes of a small synthetic dataset."""
-    out = {}
-    x, y = make_pair(n_train, num_classes, seed)
-    out[data.IMAGES["train"]], out[data.LABELS["train"]] = idx_bytes(x), idx_bytes(y)
-    if test:
-        x, y = make_pair(n_test, num_classes, seed + 1)
-        out[data.IMAGES["test"]], out[data.LABELS["test"]] = idx_bytes(x), idx_bytes(y)
-    return out
-
-
-def gz(blob: bytes) -> bytes:
-    # mtime=0: the same bytes every time, so MD5s are stable within a test
-    return gzip.compress(blob, compresslevel=1, mtime=0)
-
-
-def write_folder(folder: Path, files: dict[str, bytes], gzipped: bool = True) -> Path:
-    """Write ``files`` into ``folder`` (as ``NAME.gz`` when ``gzipped``)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, blob in files.items():
-        if gzipped:
-            (folder / f"{name}.gz").write_bytes(gz(blob))
-        else:
-            (folder / name).write_bytes(blob)
-    return folder
-
-
-def md5(blob: bytes) -> str:
-    return hashlib.md5(blob).hexdigest()
-
-
-def tree_digest(folder: Path) -> dict[str, str]:
-    """name → MD5 of every file under ``folder`` (hidden ones included)."""
-    return {str(p.relative_to(folder)): md5(p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def folder_source(folder: Path | str, **spec) -> data.Source:
-    return data.resolve_source({"sources": {"byo": {"mirrors": [str(folder)], **spec}}}, "byo")
-
-
-def run_stage(script: str, *args: str, params: dict | None = None, cwd: Path,
-              timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``stages/<script>`` as DVC would, with ``params`` written to ``cwd/params.yaml``."""
-    if params is not None:
-        (cwd / "params.yaml").write_text(yaml.safe_dump(params))
-    return subprocess.run([sys.executable, str(ROOT / "stages" / script), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(p: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Exit 2, no traceback, exactly one ``error:`` line on stderr (the last), holding ``fragments``."""
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    assert "Traceback" not in p.stderr, p.stderr
-    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and p.stderr.rstrip().splitlines()[-1] == errors[0], p.stderr
-    for f in fragments:
-        assert f in errors[0], (f, errors[0])
-    return errors[0]
+def folder_source(folder: Path | str, **spec) -> Source:
+    return resolve_source({"sources": {"byo": {"mirrors": [str(folder)], **spec}}}, "byo")
 
 
 def raises_one_line(match: str):
@@ -118,7 +63,7 @@ def raises_one_line(match: str):
 
 def fetch_error(folder: Path, out: Path, **spec) -> str:
     with raises_one_line(".") as e:
-        data.fetch(folder_source(folder, **spec), out, QUICK)
+        fetch(folder_source(folder, **spec), out, QUICK)
     msg = str(e.value)
     assert "\n" not in msg
     return msg
@@ -130,33 +75,33 @@ def fetch_error(folder: Path, out: Path, **spec) -> str:
 def test_params_yaml_sources_resolve(root: Path):
     params = yaml.safe_load((root / "params.yaml").read_text())
     for name in params["sources"]:
-        data.resolve_source(params, name)
-    assert data.resolve_source(params, "digits").embedded == "sklearn_digits"
+        resolve_source(params, name)
+    assert resolve_source(params, "digits").embedded == "sklearn_digits"
     assert "digits" in params["datasets"]
 
 
 def test_torchvision_sources_take_official_md5s_mirrors_and_classes():
-    mnist = data.resolve_source({"sources": {"m": {"torchvision": "MNIST"}}}, "m")
+    mnist = resolve_source({"sources": {"m": {"torchvision": "MNIST"}}}, "m")
     assert mnist.md5 == dict(tvd.MNIST.resources)
     assert mnist.mirrors == tuple(tvd.MNIST.mirrors)
     assert mnist.classes == tuple(str(i) for i in range(10))
 
-    fashion = data.resolve_source(
+    fashion = resolve_source(
         {"sources": {"f": {"torchvision": "FashionMNIST", "mirrors": ["/org/mirror"]}}}, "f")
     assert fashion.classes[0] == "T-shirt/top" and fashion.classes == tuple(tvd.FashionMNIST.classes)
     assert fashion.mirrors == ("/org/mirror",)  # overridable from params.yaml
     assert fashion.md5["train-images-idx3-ubyte.gz"] == "8d4fb7e6c68d591d4c3dfef9ec88bf0d"
 
-    kmnist = data.resolve_source({"sources": {"k": {"torchvision": "KMNIST"}}}, "k")
+    kmnist = resolve_source({"sources": {"k": {"torchvision": "KMNIST"}}}, "k")
     assert kmnist.classes == tuple(tvd.KMNIST.classes)
 
 
 def test_md5_override_and_string_source(tmp_path: Path):
-    s = data.resolve_source({"sources": {"m": {"torchvision": "MNIST", "mirrors": "/x",
-                                               "md5": {"train-images-idx3-ubyte.gz": "A" * 32}}}}, "m")
+    s = resolve_source({"sources": {"m": {"torchvision": "MNIST", "mirrors": "/x",
+                                          "md5": {"train-images-idx3-ubyte.gz": "A" * 32}}}}, "m")
     assert s.md5["train-images-idx3-ubyte.gz"] == "a" * 32
     assert s.md5["t10k-labels-idx1-ubyte.gz"] == "ec29112dd5afa0611ce80d1b7f02629c"
-    s = data.resolve_source({"sources": {"b": str(tmp_path)}}, "b")
+    s = resolve_source({"sources": {"b": str(tmp_path)}}, "b")
     assert s.mirrors == (str(tmp_path),) and s.md5 == {} and s.embedded is None
 
 
@@ -188,43 +133,43 @@ def test_md5_override_and_string_source(tmp_path: Path):
 ])
 def test_bad_source_specs(spec, match):
     with raises_one_line(match) as e:
-        data.resolve_source({"sources": {"x": spec}}, "x")
+        resolve_source({"sources": {"x": spec}}, "x")
     assert "\n" not in str(e.value)
 
 
 def test_torchvision_sources_take_official_content_md5s():
     for name in ("MNIST", "FashionMNIST"):
-        s = data.resolve_source({"sources": {"m": {"torchvision": name}}}, "m")
-        assert s.content_md5 == data.OFFICIAL_CONTENT_MD5[name] and set(s.content_md5) == set(data.FILES)
+        s = resolve_source({"sources": {"m": {"torchvision": name}}}, "m")
+        assert s.content_md5 == OFFICIAL_CONTENT_MD5[name] and set(s.content_md5) == set(FILES)
         assert s.content_sha256 == {}
-    kmnist = data.resolve_source({"sources": {"k": {"torchvision": "KMNIST"}}}, "k")
+    kmnist = resolve_source({"sources": {"k": {"torchvision": "KMNIST"}}}, "k")
     assert kmnist.content_md5 == {} and kmnist.md5 == dict(tvd.KMNIST.resources)  # .gz MD5s only
     # params.yaml overrides per file; the built-in ones stay for the others
-    s = data.resolve_source({"sources": {"m": {
+    s = resolve_source({"sources": {"m": {
         "torchvision": "MNIST", "content_md5": {"train-images-idx3-ubyte": "A" * 32},
         "content_sha256": {"t10k-labels-idx1-ubyte": "b" * 64}}}}, "m")
     assert s.content_md5["train-images-idx3-ubyte"] == "a" * 32
     assert s.content_md5["t10k-labels-idx1-ubyte"] == "27ae3e4e09519cfbb04c329615203637"
     assert s.content_sha256 == {"t10k-labels-idx1-ubyte": "b" * 64}
     # the positional order of Source is unchanged; the new fields default to empty
-    assert data.Source("x", ("/m",), {"a": "b"}).content_md5 == {}
+    assert Source("x", ("/m",), {"a": "b"}).content_md5 == {}
 
 
 def test_params_yaml_lists_local_folders_first(root: Path):
     params = yaml.safe_load((root / "params.yaml").read_text())
-    fashion = data.resolve_source(params, "fashion_mnist")
+    fashion = resolve_source(params, "fashion_mnist")
     assert fashion.mirrors[:2] == ("/usr/share/datasets/fashion-mnist", "../shared/datasets/fashion-mnist")
-    assert all(data._is_url(m) for m in fashion.mirrors[2:]) and len(fashion.mirrors) > 2
-    assert fashion.content_md5 == data.OFFICIAL_CONTENT_MD5["FashionMNIST"]
+    assert all(_is_url(m) for m in fashion.mirrors[2:]) and len(fashion.mirrors) > 2
+    assert fashion.content_md5 == OFFICIAL_CONTENT_MD5["FashionMNIST"]
     assert fashion.md5 == dict(tvd.FashionMNIST.resources)
-    mnist = data.resolve_source(params, "mnist")
-    assert mnist.mirrors[0] == "../shared/datasets/mnist" and data._is_url(mnist.mirrors[1])
-    assert mnist.content_md5 == data.OFFICIAL_CONTENT_MD5["MNIST"]
+    mnist = resolve_source(params, "mnist")
+    assert mnist.mirrors[0] == "../shared/datasets/mnist" and _is_url(mnist.mirrors[1])
+    assert mnist.content_md5 == OFFICIAL_CONTENT_MD5["MNIST"]
 
 
 def test_unknown_dataset_lists_known_ones():
     with raises_one_line(r"unknown dataset 'nope': add it under 'sources' in params\.yaml \(known: a, b\)"):
-        data.resolve_source({"sources": {"b": "/x", "a": "/y"}}, "nope")
+        resolve_source({"sources": {"b": "/x", "a": "/y"}}, "nope")
 
 
 @pytest.mark.parametrize("section, match", [
@@ -236,7 +181,7 @@ def test_unknown_dataset_lists_known_ones():
 ])
 def test_bad_download_settings(section, match):
     with raises_one_line(match):
-        data.DownloadSettings.from_params({"download": section})
+        DownloadSettings.from_params({"download": section})
 
 
 # --------------------------------------------------------------------------- the real MNIST files
@@ -248,16 +193,16 @@ def _gunzip(src: Path, dest: Path) -> None:
 
 
 def test_real_t10k_files_parse(mnist_t10k: Path, tmp_path: Path):
-    for name in (data.IMAGES["test"], data.LABELS["test"], data.LABELS["train"]):
+    for name in (IMAGES["test"], LABELS["test"], LABELS["train"]):
         _gunzip(mnist_t10k / f"{name}.gz", tmp_path / name)
-    images, labels = data.read_pair(tmp_path, "test", 10)
+    images, labels = read_pair(tmp_path, "test", 10)
     assert images.shape == (10_000, 28, 28) and images.dtype == torch.uint8
     assert labels.dtype == torch.int64
     assert torch.bincount(labels).tolist() == T10K_LABEL_COUNTS
     assert 0 < images.float().mean() < 255 and images.max() == 255
     from torchvision.datasets.mnist import read_label_file
 
-    assert torch.bincount(read_label_file(str(tmp_path / data.LABELS["train"])).long()).tolist() == TRAIN_LABEL_COUNTS
+    assert torch.bincount(read_label_file(str(tmp_path / LABELS["train"])).long()).tolist() == TRAIN_LABEL_COUNTS
 
 
 @pytest.fixture(scope="module")
@@ -268,16 +213,16 @@ def official_folder(tmp_path_factory, mnist_t10k: Path) -> tuple[Path, dict[str,
     train-images-idx3-ubyte.gz is 60,000 blank 28x28 images and its official MD5
     and content MD5 are overridden (the returned source keys). The other three
     files are checked against torchvision.datasets.MNIST.resources and
-    data.OFFICIAL_CONTENT_MD5, unmodified.
+    OFFICIAL_CONTENT_MD5, unmodified.
     """
     folder = tmp_path_factory.mktemp("official")
-    for name in (data.IMAGES["test"], data.LABELS["test"], data.LABELS["train"]):
+    for name in (IMAGES["test"], LABELS["test"], LABELS["train"]):
         (folder / f"{name}.gz").symlink_to(mnist_t10k / f"{name}.gz")
     raw = idx_bytes(torch.zeros(60_000, 28, 28, dtype=torch.uint8))
     blank = gz(raw)
-    (folder / f"{data.IMAGES['train']}.gz").write_bytes(blank)
-    return folder, {"md5": {f"{data.IMAGES['train']}.gz": md5(blank)},
-                    "content_md5": {data.IMAGES["train"]: md5(raw)}}
+    (folder / f"{IMAGES['train']}.gz").write_bytes(blank)
+    return folder, {"md5": {f"{IMAGES['train']}.gz": md5(blank)},
+                    "content_md5": {IMAGES["train"]: md5(raw)}}
 
 
 def test_official_md5s_verify_the_real_files(official_folder, tmp_path: Path):
@@ -286,14 +231,14 @@ def test_official_md5s_verify_the_real_files(official_folder, tmp_path: Path):
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz"):
         assert md5((folder / name).read_bytes()) == official[name]  # the files are the real ones
 
-    source = data.resolve_source({"sources": {"mnist": {
+    source = resolve_source({"sources": {"mnist": {
         "torchvision": "MNIST", "mirrors": [str(folder)], **synthetic}}}, "mnist")
     assert source.md5["t10k-images-idx3-ubyte.gz"] == official["t10k-images-idx3-ubyte.gz"]
-    counts = data.fetch(source, tmp_path / "raw", QUICK)
+    counts = fetch(source, tmp_path / "raw", QUICK)
     assert counts == {"train": 60_000, "test": 10_000}
-    manifest = (tmp_path / "raw" / data.MANIFEST).read_text()
+    manifest = (tmp_path / "raw" / MANIFEST).read_text()
     assert manifest.count('"verified": "md5+content-md5"') == 4  # the official .gz and its content
-    images, labels = data.read_pair(tmp_path / "raw", "test", 10)
+    images, labels = read_pair(tmp_path / "raw", "test", 10)
     assert torch.bincount(labels).tolist() == T10K_LABEL_COUNTS
 
 
@@ -332,9 +277,6 @@ def test_official_dataset_requires_its_test_set(official_folder, tmp_path: Path)
 # --------------------------------------------------------------------------- content digests
 
 
-SHARED = ROOT.parent / "shared" / "datasets"
-
-
 def shared_dataset(name: str) -> Path:
     path = SHARED / name
     if not path.is_dir():
@@ -342,21 +284,17 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
-def manifest_verified(out: Path) -> set[str]:
-    return {e["verified"] for e in json.loads((out / data.MANIFEST).read_text())["files"].values()}
-
-
 def test_uncompressed_official_mnist_verifies_by_content(tmp_path: Path, caplog):
     """../shared/datasets/mnist: the official MNIST, uncompressed; the .gz MD5s cannot apply."""
     folder = shared_dataset("mnist")
-    assert all((folder / f).is_file() for f in data.FILES)
-    source = data.resolve_source({"sources": {"mnist": {"torchvision": "MNIST",
-                                                        "mirrors": [str(folder)]}}}, "mnist")
-    with caplog.at_level(logging.INFO, logger="mnistlab.data"):
-        assert data.fetch(source, tmp_path / "raw", QUICK) == {"train": 60_000, "test": 10_000}
+    assert all((folder / f).is_file() for f in FILES)
+    source = resolve_source({"sources": {"mnist": {"torchvision": "MNIST",
+                                                   "mirrors": [str(folder)]}}}, "mnist")
+    with caplog.at_level(logging.INFO, logger="mnistlab.data.download"):
+        assert fetch(source, tmp_path / "raw", QUICK) == {"train": 60_000, "test": 10_000}
     assert manifest_verified(tmp_path / "raw") == {"content-md5"}
     assert "not verified" not in caplog.text and "differs from the official file" not in caplog.text
-    assert torch.bincount(data.read_pair(tmp_path / "raw", "train", 10)[1]).tolist() == TRAIN_LABEL_COUNTS
+    assert torch.bincount(read_pair(tmp_path / "raw", "train", 10)[1]).tolist() == TRAIN_LABEL_COUNTS
 
 
 def test_recompressed_official_fashion_mnist_verifies_by_content(tmp_path: Path, caplog):
@@ -365,29 +303,15 @@ def test_recompressed_official_fashion_mnist_verifies_by_content(tmp_path: Path,
     folder = shared_dataset("fashion-mnist")
     official = dict(tvd.FashionMNIST.resources)
     assert md5((folder / "train-labels-idx1-ubyte.gz").read_bytes()) != official["train-labels-idx1-ubyte.gz"]
-    source = data.resolve_source({"sources": {"fashion_mnist": {
+    source = resolve_source({"sources": {"fashion_mnist": {
         "torchvision": "FashionMNIST", "mirrors": [str(tmp_path / "nowhere"), str(folder)]}}}, "fashion_mnist")
-    with caplog.at_level(logging.INFO, logger="mnistlab.data"):
-        assert data.fetch(source, tmp_path / "raw", QUICK) == {"train": 60_000, "test": 10_000}
+    with caplog.at_level(logging.INFO, logger="mnistlab.data.download"):
+        assert fetch(source, tmp_path / "raw", QUICK) == {"train": 60_000, "test": 10_000}
     assert manifest_verified(tmp_path / "raw") == {"content-md5"}
     assert f"{folder}/train-images-idx3-ubyte.gz: differs from the official file (MD5 mismatch " \
            f"(expected {official['train-images-idx3-ubyte.gz']}, got " in caplog.text
     assert "but its content matches" in caplog.text
     assert not any(r.levelno >= logging.WARNING for r in caplog.records)
-
-
-def regz(blob: bytes) -> bytes:
-    """Another gzip of ``blob`` than :func:`gz` makes: the same content, other bytes."""
-    other = gzip.compress(blob, compresslevel=9, mtime=1_234_567)
-    assert other != gz(blob)
-    return other
-
-
-def official_spec(files: dict[str, bytes], **extra) -> dict:
-    """Source keys pinning ``files`` as an official dataset would: their .gz MD5 (as
-    :func:`gz` makes them) and their content MD5."""
-    return {"md5": {f"{n}.gz": md5(gz(b)) for n, b in files.items()},
-            "content_md5": {n: md5(b) for n, b in files.items()}, **extra}
 
 
 @pytest.mark.parametrize("copy, verified", [
@@ -406,8 +330,8 @@ def test_content_md5_accepts_other_containers_of_the_same_data(tmp_path: Path, c
     else:
         write_folder(src, files, gzipped=copy == "official")
     out = tmp_path / "raw"
-    with caplog.at_level(logging.INFO, logger="mnistlab.data"):
-        assert data.fetch(folder_source(src, **official_spec(files)), out, QUICK) == {"train": 60, "test": 20}
+    with caplog.at_level(logging.INFO, logger="mnistlab.data.download"):
+        assert fetch(folder_source(src, **official_spec(files)), out, QUICK) == {"train": 60, "test": 20}
     for name, blob in files.items():
         assert (out / name).read_bytes() == blob
     assert manifest_verified(out) == {verified}
@@ -424,7 +348,7 @@ def test_one_changed_content_byte_is_refused(tmp_path: Path, copy: str, containe
     spec = official_spec(files)
     if not container_pins:
         del spec["md5"]
-    name = data.LABELS["train"]
+    name = LABELS["train"]
     changed = bytearray(files[name])
     changed[-1] = (changed[-1] + 1) % 10
     src = write_folder(tmp_path / "src", {**files, name: bytes(changed)}, gzipped=copy != "uncompressed")
@@ -446,36 +370,36 @@ def test_content_sha256(tmp_path: Path):
         (src / f"{name}.gz").write_bytes(regz(blob))
     pins = {n: hashlib.sha256(b).hexdigest() for n, b in files.items()}
     out = tmp_path / "raw"
-    data.fetch(folder_source(src, content_sha256=pins), out, QUICK)
+    fetch(folder_source(src, content_sha256=pins), out, QUICK)
     assert manifest_verified(out) == {"content-sha256"}
-    data.fetch(folder_source(src, content_sha256=pins, content_md5={n: md5(b) for n, b in files.items()}),
-               out, QUICK)
+    fetch(folder_source(src, content_sha256=pins, content_md5={n: md5(b) for n, b in files.items()}),
+          out, QUICK)
     assert manifest_verified(out) == {"content-md5+content-sha256"}
-    wrong = {**pins, data.IMAGES["test"]: "0" * 64}
+    wrong = {**pins, IMAGES["test"]: "0" * 64}
     msg = fetch_error(src, tmp_path / "other", content_sha256=wrong)
-    assert (f"{src}/{data.IMAGES['test']}.gz: content SHA-256 mismatch (expected {'0' * 64}, "
-            f"got {pins[data.IMAGES['test']]})") in msg
+    assert (f"{src}/{IMAGES['test']}.gz: content SHA-256 mismatch (expected {'0' * 64}, "
+            f"got {pins[IMAGES['test']]})") in msg
 
 
 def test_content_digest_pins_the_test_pair(tmp_path: Path):
     """A content digest for a t10k file makes the test pair required, as an MD5 does."""
     files = dataset_files()
     src = write_folder(tmp_path / "src", {n: b for n, b in files.items() if not n.startswith("t10k")})
-    msg = fetch_error(src, tmp_path / "raw", content_md5={data.LABELS["test"]: md5(files[data.LABELS["test"]])})
+    msg = fetch_error(src, tmp_path / "raw", content_md5={LABELS["test"]: md5(files[LABELS["test"]])})
     assert msg.startswith("dataset 'byo': could not get t10k-labels-idx1-ubyte.gz from any mirror (tried: "
                           f"{src}: no t10k-labels-idx1-ubyte.gz or t10k-labels-idx1-ubyte)")
-    assert data.fetch(folder_source(src, content_md5={data.LABELS["train"]: md5(files[data.LABELS["train"]])}),
-                      tmp_path / "raw", QUICK) == {"train": 60}
+    assert fetch(folder_source(src, content_md5={LABELS["train"]: md5(files[LABELS["train"]])}),
+                 tmp_path / "raw", QUICK) == {"train": 60}
 
 
 def test_missing_first_folder_is_skipped(tmp_path: Path, caplog):
     src = write_folder(tmp_path / "src", dataset_files())
-    source = data.resolve_source({"sources": {"x": {"mirrors": [str(tmp_path / "nowhere"), str(src)]}}}, "x")
-    with caplog.at_level(logging.INFO, logger="mnistlab.data"):
-        assert data.fetch(source, tmp_path / "raw", QUICK) == {"train": 60, "test": 20}
+    source = resolve_source({"sources": {"x": {"mirrors": [str(tmp_path / "nowhere"), str(src)]}}}, "x")
+    with caplog.at_level(logging.INFO, logger="mnistlab.data.download"):
+        assert fetch(source, tmp_path / "raw", QUICK) == {"train": 60, "test": 20}
     assert "nowhere" not in caplog.text  # skipped without a word
-    files = json.loads((tmp_path / "raw" / data.MANIFEST).read_text())["files"]
-    assert {e["from"] for e in files.values()} == {f"{src}/{n}.gz" for n in data.FILES}
+    files = json.loads((tmp_path / "raw" / MANIFEST).read_text())["files"]
+    assert {e["from"] for e in files.values()} == {f"{src}/{n}.gz" for n in FILES}
 
 
 # --------------------------------------------------------------------------- local folders
@@ -486,7 +410,7 @@ def test_folder_source_gzipped_or_not(tmp_path: Path, gzipped: bool):
     files = dataset_files()
     src = write_folder(tmp_path / "src", files, gzipped=gzipped)
     out = tmp_path / "raw"
-    assert data.fetch(folder_source(src), out, QUICK) == {"train": 60, "test": 20}
+    assert fetch(folder_source(src), out, QUICK) == {"train": 60, "test": 20}
     for name, blob in files.items():
         assert (out / name).read_bytes() == blob
     assert not list(out.glob("*.gz"))  # local files are not duplicated, only extracted
@@ -495,12 +419,12 @@ def test_folder_source_gzipped_or_not(tmp_path: Path, gzipped: bool):
 
 def test_folder_without_test_pair_is_fine(tmp_path: Path):
     src = write_folder(tmp_path / "src", dataset_files(test=False))
-    assert data.fetch(folder_source(src), tmp_path / "raw", QUICK) == {"train": 60}
+    assert fetch(folder_source(src), tmp_path / "raw", QUICK) == {"train": 60}
 
 
 def test_test_images_without_labels_is_an_error(tmp_path: Path):
     files = dataset_files()
-    del files[data.LABELS["test"]]
+    del files[LABELS["test"]]
     src = write_folder(tmp_path / "src", files)
     msg = fetch_error(src, tmp_path / "raw")
     assert "found t10k-images-idx3-ubyte but not t10k-labels-idx1-ubyte" in msg
@@ -509,24 +433,24 @@ def test_test_images_without_labels_is_an_error(tmp_path: Path):
 def test_rerun_replaces_stale_files(tmp_path: Path):
     """dvc.yaml persists data/raw/<name>: a source without a test set must not inherit the old one."""
     out = tmp_path / "raw"
-    data.fetch(folder_source(write_folder(tmp_path / "a", dataset_files())), out, QUICK)
-    assert (out / data.IMAGES["test"]).exists()
+    fetch(folder_source(write_folder(tmp_path / "a", dataset_files())), out, QUICK)
+    assert (out / IMAGES["test"]).exists()
     (out / "junk.txt").write_text("left by hand")
-    data.fetch(folder_source(write_folder(tmp_path / "b", dataset_files(n_train=40, test=False))), out, QUICK)
+    fetch(folder_source(write_folder(tmp_path / "b", dataset_files(n_train=40, test=False))), out, QUICK)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [data.IMAGES["train"], data.LABELS["train"], data.MANIFEST])
-    assert data.validate_raw(out, 10) == {"train": 40}
+        [IMAGES["train"], LABELS["train"], MANIFEST])
+    assert validate_raw(out, 10) == {"train": 40}
 
 
 # --------------------------------------------------------------------------- take: the first N/M samples
 
 
-def take_source(folder: Path | str, take, **spec) -> data.Source:
+def take_source(folder: Path | str, take, **spec) -> Source:
     return folder_source(folder, take=take, **spec)
 
 
 def raw_manifest(out: Path) -> dict:
-    return json.loads((out / data.MANIFEST).read_text())
+    return json.loads((out / MANIFEST).read_text())
 
 
 @pytest.mark.parametrize("gzipped", [True, False])
@@ -536,15 +460,15 @@ def test_take_keeps_the_first_samples_in_file_order(tmp_path: Path, gzipped: boo
     out = tmp_path / "raw"
     source = take_source(src, {"train": 25, "test": 7}, **official_spec(files))
     assert source.take == {"train": 25, "test": 7}
-    assert data.fetch(source, out, QUICK) == {"train": 25, "test": 7}
-    assert data.validate_raw(out, 10) == {"train": 25, "test": 7}
+    assert fetch(source, out, QUICK) == {"train": 25, "test": 7}
+    assert validate_raw(out, 10) == {"train": 25, "test": 7}
     for subset, n, seed in (("train", 25, 0), ("test", 7, 1)):
         x, y = make_pair(60 if subset == "train" else 20, seed=seed)
-        images, labels = data.read_pair(out, subset, 10)
+        images, labels = read_pair(out, subset, 10)
         assert torch.equal(images, x[:n]) and torch.equal(labels, y[:n])
         # valid IDX files, byte for byte what the full files' first rows make
-        assert (out / data.IMAGES[subset]).read_bytes() == idx_bytes(x[:n])
-        assert (out / data.LABELS[subset]).read_bytes() == idx_bytes(y[:n])
+        assert (out / IMAGES[subset]).read_bytes() == idx_bytes(x[:n])
+        assert (out / LABELS[subset]).read_bytes() == idx_bytes(y[:n])
     manifest = raw_manifest(out)
     assert manifest["take"] == {"train": 25, "test": 7}
     # each file entry describes the full file as obtained and verified
@@ -560,31 +484,31 @@ def test_take_one_subset_or_all_of_it(tmp_path: Path):
     files = dataset_files()
     src = write_folder(tmp_path / "src", files)
     out = tmp_path / "raw"
-    assert data.fetch(take_source(src, {"test": 5}), out, QUICK) == {"train": 60, "test": 5}
-    assert (out / data.IMAGES["train"]).read_bytes() == files[data.IMAGES["train"]]
+    assert fetch(take_source(src, {"test": 5}), out, QUICK) == {"train": 60, "test": 5}
+    assert (out / IMAGES["train"]).read_bytes() == files[IMAGES["train"]]
     assert raw_manifest(out)["take"] == {"test": 5}
     # as many as the file holds: the file is kept as it is
-    assert data.fetch(take_source(src, {"train": 60, "test": 20}), out, QUICK) == {"train": 60, "test": 20}
+    assert fetch(take_source(src, {"train": 60, "test": 20}), out, QUICK) == {"train": 60, "test": 20}
     for name, blob in files.items():
         assert (out / name).read_bytes() == blob
     # without a take: no take in the manifest
-    data.fetch(folder_source(src), out, QUICK)
+    fetch(folder_source(src), out, QUICK)
     assert "take" not in raw_manifest(out)
     # without a test set, take.train alone is fine
     src2 = write_folder(tmp_path / "src2", dataset_files(test=False))
-    assert data.fetch(take_source(src2, {"train": 10}), tmp_path / "raw2", QUICK) == {"train": 10}
+    assert fetch(take_source(src2, {"train": 10}), tmp_path / "raw2", QUICK) == {"train": 10}
 
 
 def test_changing_take_gives_the_new_slice(tmp_path: Path):
     files = dataset_files()
     src = write_folder(tmp_path / "src", files)
     out = tmp_path / "raw"
-    assert data.fetch(take_source(src, {"train": 10, "test": 3}), out, QUICK) == {"train": 10, "test": 3}
-    assert data.fetch(take_source(src, {"train": 40, "test": 3}), out, QUICK) == {"train": 40, "test": 3}
+    assert fetch(take_source(src, {"train": 10, "test": 3}), out, QUICK) == {"train": 10, "test": 3}
+    assert fetch(take_source(src, {"train": 40, "test": 3}), out, QUICK) == {"train": 40, "test": 3}
     x, y = make_pair(60)
-    assert torch.equal(data.read_pair(out, "train", 10)[0], x[:40])
-    assert data.fetch(folder_source(src), out, QUICK) == {"train": 60, "test": 20}
-    assert (out / data.IMAGES["train"]).read_bytes() == files[data.IMAGES["train"]]
+    assert torch.equal(read_pair(out, "train", 10)[0], x[:40])
+    assert fetch(folder_source(src), out, QUICK) == {"train": 60, "test": 20}
+    assert (out / IMAGES["train"]).read_bytes() == files[IMAGES["train"]]
 
 
 @pytest.mark.parametrize("pins", ["md5 only", "md5+content"])
@@ -594,7 +518,7 @@ def test_take_still_verifies_the_full_files(tmp_path: Path, pins: str):
     spec = official_spec(files)
     if pins == "md5 only":
         del spec["content_md5"]
-    name = data.IMAGES["train"]
+    name = IMAGES["train"]
     changed = bytearray(files[name])
     changed[-1] ^= 0xFF
     src = write_folder(tmp_path / "src", {**files, name: bytes(changed)})
@@ -608,7 +532,7 @@ def test_take_still_verifies_the_full_files(tmp_path: Path, pins: str):
     assert not out.exists()
     # the slice alone is what the good file gives: the same take of the good files works
     good = write_folder(tmp_path / "good", files)
-    assert data.fetch(take_source(good, {"train": 10, "test": 5}, **spec), out, QUICK) == {"train": 10, "test": 5}
+    assert fetch(take_source(good, {"train": 10, "test": 5}, **spec), out, QUICK) == {"train": 10, "test": 5}
 
 
 def test_take_still_validates_the_full_files(tmp_path: Path):
@@ -616,10 +540,10 @@ def test_take_still_validates_the_full_files(tmp_path: Path):
     files = dataset_files()
     y = make_pair(60)[1]
     y[-1] = 12
-    files[data.LABELS["train"]] = idx_bytes(y)
+    files[LABELS["train"]] = idx_bytes(y)
     src = write_folder(tmp_path / "src", files)
     msg = fetch_error(src, tmp_path / "raw", take={"train": 10})
-    assert msg == f"{src}/{data.LABELS['train']}.gz: label 12 out of range 0..9 (1 such labels)"
+    assert msg == f"{src}/{LABELS['train']}.gz: label 12 out of range 0..9 (1 such labels)"
 
 
 def test_take_more_than_the_file_holds(tmp_path: Path):
@@ -633,7 +557,7 @@ def test_take_more_than_the_file_holds(tmp_path: Path):
                    f"{src}/t10k-images-idx3-ubyte.gz holds only 20")
     assert not out.exists()
     # a failed take leaves an earlier raw folder as it was
-    data.fetch(take_source(src, {"train": 8}), out, QUICK)
+    fetch(take_source(src, {"train": 8}), out, QUICK)
     before = tree_digest(out)
     fetch_error(src, out, take={"train": 100})
     assert tree_digest(out) == before
@@ -661,13 +585,13 @@ def test_take_more_than_the_file_holds(tmp_path: Path):
 ])
 def test_bad_take_specs(take, match):
     with raises_one_line(match) as e:
-        data.resolve_source({"sources": {"x": {"mirrors": ["/x"], "take": take}}}, "x")
+        resolve_source({"sources": {"x": {"mirrors": ["/x"], "take": take}}}, "x")
     assert "\n" not in str(e.value)
 
 
 def test_take_is_not_for_embedded_sources():
     with raises_one_line(r"^params\.yaml: sources\.x: 'embedded' takes no other keys$"):
-        data.resolve_source({"sources": {"x": {"embedded": "sklearn_digits", "take": {"train": 10}}}}, "x")
+        resolve_source({"sources": {"x": {"embedded": "sklearn_digits", "take": {"train": 10}}}}, "x")
 
 
 def test_fashion_mini_is_the_first_of_the_real_fashion_mnist(root: Path, tmp_path: Path, monkeypatch):
@@ -676,73 +600,40 @@ def test_fashion_mini_is_the_first_of_the_real_fashion_mnist(root: Path, tmp_pat
     folder = shared_dataset("fashion-mnist")
     monkeypatch.chdir(root)  # the mirrors are relative to the repo root
     params = yaml.safe_load((root / "params.yaml").read_text())
-    source = data.resolve_source(params, "fashion_mini")
+    source = resolve_source(params, "fashion_mini")
     assert source.take == {"train": 8000, "test": 2000}
-    assert source.content_md5 == data.OFFICIAL_CONTENT_MD5["FashionMNIST"]
-    assert source.mirrors == data.resolve_source(params, "fashion_mnist").mirrors
+    assert source.content_md5 == OFFICIAL_CONTENT_MD5["FashionMNIST"]
+    assert source.mirrors == resolve_source(params, "fashion_mnist").mirrors
     out = tmp_path / "raw"
-    assert data.fetch(source, out, QUICK) == {"train": 8000, "test": 2000}
+    assert fetch(source, out, QUICK) == {"train": 8000, "test": 2000}
 
     manifest = raw_manifest(out)
     assert manifest["take"] == {"train": 8000, "test": 2000}
     assert {e["verified"] for e in manifest["files"].values()} == {"content-md5"}  # the full official content
     first = next(m for m in source.mirrors if Path(m).is_dir())
-    assert {e["from"] for e in manifest["files"].values()} == {f"{first}/{f}.gz" for f in data.FILES}
+    assert {e["from"] for e in manifest["files"].values()} == {f"{first}/{f}.gz" for f in FILES}
     for subset, n in (("train", 8000), ("test", 2000)):
-        for name, size in ((data.IMAGES[subset], 28 * 28), (data.LABELS[subset], 1)):
+        for name, size in ((IMAGES[subset], 28 * 28), (LABELS[subset], 1)):
             head = 16 if size > 1 else 8
             with gzip.open(folder / f"{name}.gz") as f:
                 full_head = f.read(head + n * size)  # the full file's header and first n rows
             sliced = (out / name).read_bytes()
             assert len(sliced) == head + n * size and sliced[head:] == full_head[head:]
-        images, labels = data.read_pair(out, subset, 10)
+        images, labels = read_pair(out, subset, 10)
         assert images.shape == (n, 28, 28)
         per_class = torch.bincount(labels, minlength=10)
         assert len(per_class) == 10 and (per_class > 0).all(), per_class.tolist()
 
-    summary = data.split(out, tmp_path / "split", list(source.classes), 0.1, 0.2, 1234, "fashion_mini")
+    summary = split(out, tmp_path / "split", list(source.classes), 0.1, 0.2, 1234, "fashion_mini")
     assert summary["test_source"] == "official" and summary["classes"][0] == "T-shirt/top"
     assert {k: summary[k]["count"] for k in ("train", "val", "test")} == {"train": 7200, "val": 800, "test": 2000}
     for k in ("train", "val", "test"):
         assert all(c > 0 for c in summary[k]["per_class"]), (k, summary[k]["per_class"])
-    x, y = data.load_split(tmp_path / "split", "test")
-    assert torch.equal(x, data.read_pair(out, "test", 10)[0])
+    x, y = load_split(tmp_path / "split", "test")
+    assert torch.equal(x, read_pair(out, "test", 10)[0])
 
 
 # --------------------------------------------------------------------------- validation errors
-
-
-def _corrupt(files: dict[str, bytes], case: str) -> tuple[dict[str, bytes], str]:
-    """Break one file of a good dataset; return the files and the file name blamed."""
-    img, lab = data.IMAGES["train"], data.LABELS["train"]
-    if case == "bad magic":
-        files[img] = b"\x12\x34" + files[img][2:]
-        return files, img
-    if case == "wrong dtype":
-        files[img] = files[img][:2] + b"\x0d" + files[img][3:]  # 0x0D = float32
-        return files, img
-    if case == "32x32":
-        files[img] = idx_bytes(torch.zeros(60, 32, 32))
-        return files, img
-    if case == "count mismatch":
-        files[lab] = idx_bytes(torch.arange(59) % 10)
-        return files, img
-    if case == "label out of range":
-        files[lab] = idx_bytes(torch.arange(60) % 11)
-        return files, lab
-    if case == "truncated idx":
-        files[img] = files[img][:-100]
-        return files, img
-    if case == "trailing bytes":
-        files[img] = files[img] + b"\0" * 7
-        return files, img
-    if case == "labels as images":
-        files[img] = files[lab]
-        return files, img
-    if case == "empty":
-        files[img], files[lab] = idx_bytes(torch.zeros(0, 28, 28)), idx_bytes(torch.zeros(0))
-        return files, img
-    raise AssertionError(case)
 
 
 @pytest.mark.parametrize("case, match", [
@@ -757,7 +648,7 @@ def _corrupt(files: dict[str, bytes], case: str) -> tuple[dict[str, bytes], str]
     ("empty", r"no samples"),  # torchvision cannot even parse it
 ])
 def test_idx_validation_errors_name_the_source_file(tmp_path: Path, case: str, match: str):
-    files, blamed = _corrupt(dataset_files(), case)
+    files, blamed = corrupt(dataset_files(), case)
     src = write_folder(tmp_path / "src", files)
     out = tmp_path / "raw"
     msg = fetch_error(src, out)
@@ -768,12 +659,12 @@ def test_idx_validation_errors_name_the_source_file(tmp_path: Path, case: str, m
 
 def test_idx_validation_of_an_existing_raw_folder(tmp_path: Path):
     """The split stage parses data/raw/<name> itself: the same checks, naming that path."""
-    files, _ = _corrupt(dataset_files(), "32x32")
+    files, _ = corrupt(dataset_files(), "32x32")
     write_folder(tmp_path, files, gzipped=False)
     with raises_one_line(rf"^{tmp_path}/train-images-idx3-ubyte: images are 32x32, expected 28x28$"):
-        data.read_pair(tmp_path, "train", 10)
+        read_pair(tmp_path, "train", 10)
     with raises_one_line(r"t10k-images-idx3-ubyte: file not found \(run the download stage first\)"):
-        data.read_pair(tmp_path / "nowhere", "test", 10)
+        read_pair(tmp_path / "nowhere", "test", 10)
 
 
 def test_labels_checked_against_the_class_list(tmp_path: Path):
@@ -789,7 +680,7 @@ def test_labels_checked_against_the_class_list(tmp_path: Path):
 ])
 def test_gzip_errors(tmp_path: Path, case: str, match: str):
     src = write_folder(tmp_path / "src", dataset_files())
-    target = src / f"{data.IMAGES['train']}.gz"
+    target = src / f"{IMAGES['train']}.gz"
     blob = target.read_bytes()
     if case == "not gzip":
         blob = idx_bytes(make_pair(60)[0])
@@ -808,7 +699,7 @@ def test_missing_folder_and_missing_file(tmp_path: Path):
     msg = fetch_error(tmp_path / "nowhere", tmp_path / "raw")
     assert f"could not get train-images-idx3-ubyte.gz from any mirror (tried: {tmp_path}/nowhere: folder not found)" in msg
     files = dataset_files()
-    del files[data.LABELS["train"]]
+    del files[LABELS["train"]]
     src = write_folder(tmp_path / "src", files)
     msg = fetch_error(src, tmp_path / "raw")
     assert f"{src}: no train-labels-idx1-ubyte.gz or train-labels-idx1-ubyte" in msg
@@ -816,18 +707,18 @@ def test_missing_folder_and_missing_file(tmp_path: Path):
 
 def test_next_mirror_after_a_bad_local_file(tmp_path: Path):
     bad = write_folder(tmp_path / "bad", dataset_files())
-    (bad / f"{data.IMAGES['train']}.gz").write_bytes(b"\x1f\x8b garbage")
+    (bad / f"{IMAGES['train']}.gz").write_bytes(b"\x1f\x8b garbage")
     good = write_folder(tmp_path / "good", dataset_files())
-    src = data.resolve_source({"sources": {"x": {"mirrors": [str(bad), str(good)]}}}, "x")
-    assert data.fetch(src, tmp_path / "raw", QUICK) == {"train": 60, "test": 20}
+    src = resolve_source({"sources": {"x": {"mirrors": [str(bad), str(good)]}}}, "x")
+    assert fetch(src, tmp_path / "raw", QUICK) == {"train": 60, "test": 20}
 
 
 def test_failed_rerun_keeps_the_earlier_raw_folder(tmp_path: Path):
     src = write_folder(tmp_path / "src", dataset_files())
     out = tmp_path / "raw"
-    data.fetch(folder_source(src), out, QUICK)
+    fetch(folder_source(src), out, QUICK)
     before = tree_digest(out)
-    (src / f"{data.LABELS['test']}.gz").write_bytes(gz(idx_bytes(torch.full((20,), 12))))
+    (src / f"{LABELS['test']}.gz").write_bytes(gz(idx_bytes(torch.full((20,), 12))))
     msg = fetch_error(src, out)
     assert "label 12 out of range" in msg
     assert tree_digest(out) == before
@@ -839,7 +730,7 @@ def test_failed_rerun_keeps_the_earlier_raw_folder(tmp_path: Path):
 
 @pytest.mark.slow  # runs the stage script in a subprocess
 def test_download_stage_errors_exit_2_with_one_line(tmp_path: Path):
-    files, _ = _corrupt(dataset_files(), "bad magic")
+    files, _ = corrupt(dataset_files(), "bad magic")
     write_folder(tmp_path / "bad", files)
     write_folder(tmp_path / "good", dataset_files())
     params = {"sources": {"bad": "bad", "good": "good", "digits": {"embedded": "sklearn_digits"}}}
@@ -867,7 +758,7 @@ def test_download_stage_missing_params_file(tmp_path: Path):
 
 def test_digits_in_mnist_layout():
     t0 = time.perf_counter()
-    images, labels = data.digits_as_mnist()
+    images, labels = digits_as_mnist()
     assert time.perf_counter() - t0 < 10
     assert images.shape == (1797, 28, 28) and images.dtype == torch.uint8
     assert labels.shape == (1797,) and labels.dtype == torch.int64
@@ -890,20 +781,20 @@ def test_digits_in_mnist_layout():
 def test_digits_stage_writes_the_train_pair_only(tmp_path: Path):
     out = tmp_path / "raw"
     (out).mkdir()
-    (out / data.IMAGES["test"]).write_bytes(b"stale")
-    assert data.fetch(data.Source("digits", embedded="sklearn_digits"), out, QUICK) == {"train": 1797}
+    (out / IMAGES["test"]).write_bytes(b"stale")
+    assert fetch(Source("digits", embedded="sklearn_digits"), out, QUICK) == {"train": 1797}
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [data.IMAGES["train"], data.LABELS["train"], data.MANIFEST])
-    images, labels = data.read_pair(out, "train", 10)
-    assert torch.equal(images, data.digits_as_mnist()[0])
+        [IMAGES["train"], LABELS["train"], MANIFEST])
+    images, labels = read_pair(out, "train", 10)
+    assert torch.equal(images, digits_as_mnist()[0])
 
 
 def test_write_idx_round_trips(tmp_path: Path):
     x, y = make_pair(7)
-    data.write_idx(tmp_path / data.IMAGES["train"], x)
-    data.write_idx(tmp_path / data.LABELS["train"], y)
-    assert (tmp_path / data.IMAGES["train"]).read_bytes() == idx_bytes(x)
-    xi, yi = data.read_pair(tmp_path, "train", 10)
+    write_idx(tmp_path / IMAGES["train"], x)
+    write_idx(tmp_path / LABELS["train"], y)
+    assert (tmp_path / IMAGES["train"]).read_bytes() == idx_bytes(x)
+    xi, yi = read_pair(tmp_path, "train", 10)
     assert torch.equal(xi, x) and torch.equal(yi, y)
 
 
@@ -913,6 +804,6 @@ def test_leftover_staging_from_a_killed_run_is_cleared(tmp_path: Path):
     leftover = tmp_path / ".raw.abc.partial"
     leftover.mkdir()
     (leftover / "x").write_bytes(b"1")
-    data.fetch(data.Source("digits", embedded="sklearn_digits"), out, QUICK)
+    fetch(Source("digits", embedded="sklearn_digits"), out, QUICK)
     assert not leftover.exists()
     shutil.rmtree(out)

@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from mnistlab import data
+from mnistlab.data.digits import write_digits
+from mnistlab.data.split import split as split_dataset
 from mnistlab.utils import torch_load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +40,8 @@ def _train(tmp: Path, params: dict, launcher: list[str], arch: str = "mlp") -> s
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes_match_single_process(tmp_path: Path):
     raw, split = tmp_path / "raw", tmp_path / "split"
-    data.write_digits(raw)
-    data.split(raw, split, [str(i) for i in range(10)], 0.1, 0.2, 1234, "digits")
+    write_digits(raw)
+    split_dataset(raw, split, [str(i) for i in range(10)], 0.1, 0.2, 1234, "digits")
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     # fp32: the comparison is about DDP's gradient averaging, not bf16 rounding.
@@ -79,8 +80,8 @@ def test_torchrun_two_gloo_processes_match_single_process(tmp_path: Path):
 @pytest.mark.slow
 def test_batch_not_divisible_by_world_is_a_one_line_error(tmp_path: Path):
     raw, split = tmp_path / "raw", tmp_path / "split"
-    data.write_digits(raw)
-    data.split(raw, split, [str(i) for i in range(10)], 0.1, 0.2, 1234, "digits")
+    write_digits(raw)
+    split_dataset(raw, split, [str(i) for i in range(10)], 0.1, 0.2, 1234, "digits")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(min_steps=0, device="cpu")
     params["hparams"]["mlp"].update(epochs=1, batch_size=101)
@@ -95,8 +96,8 @@ def test_batch_not_divisible_by_world_is_a_one_line_error(tmp_path: Path):
                     reason="needs 2 CUDA devices")
 def test_torchrun_nccl_two_gpus(tmp_path: Path):
     raw, split = tmp_path / "raw", tmp_path / "split"
-    data.write_digits(raw)
-    data.split(raw, split, [str(i) for i in range(10)], 0.1, 0.2, 1234, "digits")
+    write_digits(raw)
+    split_dataset(raw, split, [str(i) for i in range(10)], 0.1, 0.2, 1234, "digits")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(min_steps=0, device="cuda")
     params["hparams"]["resnet_bn"].update(epochs=1)

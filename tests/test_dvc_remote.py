@@ -13,8 +13,7 @@ import filecmp
 import subprocess
 
 import pytest
-from conftest import run, stage_env
-from test_bad_inputs import edit_params
+from helpers.repo import edit_params, run, stage_env
 
 pytestmark = pytest.mark.slow
 

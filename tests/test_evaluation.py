@@ -1,80 +1,32 @@
 """evaluate@{dataset}-{arch}: metrics against scikit-learn, model loading, every output file, MLflow.
 
-Also home of the small helpers test_features.py and test_compare_gate.py import
-(``from test_evaluation import ...``): a test split made of real digits, a model
-record as the train stage writes it, and an MLflow run in a temp sqlite store.
+The helpers it shares with test_features.py and test_compare_gate.py live in ``helpers``:
+a test split made of real digits and a model record as the train stage writes it
+(``helpers.artifacts``), an MLflow run (``helpers.mlflow``; the temp sqlite store is
+conftest's ``mlflow_store``), and the PNG check (``helpers.checks``).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers.artifacts import CLASSES, write_model, write_split
+from helpers.checks import assert_png
+from helpers.mlflow import open_run
 from sklearn.metrics import accuracy_score, f1_score
 
-from mnistlab import data, evaluation, tracking
+from mnistlab import tracking
 from mnistlab.errors import MnistlabError
-from mnistlab.evaluation import EvalPaths
-from mnistlab.models import build_model
+from mnistlab.models import load_model
+from mnistlab.stages import evaluate as evaluation
+from mnistlab.stages.evaluate import EvalPaths
 from mnistlab.utils import torch_save, write_json
 
-CLASSES = [str(i) for i in range(10)]
 PARAMS = {"evaluate": {"device": "cpu", "batch_size": 16, "max_misclassified": 12}}
-
-
-# --------------------------------------------------------------------------- helpers (imported elsewhere)
-
-
-def write_split(split: Path, n: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
-    """A test split of ``n`` real digits (scikit-learn's, at 28x28) and its summary.json."""
-    x, y = data.digits_as_mnist()
-    x, y = x[:n].clone(), y[:n].clone()
-    torch_save({"images": x, "labels": y}, split / "test.pt")
-    write_json(split / "summary.json", {"classes": CLASSES, "test": {"count": n}})
-    return x, y
-
-
-def write_model(model_dir: Path, arch: str, seed: int = 0, **args) -> torch.nn.Module:
-    """An (untrained) model record exactly as the train stage writes ``model.pt``."""
-    torch.manual_seed(seed)
-    args = {"num_classes": len(CLASSES), **args}
-    model = build_model(arch, **args)
-    torch_save({"arch": arch, "args": args, "state_dict": model.state_dict(),
-                "normalize": {"mean": 0.1307, "std": 0.3081}, "classes": CLASSES},
-               model_dir / "model.pt")
-    return model
-
-
-def open_run(model_dir: Path, dataset: str, arch: str) -> str:
-    """An MLflow run in the current store, recorded in ``run.json`` as the train stage does."""
-    run_id = tracking.start_run(dataset, arch, {"arch": arch}, {"dvc_stage": "test"})
-    write_json(model_dir / "run.json", {"run_id": run_id})
-    return run_id
-
-
-@pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory) -> Iterator[str]:
-    """One sqlite MLflow store per test module (creating one costs a few seconds)."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        yield uri
-
-
-def assert_png(path: Path, min_side: int = 20) -> tuple[int, int]:
-    """``path`` is a PNG that decodes, of a plausible size; returns (width, height)."""
-    assert path.is_file(), path
-    with Image.open(path) as im:
-        assert im.format == "PNG"
-        im.load()  # decodes every pixel: a truncated file fails here
-        assert min(im.size) >= min_side, (path, im.size)
-        return im.size
 
 
 # --------------------------------------------------------------------------- summarize
@@ -124,7 +76,7 @@ def test_misclassified_most_confident_first():
 
 def test_load_model_rebuilds_the_saved_weights(tmp_path):
     model = write_model(tmp_path, "cnn_4_8", seed=3).eval()
-    loaded, record = evaluation.load_model(tmp_path / "model.pt", torch.device("cpu"))
+    loaded, record = load_model(tmp_path / "model.pt", torch.device("cpu"))
     assert record["arch"] == "cnn_4_8" and not loaded.training
     x = torch.randn(5, 1, 28, 28)
     with torch.inference_mode():
@@ -134,13 +86,13 @@ def test_load_model_rebuilds_the_saved_weights(tmp_path):
 def test_load_model_errors_name_the_file(tmp_path):
     torch_save({"arch": "mlp"}, tmp_path / "partial.pt")
     with pytest.raises(MnistlabError, match="partial.pt: not a model file"):
-        evaluation.load_model(tmp_path / "partial.pt", torch.device("cpu"))
+        load_model(tmp_path / "partial.pt", torch.device("cpu"))
     write_model(tmp_path, "mlp")
     rec = torch.load(tmp_path / "model.pt", weights_only=True)
     rec["args"]["hidden"] = 7  # weights of hidden=500 no longer fit
     torch_save(rec, tmp_path / "model.pt")
     with pytest.raises(MnistlabError, match="model.pt: weights do not fit arch 'mlp'"):
-        evaluation.load_model(tmp_path / "model.pt", torch.device("cpu"))
+        load_model(tmp_path / "model.pt", torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------- the stage

@@ -24,11 +24,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, make_repo, run, stage_env
-from test_bad_inputs import edit_params
-from test_data import dataset_files, gz, md5, tree_digest
+from helpers.data import dataset_files, gz, md5, tree_digest
+from helpers.repo import ROOT, edit_params, make_repo, run, stage_env
 
-from mnistlab import data, tracking
+from mnistlab import tracking
+from mnistlab.data.digits import write_digits
+from mnistlab.data.sources import DIGIT_CLASSES
+from mnistlab.data.split import split as split_dataset
 from mnistlab.utils import torch_load
 
 
@@ -264,8 +266,8 @@ def test_two_experiments_at_once_on_one_sqlite_store(tmp_path: Path):
     from mlflow.tracking import MlflowClient
 
     split = tmp_path / "split"
-    data.write_digits(tmp_path / "raw")
-    data.split(tmp_path / "raw", split, list(data.DIGIT_CLASSES), 0.1, 0.2, 1234, "digits")
+    write_digits(tmp_path / "raw")
+    split_dataset(tmp_path / "raw", split, list(DIGIT_CLASSES), 0.1, 0.2, 1234, "digits")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"]["min_steps"] = 0
     epochs = {"mlp": 12, "cnn_4_8": 4}

@@ -7,16 +7,18 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from test_evaluation import CLASSES, assert_png, mlflow_store, open_run, write_model, write_split
+from helpers.artifacts import CLASSES, write_model, write_split
+from helpers.checks import assert_png
+from helpers.mlflow import open_run
 from torch import nn
 
-from mnistlab import features, tracking
+from mnistlab import tracking
+from mnistlab.config import FeatureSettings
 from mnistlab.errors import MnistlabError
-from mnistlab.features import FeaturePaths, FeatureSettings
 from mnistlab.models import REGISTRY, build_model
+from mnistlab.stages import features
+from mnistlab.stages.features import FeaturePaths
 from mnistlab.utils import torch_load
-
-__all__ = ["mlflow_store"]  # a fixture, imported for this module's tests
 
 SETTINGS = FeatureSettings(device="cpu", batch_size=16, max_channels=6, max_units=25,
                            tsne_max_points=40, tsne_perplexity=30.0)
@@ -25,9 +27,9 @@ PARAMS = {"seed": 0, "features": {k: v for k, v in dataclasses.asdict(SETTINGS).
 
 def digits_batch(n: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` real digits, normalised as [n, 1, 28, 28], labels cycling over all ten classes."""
-    from mnistlab import data
+    from mnistlab.data.digits import digits_as_mnist
 
-    x, y = data.digits_as_mnist()
+    x, y = digits_as_mnist()
     return (x[:n].unsqueeze(1).float() / 255 - 0.1307) / 0.3081, y[:n].clone()
 
 

@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnistlab.config import HParams, load_params
-from mnistlab.data import digits_as_mnist
+from mnistlab.config import load_params
+from mnistlab.data.digits import digits_as_mnist
 from mnistlab.errors import MnistlabError
-from mnistlab.experiment import model_record
-from mnistlab.models import REGISTRY, build_model, count_parameters, register
-from mnistlab.training import make_optimizer, to_device
+from mnistlab.hparams import HParams
+from mnistlab.inference import to_device
+from mnistlab.models import REGISTRY, build_model, count_parameters, model_record, register
+from mnistlab.training import make_optimizer
 
 ARCHS = sorted(REGISTRY)
 
@@ -75,8 +76,8 @@ def test_rebuilds_from_its_model_record(params, arch):
     hp = HParams.from_params(params, arch)
     torch.manual_seed(0)
     model = build_model(arch, num_classes=10, **hp.args).eval()
-    record = model_record(arch, {"num_classes": 10, **hp.args}, model.state_dict(), hp,
-                          [str(i) for i in range(10)])
+    record = model_record(arch, {"num_classes": 10, **hp.args}, model.state_dict(),
+                          {"mean": hp.mean, "std": hp.std}, [str(i) for i in range(10)])
     torch.manual_seed(1)  # a different init, overwritten by the state dict
     rebuilt = build_model(record["arch"], **record["args"]).eval()
     rebuilt.load_state_dict(record["state_dict"], strict=True)

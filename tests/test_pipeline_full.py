@@ -15,8 +15,8 @@ import sys
 
 import pytest
 import yaml
-from conftest import run
-from test_evaluation import assert_png
+from helpers.checks import assert_png
+from helpers.repo import ROOT, run
 
 from mnistlab.utils import torch_load
 
@@ -41,16 +41,18 @@ def gate(repo, command: str, tmp, check: bool = True):
 
     The gate reads ``<workdir>/params.yaml`` and one shard per dataset,
     ``<workdir>/<dataset>/``; here the pipeline ran in the temp repo itself (with
-    git, for `dvc exp`), so the workdir's only shard is a link to it.
+    git, for `dvc exp`), so the workdir's only shard is a link to it. Its settings
+    (metrics, tolerances) are this repository's ci/gate.yaml.
     """
     work = tmp / "ci"
     if not work.exists():
         work.mkdir()
         (work / "digits").symlink_to(repo)
     (work / "params.yaml").write_text((repo / "params.yaml").read_text())
-    return run([sys.executable, "-m", "mnistlab.gate", command, "--root", str(repo),
-                "--workdir", str(work), "--profile", str(tmp / "profile.yaml"),
-                "--baseline", str(tmp / "baseline.json")], repo, check=check)
+    return run([sys.executable, "-m", "mnistlab.ci.gate", command, "--root", str(repo),
+                "--config", str(ROOT / "ci" / "gate.yaml"), "--workdir", str(work),
+                "--profile", str(tmp / "profile.yaml"), "--baseline", str(tmp / "baseline.json")],
+               repo, check=check)
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import re
 
 import pytest
 import yaml
-from conftest import run
+from helpers.repo import run
 
 pytestmark = pytest.mark.slow
 

@@ -20,16 +20,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
-from test_bad_inputs import plant_payload
-from test_data import dataset_files, gz, md5, write_folder
-from test_download import FAST, Mirrors, mirrors  # noqa: F401 - mirrors is a fixture
-from test_mlflow_server import MlflowServer, run_train, shared_server, train_workspace
+from helpers.data import dataset_files, gz, md5, write_folder
+from helpers.http import FAST, Mirrors
+from helpers.mlflow import MlflowServer, run_train, shared_server, train_workspace
+from helpers.payload import plant_payload
+from helpers.repo import ROOT
 
-from mnistlab import data
+from mnistlab.artifacts import load_split
+from mnistlab.checkpoint import load_resumable
+from mnistlab.data.download import fetch
+from mnistlab.data.idx import LABELS
+from mnistlab.data.sources import resolve_source
 from mnistlab.errors import MnistlabError, UnsafeFileError
-from mnistlab.evaluation import load_model
-from mnistlab.training import load_resumable
+from mnistlab.models import load_model
 from mnistlab.utils import torch_load
 
 # --------------------------------------------------------------------------- loading tensor files
@@ -72,7 +75,7 @@ def test_every_loader_refuses_a_pickle_payload_without_running_it(tmp_path: Path
         # A corrupt checkpoint means "train from scratch"; one carrying code stops the stage.
         "load_resumable": lambda: load_resumable(path, "fingerprint"),
         "load_model": lambda: load_model(path, torch.device("cpu")),
-        "load_split": lambda: data.load_split(tmp_path, "train"),
+        "load_split": lambda: load_split(tmp_path, "train"),
     }[loader]
     with pytest.raises(UnsafeFileError) as e:
         call()
@@ -101,7 +104,7 @@ def sha256(blob: bytes) -> str:
 
 def test_sha256_pins_parse_and_are_validated():
     ok = "A" * 64
-    src = data.resolve_source({"sources": {"x": {"mirrors": ["/m"], "sha256": {"train-images-idx3-ubyte.gz": ok}}}}, "x")
+    src = resolve_source({"sources": {"x": {"mirrors": ["/m"], "sha256": {"train-images-idx3-ubyte.gz": ok}}}}, "x")
     assert src.sha256 == {"train-images-idx3-ubyte.gz": ok.lower()} and src.md5 == {}
     for spec, match in [
         ({"train-images-idx3-ubyte.gz": "abc"}, r"sources\.x\.sha256\.train-images-idx3-ubyte\.gz: not a SHA-256 \(got 'abc'\)"),
@@ -110,7 +113,7 @@ def test_sha256_pins_parse_and_are_validated():
         ("deadbeef", r"sources\.x\.sha256 must map file names to SHA-256s"),
     ]:
         with pytest.raises(MnistlabError, match=match):
-            data.resolve_source({"sources": {"x": {"mirrors": ["/m"], "sha256": spec}}}, "x")
+            resolve_source({"sources": {"x": {"mirrors": ["/m"], "sha256": spec}}}, "x")
 
 
 def test_folder_source_checked_against_sha256(tmp_path: Path):
@@ -119,22 +122,22 @@ def test_folder_source_checked_against_sha256(tmp_path: Path):
     pins = {f"{n}.gz": sha256(gz(b)) for n, b in files.items()}
     out = tmp_path / "raw"
 
-    got = data.fetch(data.resolve_source({"sources": {"x": {"mirrors": [str(src)], "sha256": pins}}}, "x"),
-                     out, FAST)
+    got = fetch(resolve_source({"sources": {"x": {"mirrors": [str(src)], "sha256": pins}}}, "x"),
+                out, FAST)
     assert got == {"train": 60, "test": 20}
     manifest = json.loads((out / "manifest.json").read_text())["files"]
     assert {e["verified"] for e in manifest.values()} == {"sha256"}
 
     both = {"mirrors": [str(src)], "sha256": pins, "md5": {f"{n}.gz": md5(gz(b)) for n, b in files.items()}}
-    data.fetch(data.resolve_source({"sources": {"x": both}}, "x"), out, FAST)
+    fetch(resolve_source({"sources": {"x": both}}, "x"), out, FAST)
     manifest = json.loads((out / "manifest.json").read_text())["files"]
     assert {e["verified"] for e in manifest.values()} == {"md5+sha256"}
 
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     wrong = {**pins, "t10k-labels-idx1-ubyte.gz": "f" * 64}
     with pytest.raises(MnistlabError) as e:
-        data.fetch(data.resolve_source({"sources": {"x": {"mirrors": [str(src)], "sha256": wrong}}}, "x"),
-                   out, FAST)
+        fetch(resolve_source({"sources": {"x": {"mirrors": [str(src)], "sha256": wrong}}}, "x"),
+              out, FAST)
     msg = str(e.value)
     assert f"{src}/t10k-labels-idx1-ubyte.gz: SHA-256 mismatch (expected {'f' * 64}, got " \
            f"{pins['t10k-labels-idx1-ubyte.gz']})" in msg and "\n" not in msg
@@ -142,36 +145,36 @@ def test_folder_source_checked_against_sha256(tmp_path: Path):
 
 
 def test_url_source_sha256_rejects_a_tampered_mirror_and_reuses_verified_files(
-        mirrors: Mirrors, tmp_path: Path):  # noqa: F811 - the imported fixture
+        mirrors: Mirrors, tmp_path: Path):
     """Mirror A serves a file whose MD5 is right but whose SHA-256 is not (the pin for
     MD5 is taken from that file: only SHA-256 can tell); B serves the real one."""
     real = dataset_files()
     tampered = dict(real)
-    tampered[data.LABELS["train"]] = real[data.LABELS["train"]][:-1] + b"\x07"  # a label flipped
+    tampered[LABELS["train"]] = real[LABELS["train"]][:-1] + b"\x07"  # a label flipped
     mirrors.publish("a", tampered)
     mirrors.publish("b", real)
-    name = f"{data.LABELS['train']}.gz"
+    name = f"{LABELS['train']}.gz"
     md5s = {f"{n}.gz": md5(gz(b)) for n, b in real.items()}
-    md5s[name] = md5(gz(tampered[data.LABELS["train"]]))  # agrees with the tampered file
-    sha = {name: sha256(gz(real[data.LABELS["train"]]))}
-    source = data.resolve_source({"sources": {"w": {"mirrors": [mirrors.url("a"), mirrors.url("b")],
-                                                    "sha256": sha}}}, "w")
+    md5s[name] = md5(gz(tampered[LABELS["train"]]))  # agrees with the tampered file
+    sha = {name: sha256(gz(real[LABELS["train"]]))}
+    source = resolve_source({"sources": {"w": {"mirrors": [mirrors.url("a"), mirrors.url("b")],
+                                               "sha256": sha}}}, "w")
     out = tmp_path / "raw"
-    assert data.fetch(source, out, FAST) == {"train": 60, "test": 20}
-    assert (out / data.LABELS["train"]).read_bytes() == real[data.LABELS["train"]]
-    entry = json.loads((out / "manifest.json").read_text())["files"][data.LABELS["train"]]
+    assert fetch(source, out, FAST) == {"train": 60, "test": 20}
+    assert (out / LABELS["train"]).read_bytes() == real[LABELS["train"]]
+    entry = json.loads((out / "manifest.json").read_text())["files"][LABELS["train"]]
     assert entry["from"] == mirrors.url("b") + name and entry["verified"] == "sha256"
     assert mirrors.count(f"/a/{name}") >= 1 and mirrors.count(f"/b/{name}") >= 1
 
     # With both pins, mirror A's file fails on SHA-256 alone.
-    both = data.resolve_source({"sources": {"w": {"mirrors": [mirrors.url("a")], "md5": {name: md5s[name]},
-                                                  "sha256": sha}}}, "w")
+    both = resolve_source({"sources": {"w": {"mirrors": [mirrors.url("a")], "md5": {name: md5s[name]},
+                                             "sha256": sha}}}, "w")
     with pytest.raises(MnistlabError, match=rf"{mirrors.url('a')}{name}: SHA-256 mismatch"):
-        data.fetch(both, tmp_path / "other", FAST)
+        fetch(both, tmp_path / "other", FAST)
 
     # A rerun finds the verified copy and asks the network for nothing.
     mirrors.requests.clear()
-    assert data.fetch(source, out, FAST) == {"train": 60, "test": 20}
+    assert fetch(source, out, FAST) == {"train": 60, "test": 20}
     assert mirrors.count(f"/b/{name}") == 0 and mirrors.count(f"/a/{name}") == 0
 
 

@@ -9,18 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data import (
-    QUICK,
-    assert_one_line_error,
-    dataset_files,
-    idx_bytes,
-    make_pair,
-    run_stage,
-    tree_digest,
-    write_folder,
-)
+from helpers.checks import assert_one_line_error
+from helpers.data import QUICK, dataset_files, idx_bytes, make_pair, tree_digest, write_folder
+from helpers.repo import run_stage
 
-from mnistlab import data
+from mnistlab.artifacts import load_classes, load_split
+from mnistlab.data.download import fetch
+from mnistlab.data.idx import IMAGES, LABELS, read_pair
+from mnistlab.data.sources import Source, resolve_source
+from mnistlab.data.split import split
 from mnistlab.errors import MnistlabError
 
 DIGITS = [str(i) for i in range(10)]
@@ -30,14 +27,14 @@ OUTPUTS = ("train.pt", "val.pt", "test.pt", "summary.json")
 @pytest.fixture(scope="module")
 def digits_raw(tmp_path_factory) -> Path:
     raw = tmp_path_factory.mktemp("digits") / "raw"
-    data.fetch(data.Source("digits", embedded="sklearn_digits"), raw, QUICK)
+    fetch(Source("digits", embedded="sklearn_digits"), raw, QUICK)
     return raw
 
 
 @pytest.fixture(scope="module")
 def mini_raw(tmp_path_factory, mnist_mini: Path) -> Path:
     raw = tmp_path_factory.mktemp("mini") / "raw"
-    data.fetch(data.resolve_source({"sources": {"mnist_mini": str(mnist_mini)}}, "mnist_mini"), raw, QUICK)
+    fetch(resolve_source({"sources": {"mnist_mini": str(mnist_mini)}}, "mnist_mini"), raw, QUICK)
     return raw
 
 
@@ -63,10 +60,10 @@ def raw_from(tmp_path: Path, files: dict[str, bytes]) -> Path:
 
 
 def test_digits_split_is_stratified(digits_raw: Path, tmp_path: Path):
-    summary = data.split(digits_raw, tmp_path, DIGITS, 0.1, 0.2, 1234, "digits")
+    summary = split(digits_raw, tmp_path, DIGITS, 0.1, 0.2, 1234, "digits")
     assert summary["test_source"] == "carved from train"
     assert [summary[s]["count"] for s in ("train", "val", "test")] == [1293, 144, 360]
-    _, raw_labels = data.read_pair(digits_raw, "train", 10)
+    _, raw_labels = read_pair(digits_raw, "train", 10)
     n = torch.bincount(raw_labels, minlength=10)
     test = torch.tensor(summary["test"]["per_class"])
     val = torch.tensor(summary["val"]["per_class"])
@@ -82,8 +79,8 @@ def test_digits_split_is_stratified(digits_raw: Path, tmp_path: Path):
 
 def test_digits_subsets_partition_the_images(digits_raw: Path, tmp_path: Path):
     """Digits has duplicate images, so compare multisets: train+val+test is exactly the raw set."""
-    data.split(digits_raw, tmp_path, DIGITS, 0.1, 0.2, 1234, "digits")
-    raw_x, raw_y = data.read_pair(digits_raw, "train", 10)
+    split(digits_raw, tmp_path, DIGITS, 0.1, 0.2, 1234, "digits")
+    raw_x, raw_y = read_pair(digits_raw, "train", 10)
     parts = [load(tmp_path, s) for s in ("train", "val", "test")]
     assert image_hashes(torch.cat([x for x, _ in parts])) == image_hashes(raw_x)
     pairs = Counter((hashlib.sha1(x.numpy().tobytes()).hexdigest(), int(y))
@@ -95,7 +92,7 @@ def test_digits_subsets_partition_the_images(digits_raw: Path, tmp_path: Path):
 def test_subsets_are_disjoint(tmp_path: Path):
     """Synthetic images carry their index: every sample lands in exactly one subset, label intact."""
     raw = raw_from(tmp_path, dataset_files(n_train=500, test=False))
-    data.split(raw, tmp_path / "split", DIGITS, 0.1, 0.2, 7, "synthetic")
+    split(raw, tmp_path / "split", DIGITS, 0.1, 0.2, 7, "synthetic")
     ids = {s: image_ids(load(tmp_path / "split", s)[0]) for s in ("train", "val", "test")}
     assert [len(v) for v in ids.values()] == [360, 40, 100]
     assert sorted(ids["train"] + ids["val"] + ids["test"]) == list(range(500))
@@ -105,7 +102,7 @@ def test_subsets_are_disjoint(tmp_path: Path):
 
 
 def test_val_as_a_count(digits_raw: Path, tmp_path: Path):
-    summary = data.split(digits_raw, tmp_path, DIGITS, 200, 0.2, 1234, "digits")
+    summary = split(digits_raw, tmp_path, DIGITS, 200, 0.2, 1234, "digits")
     assert summary["val"]["count"] == 200 and summary["test"]["count"] == 360
 
 
@@ -113,13 +110,13 @@ def test_val_as_a_count(digits_raw: Path, tmp_path: Path):
 
 
 def test_official_test_set_stays_untouched(mini_raw: Path, tmp_path: Path):
-    summary = data.split(mini_raw, tmp_path, DIGITS, 0.1, 0.2, 1234, "mnist_mini")
+    summary = split(mini_raw, tmp_path, DIGITS, 0.1, 0.2, 1234, "mnist_mini")
     assert summary["test_source"] == "official"
     assert [summary[s]["count"] for s in ("train", "val", "test")] == [7200, 800, 2000]
     test_x, test_y = load(tmp_path, "test")
-    raw_test_x, raw_test_y = data.read_pair(mini_raw, "test", 10)
+    raw_test_x, raw_test_y = read_pair(mini_raw, "test", 10)
     assert torch.equal(test_x, raw_test_x) and torch.equal(test_y, raw_test_y)  # same order too
-    raw_x, raw_y = data.read_pair(mini_raw, "train", 10)
+    raw_x, raw_y = read_pair(mini_raw, "train", 10)
     n = torch.bincount(raw_y, minlength=10)
     val = torch.tensor(summary["val"]["per_class"])
     assert ((val - 0.1 * n).abs() <= 1).all()
@@ -131,16 +128,16 @@ def test_official_test_set_stays_untouched(mini_raw: Path, tmp_path: Path):
 def test_synthetic_official_test_set(tmp_path: Path):
     files = dataset_files(n_train=200, n_test=50)
     raw = raw_from(tmp_path, files)
-    summary = data.split(raw, tmp_path / "split", DIGITS, 0.25, 0.5, 3, "synthetic")
+    summary = split(raw, tmp_path / "split", DIGITS, 0.25, 0.5, 3, "synthetic")
     assert [summary[s]["count"] for s in ("train", "val", "test")] == [150, 50, 50]
-    assert idx_bytes(load(tmp_path / "split", "test")[0]) == files[data.IMAGES["test"]]
+    assert idx_bytes(load(tmp_path / "split", "test")[0]) == files[IMAGES["test"]]
 
 
 # --------------------------------------------------------------------------- format and determinism
 
 
 def test_files_are_plain_tensors(digits_raw: Path, tmp_path: Path):
-    summary = data.split(digits_raw, tmp_path, DIGITS, 0.1, 0.2, 1234, "digits")
+    summary = split(digits_raw, tmp_path, DIGITS, 0.1, 0.2, 1234, "digits")
     for subset in ("train", "val", "test"):
         obj = torch.load(tmp_path / f"{subset}.pt", weights_only=True)
         assert set(obj) == {"images", "labels"}
@@ -148,19 +145,19 @@ def test_files_are_plain_tensors(digits_raw: Path, tmp_path: Path):
         assert x.dtype == torch.uint8 and x.dim() == 3 and x.shape[1:] == (28, 28)
         assert y.dtype == torch.int64 and y.shape == (len(x),) == (summary[subset]["count"],)
         assert x.untyped_storage().nbytes() == x.numel()  # saved compactly, not a view of the whole set
-        lx, ly = data.load_split(tmp_path, subset)
+        lx, ly = load_split(tmp_path, subset)
         assert torch.equal(lx, x) and torch.equal(ly, y)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    assert data.load_classes(tmp_path) == DIGITS
+    assert load_classes(tmp_path) == DIGITS
 
 
 def test_same_seed_same_bytes_different_seed_different_split(digits_raw: Path, tmp_path: Path):
     for run in ("a", "b"):
-        data.split(digits_raw, tmp_path / run, DIGITS, 0.1, 0.2, 1234, "digits")
+        split(digits_raw, tmp_path / run, DIGITS, 0.1, 0.2, 1234, "digits")
     a, b = tree_digest(tmp_path / "a"), tree_digest(tmp_path / "b")
     assert sorted(a) == sorted(OUTPUTS) and a == b
 
-    data.split(digits_raw, tmp_path / "c", DIGITS, 0.1, 0.2, 4321, "digits")
+    split(digits_raw, tmp_path / "c", DIGITS, 0.1, 0.2, 4321, "digits")
     c = tree_digest(tmp_path / "c")
     for name in ("train.pt", "val.pt", "test.pt"):
         assert c[name] != a[name]
@@ -169,7 +166,7 @@ def test_same_seed_same_bytes_different_seed_different_split(digits_raw: Path, t
 
 @pytest.mark.slow  # runs the stage script in a subprocess
 def test_same_bytes_from_the_stage_in_another_process(digits_raw: Path, tmp_path: Path):
-    data.split(digits_raw, tmp_path / "a", DIGITS, 0.1, 0.2, 1234, "digits")
+    split(digits_raw, tmp_path / "a", DIGITS, 0.1, 0.2, 1234, "digits")
     # the second run in another process, as DVC would run it
     params = {"seed": 1234, "split": {"val_fraction": 0.1, "test_fraction": 0.2},
               "sources": {"digits": {"embedded": "sklearn_digits"}}}
@@ -198,19 +195,19 @@ def test_same_bytes_from_the_stage_in_another_process(digits_raw: Path, tmp_path
 ])
 def test_bad_fractions(digits_raw: Path, tmp_path: Path, val, test, match):
     with pytest.raises(MnistlabError, match=match):
-        data.split(digits_raw, tmp_path, DIGITS, val, test, 1234, "digits")
+        split(digits_raw, tmp_path, DIGITS, val, test, 1234, "digits")
     assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("seed", [1.5, -1, "1", 2**32, None])
 def test_bad_seed(digits_raw: Path, tmp_path: Path, seed):
     with pytest.raises(MnistlabError, match=r"params\.yaml: seed must be an integer in \[0, 2\*\*32\)"):
-        data.split(digits_raw, tmp_path, DIGITS, 0.1, 0.2, seed, "digits")
+        split(digits_raw, tmp_path, DIGITS, 0.1, 0.2, seed, "digits")
 
 
 def _with_labels(train_labels: torch.Tensor, test: bool = False) -> dict[str, bytes]:
     files = dataset_files(n_train=len(train_labels), test=test)
-    files[data.LABELS["train"]] = idx_bytes(train_labels)
+    files[LABELS["train"]] = idx_bytes(train_labels)
     return files
 
 
@@ -221,7 +218,7 @@ def test_class_too_small_for_a_stratified_test_set(tmp_path: Path):
     raw = raw_from(tmp_path, _with_labels(y))
     with pytest.raises(MnistlabError, match=r"^dataset 'tiny': class 3 has only 1 sample\(s\); "
                                             r"cannot carve a stratified test set$"):
-        data.split(raw, tmp_path / "split", DIGITS, 0.1, 0.2, 0, "tiny")
+        split(raw, tmp_path / "split", DIGITS, 0.1, 0.2, 0, "tiny")
 
 
 def test_class_too_small_for_a_stratified_validation_set(tmp_path: Path):
@@ -230,33 +227,33 @@ def test_class_too_small_for_a_stratified_validation_set(tmp_path: Path):
     y[7] = 7  # one sample of class 7 in train; the official test set does not help
     raw = raw_from(tmp_path, _with_labels(y, test=True))
     with pytest.raises(MnistlabError, match=r"class 7 has only 1 sample\(s\); cannot carve a stratified validation set"):
-        data.split(raw, tmp_path / "split", DIGITS, 0.1, 0.2, 0, "tiny")
+        split(raw, tmp_path / "split", DIGITS, 0.1, 0.2, 0, "tiny")
 
 
 def test_class_missing_from_train(tmp_path: Path):
     y = torch.arange(100) % 9  # no 9s; the test set has them
     raw = raw_from(tmp_path, _with_labels(y, test=True))
     with pytest.raises(MnistlabError, match=r"dataset 'nine': no training samples of class\(es\) \['9'\]"):
-        data.split(raw, tmp_path / "split", DIGITS, 0.1, 0.2, 0, "nine")
+        split(raw, tmp_path / "split", DIGITS, 0.1, 0.2, 0, "nine")
 
 
 def test_labels_beyond_the_class_names(digits_raw: Path, tmp_path: Path):
     with pytest.raises(MnistlabError, match=r"train-labels-idx1-ubyte: label 5 out of range 0\.\.4"):
-        data.split(digits_raw, tmp_path, list("abcde"), 0.1, 0.2, 0, "digits")
+        split(digits_raw, tmp_path, list("abcde"), 0.1, 0.2, 0, "digits")
 
 
 def test_failed_rerun_keeps_the_earlier_split(tmp_path: Path):
     x, y = make_pair(300)
-    files = {data.IMAGES["train"]: idx_bytes(x), data.LABELS["train"]: idx_bytes(y)}
+    files = {IMAGES["train"]: idx_bytes(x), LABELS["train"]: idx_bytes(y)}
     raw = raw_from(tmp_path, files)
     out = tmp_path / "split"
-    data.split(raw, out, DIGITS, 0.1, 0.2, 0, "s")
+    split(raw, out, DIGITS, 0.1, 0.2, 0, "s")
     before = tree_digest(out)
     with pytest.raises(MnistlabError):
-        data.split(raw, out, DIGITS, 1.5, 0.2, 0, "s")
-    (raw / data.LABELS["train"]).write_bytes(idx_bytes(torch.arange(300) % 10 * 0))  # only class 0
+        split(raw, out, DIGITS, 1.5, 0.2, 0, "s")
+    (raw / LABELS["train"]).write_bytes(idx_bytes(torch.arange(300) % 10 * 0))  # only class 0
     with pytest.raises(MnistlabError, match="no training samples"):
-        data.split(raw, out, DIGITS, 0.1, 0.2, 0, "s")
+        split(raw, out, DIGITS, 0.1, 0.2, 0, "s")
     assert tree_digest(out) == before
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no temp files left
 
@@ -265,7 +262,7 @@ def test_failed_rerun_keeps_the_earlier_split(tmp_path: Path):
 def test_split_stage_errors_exit_2_and_keep_outputs(digits_raw: Path, tmp_path: Path):
     params = {"seed": 1234, "split": {"val_fraction": 0.1, "test_fraction": 0.2},
               "sources": {"digits": {"embedded": "sklearn_digits"}}}
-    data.split(digits_raw, tmp_path / "out", DIGITS, 0.1, 0.2, 1234, "digits")
+    split(digits_raw, tmp_path / "out", DIGITS, 0.1, 0.2, 1234, "digits")
     before = tree_digest(tmp_path / "out")
     params["split"]["val_fraction"] = 1.5
     p = run_stage("split.py", "--dataset", "digits", "--raw", str(digits_raw), "--out", "out",

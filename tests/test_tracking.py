@@ -2,7 +2,7 @@
 
 The tests share one sqlite store in a temp dir (``MLFLOW_TRACKING_URI``; creating
 a store's schema costs seconds) and tell their runs apart by run id. Each runs
-:func:`mnistlab.experiment.train` in-process on the digits split with the small,
+:func:`mnistlab.stages.train.train` in-process on the digits split with the small,
 fast ``mlp`` (``train.min_steps: 0``, 2 epochs), from a temp git repo as working
 directory (so the git tags are real and ``mlruns/`` lands in the temp dir).
 """
@@ -24,11 +24,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnistlab import data, tracking
-from mnistlab.config import HParams, load_params
+from mnistlab import tracking
+from mnistlab.artifacts import split_digest as data_digest
+from mnistlab.config import load_params
+from mnistlab.data.digits import write_digits
+from mnistlab.data.sources import resolve_source
+from mnistlab.data.split import split
 from mnistlab.errors import MnistlabError
-from mnistlab.experiment import TrainPaths, data_digest, train
+from mnistlab.hparams import HParams
 from mnistlab.models import build_model
+from mnistlab.stages.train import TrainPaths, train
 from mnistlab.utils import torch_load
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
@@ -46,10 +51,10 @@ def params(root):
 def split_dir(tmp_path_factory, params):
     """The digits quickstart split, made once by the data module's own functions."""
     tmp = tmp_path_factory.mktemp("digits")
-    data.write_digits(tmp / "raw")
-    source = data.resolve_source(params, "digits")
-    data.split(tmp / "raw", tmp / "split", list(source.classes), params["split"]["val_fraction"],
-               params["split"]["test_fraction"], params["seed"], "digits")
+    write_digits(tmp / "raw")
+    source = resolve_source(params, "digits")
+    split(tmp / "raw", tmp / "split", list(source.classes), params["split"]["val_fraction"],
+          params["split"]["test_fraction"], params["seed"], "digits")
     return tmp / "split"
 
 
@@ -193,7 +198,7 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run(params, split_dir, wor
     test_training's job.)"""
     from mlflow.tracking import MlflowClient
 
-    from mnistlab.experiment import EpochLogger
+    from mnistlab.stages.train import EpochLogger
 
     p = paths_in(workdir, split_dir)
     real = EpochLogger.__call__

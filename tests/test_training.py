@@ -15,24 +15,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.training import train_fit
 
-from mnistlab.config import HParams, TrainSettings, load_params
-from mnistlab.data import digits_as_mnist
+from mnistlab.artifacts import write_history
+from mnistlab.checkpoint import load_resumable
+from mnistlab.config import TrainSettings, load_params
+from mnistlab.data.digits import digits_as_mnist
 from mnistlab.errors import MnistlabError
-from mnistlab.experiment import write_history
+from mnistlab.hparams import HParams
+from mnistlab.inference import DeviceSplit, to_device
 from mnistlab.models import REGISTRY
 from mnistlab.training import (
-    DeviceSplit,
     augment,
     effective_epochs,
     epoch_generator,
-    fit,
-    load_resumable,
     make_optimizer,
     make_scheduler,
     step_floor,
     steps_per_epoch,
-    to_device,
 )
 from mnistlab.utils import torch_load
 
@@ -67,8 +67,8 @@ def splits(digits, hp: HParams, n_train: int, n_val: int = 96) -> tuple[DeviceSp
 
 def run_fit(hp, data, checkpoint: Path, *, fingerprint="fp", seed=1, **kw):
     train, val = data
-    return fit(hp, SETTINGS, train, val, num_classes=10, seed=seed, fingerprint=fingerprint,
-               checkpoint=checkpoint, tag=f"digits-{hp.arch}", **kw)
+    return train_fit(hp, SETTINGS, train, val, seed=seed, fingerprint=fingerprint,
+                     checkpoint=checkpoint, **kw)
 
 
 def without_timing(history):
@@ -297,8 +297,8 @@ def test_history_and_summary(params, digits, tmp_path):
 def test_min_steps_is_applied(params, digits, tmp_path):
     hp = hparams(params, "mlp", epochs=1, batch_size=64)
     train, val = splits(digits, hp, n_train=128)
-    r = fit(hp, TrainSettings(device="cpu", min_steps=5), train, val, num_classes=10, seed=1,
-            fingerprint="fp", checkpoint=tmp_path / "last.pt", tag="digits-mlp")
+    r = train_fit(hp, TrainSettings(device="cpu", min_steps=5), train, val, seed=1,
+                  fingerprint="fp", checkpoint=tmp_path / "last.pt")
     assert len(r.history) == 3  # 2 steps per epoch, at least 5 steps → 3 epochs
 
 
@@ -437,7 +437,7 @@ def test_cuda_deterministic_bf16_run_is_repeatable(params, digits, tmp_path, arc
     train = to_device(images[:256], labels[:256], hp.mean, hp.std, deterministic_cuda)
     val = to_device(images[256:384], labels[256:384], hp.mean, hp.std, deterministic_cuda)
     settings = TrainSettings(device="cuda", min_steps=0, bf16=True)
-    runs = [fit(hp, settings, train, val, num_classes=10, seed=1, fingerprint="fp",
-                checkpoint=tmp_path / f"{i}.pt", tag=f"digits-{arch}") for i in range(2)]
+    runs = [train_fit(hp, settings, train, val, seed=1, fingerprint="fp",
+                      checkpoint=tmp_path / f"{i}.pt") for i in range(2)]
     assert_same_state(runs[0].model.state_dict(), runs[1].model.state_dict())
     assert without_timing(runs[0].history) == without_timing(runs[1].history)

@@ -8,15 +8,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mnistlab.errors import MnistlabError
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "onecycle", "cosine")
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -130,121 +128,22 @@ def mapping(key: str, value: Any, known: tuple[str, ...] | None = None) -> dict[
 
 
 def seed_of(params: dict[str, Any]) -> int:
-    """The global ``seed``: an integer >= 0."""
+    """The global ``seed``, the one rule for every stage: an integer in [0, 2**32).
+
+    Why that range: numpy and scikit-learn take ``random_state`` only there.
+    """
     seed = get(params, "seed")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise MnistlabError(f"params.yaml: seed must be an integer >= 0 (got {seed!r})")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise MnistlabError(f"params.yaml: seed must be an integer in [0, 2**32) (got {seed!r})")
     return seed
 
 
-@dataclasses.dataclass(frozen=True)
-class HParams:
-    """The hyperparameters of one architecture (``hparams.<arch>`` in params.yaml)."""
-
-    arch: str
-    args: dict[str, Any]
-    optimizer: str
-    lr: float
-    momentum: float
-    nesterov: bool
-    weight_decay: float
-    schedule: str
-    epochs: int
-    batch_size: int
-    mean: float
-    std: float
-    translate: float
-    rotate: float
-    scale: float
-    label_smoothing: float
-    min_steps: int | None = None  # overrides train.min_steps for this arch when set
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any], arch: str) -> HParams:
-        """Validate ``hparams.<arch>``.
-
-        Args:
-            params: The whole params.yaml mapping.
-            arch: A registered architecture name.
-
-        Returns:
-            The validated hyperparameters, with defaults filled in.
-
-        Raises:
-            MnistlabError: One line naming the offending key, e.g.
-                ``params.yaml: hparams.mlp.lr must be a positive number (got 0)``.
-        """
-        from mnistlab.models import REGISTRY, check_args
-
-        if arch not in REGISTRY:
-            raise MnistlabError(f"unknown arch {arch!r} (valid: {', '.join(sorted(REGISTRY))})")
-        hparams = mapping("hparams", params.get("hparams"))
-        section = hparams.get(arch)
-        if not isinstance(section, dict):
-            raise MnistlabError(f"params.yaml: no section hparams.{arch} for arch {arch!r}")
-        k = f"hparams.{arch}"
-        mapping(k, section, ("args", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
-                             "schedule", "epochs", "batch_size", "normalize", "augment",
-                             "label_smoothing", "min_steps"))
-        args = mapping(f"{k}.args", section.get("args"))
-        # num_classes comes from the data and in_channels from the images, never from params.
-        for derived in ("num_classes", "in_channels"):
-            if derived in args:
-                raise MnistlabError(f"params.yaml: {k}.args.{derived} is set from the data; remove it")
-        check_args(arch, args, key=f"params.yaml: {k}.args")
-        norm = mapping(f"{k}.normalize", section.get("normalize"), ("mean", "std"))
-        aug = mapping(f"{k}.augment", section.get("augment"), ("translate", "rotate", "scale"))
-        optimizer = choice(f"{k}.optimizer", section.get("optimizer"), OPTIMIZERS)
-        mom = non_negative(f"{k}.momentum", section.get("momentum", 0.0))
-        nesterov = boolean(f"{k}.nesterov", section.get("nesterov", False))
-        # Adam's momentum is betas[0]; silently ignoring a momentum the user set would mislead.
-        if optimizer != "sgd" and ("momentum" in section or nesterov):
-            raise MnistlabError(f"params.yaml: {k}.momentum/nesterov apply to sgd only "
-                                f"(optimizer is {optimizer})")
-        if nesterov and mom == 0:
-            raise MnistlabError(f"params.yaml: {k}.nesterov needs {k}.momentum > 0")
-        hp = cls(
-            arch=arch,
-            args=args,
-            optimizer=optimizer,
-            lr=positive(f"{k}.lr", section.get("lr")),
-            momentum=mom,
-            nesterov=nesterov,
-            weight_decay=non_negative(f"{k}.weight_decay", section.get("weight_decay", 0.0)),
-            schedule=choice(f"{k}.schedule", section.get("schedule", "constant"), SCHEDULES),
-            epochs=positive(f"{k}.epochs", section.get("epochs"), int),
-            batch_size=positive(f"{k}.batch_size", section.get("batch_size"), int),
-            mean=number(f"{k}.normalize.mean", norm.get("mean", 0.0)),
-            std=positive(f"{k}.normalize.std", norm.get("std", 1.0)),
-            translate=non_negative(f"{k}.augment.translate", aug.get("translate", 0.0)),
-            rotate=non_negative(f"{k}.augment.rotate", aug.get("rotate", 0.0)),
-            scale=non_negative(f"{k}.augment.scale", aug.get("scale", 0.0)),
-            label_smoothing=non_negative(f"{k}.label_smoothing", section.get("label_smoothing", 0.0)),
-        )
-        if "min_steps" in section:
-            ms = section["min_steps"]
-            if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
-                raise MnistlabError(f"params.yaml: {k}.min_steps must be an integer >= 0 (got {ms!r})")
-            hp = dataclasses.replace(hp, min_steps=ms)
-        if hp.label_smoothing >= 1:
-            raise MnistlabError(f"params.yaml: {k}.label_smoothing must be < 1 (got {hp.label_smoothing})")
-        if hp.scale >= 1:
-            raise MnistlabError(f"params.yaml: {k}.augment.scale must be < 1 (got {hp.scale})")
-        return hp
-
-    @property
-    def augments(self) -> bool:
-        """Whether any random affine augmentation is configured."""
-        return self.translate > 0 or self.rotate > 0 or self.scale > 0
-
-    def flat(self) -> dict[str, Any]:
-        """Flat ``{name: value}`` for MLflow params (args prefixed ``arg_``)."""
-        d = dataclasses.asdict(self)
-        if d["min_steps"] is None:  # unset: train.min_steps applies (logged beside)
-            del d["min_steps"]
-        args = d.pop("args")
-        d.update({f"arg_{a}": v for a, v in sorted(args.items())})
-        return d
+def device_name(key: str, value: Any) -> str:
+    """A device setting (auto, cpu, cuda, cuda:N, mps) as a string; its meaning is checked on use."""
+    if not isinstance(value, str) or not value.strip():
+        raise MnistlabError(f"params.yaml: {key} must be a string such as auto, cpu or cuda:0 "
+                            f"(got {value!r})")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,9 +171,7 @@ class TrainSettings:
         ms = s.get("min_steps", 0)
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
             raise MnistlabError(f"params.yaml: train.min_steps must be an integer >= 0 (got {ms!r})")
-        if not isinstance(s.get("device", "auto"), str):
-            raise MnistlabError(f"params.yaml: train.device must be a string such as auto, cpu "
-                                f"or cuda:0 (got {s['device']!r})")
+        device_name("train.device", s.get("device", "auto"))
         if not isinstance(s.get("launcher", "python"), str) or not s.get("launcher", "python").strip():
             raise MnistlabError("params.yaml: train.launcher must be a command such as python or "
                                 f"'torchrun --standalone --nproc_per_node 2' (got {s['launcher']!r})")
@@ -285,3 +182,108 @@ class TrainSettings:
             if count in s:
                 s[count] = positive(f"train.{count}", s[count], int)
         return cls(**s)
+
+
+# Leaderboard keys compare may rank by, and whether higher is better.
+RANKABLE = {"test_accuracy": True, "macro_f1": True, "test_loss": False, "best_val_accuracy": True}
+
+
+def count(key: str, value: Any) -> int:
+    """A positive integer (a size or a count)."""
+    return positive(key, value, int)
+
+
+def section(params: dict[str, Any], name: str, fields: dict[str, Callable[[str, Any], Any]]
+            ) -> dict[str, Any]:
+    """Validate the mapping ``params[name]``: exactly ``fields``' keys, each through its validator.
+
+    The one way a flat settings section is read: unknown keys are refused (a typo would
+    otherwise be ignored), missing ones named, and each value checked under its full key.
+    """
+    mapping(name, get(params, name), tuple(fields))
+    return {k: check(f"{name}.{k}", get(params, f"{name}.{k}")) for k, check in fields.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateSettings:
+    """``evaluate`` in params.yaml: the evaluate stage's device and sizes."""
+
+    device: str
+    batch_size: int
+    max_misclassified: int
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> EvaluateSettings:
+        return cls(**section(params, "evaluate", {
+            "device": device_name, "batch_size": count, "max_misclassified": count}))
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSettings:
+    """``features`` in params.yaml (the t-SNE subsample is seeded by the global ``seed``)."""
+
+    device: str
+    batch_size: int
+    max_channels: int
+    max_units: int
+    tsne_max_points: int
+    tsne_perplexity: float
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> FeatureSettings:
+        """Validate ``features`` in params.yaml; every problem names its key."""
+        return cls(**section(params, "features", {
+            "device": device_name, "batch_size": count, "max_channels": count, "max_units": count,
+            "tsne_max_points": count, "tsne_perplexity": positive}))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareSettings:
+    """``datasets``, ``archs`` and ``compare`` in params.yaml: what the leaderboard ranks, and how."""
+
+    datasets: tuple[str, ...]
+    archs: tuple[str, ...]
+    rank_by: str
+    register: bool
+    registry_prefix: str
+    alias: str
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> CompareSettings:
+        datasets, archs = get(params, "datasets"), get(params, "archs")
+        if not isinstance(datasets, list) or not isinstance(archs, list) or not datasets or not archs:
+            raise MnistlabError("params.yaml: datasets and archs must each list at least one name")
+        s = section(params, "compare", {
+            "rank_by": lambda k, v: choice(k, v, tuple(RANKABLE)), "register": boolean,
+            "registry_prefix": lambda _, v: str(v), "alias": lambda _, v: str(v)})
+        return cls(datasets=tuple(map(str, datasets)), archs=tuple(map(str, archs)), **s)
+
+
+# --------------------------------------------------------------------------- download settings
+# (moved here from the former mnistlab/data.py; used by mnistlab.data.download.fetch)
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadSettings:
+    """``download`` in params.yaml: per-request timeout, attempts per mirror and file, backoff."""
+
+    timeout: float = 30.0
+    retries: int = 3
+    backoff: float = 1.0
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> DownloadSettings:
+        d = params.get("download") or {}
+        if not isinstance(d, dict):
+            raise MnistlabError("params.yaml: download must be a mapping")
+        unknown = sorted(set(d) - {"timeout", "retries", "backoff"})
+        if unknown:
+            raise MnistlabError(
+                f"params.yaml: download: unknown key(s) {', '.join(map(str, unknown))} "
+                "(valid: timeout, retries, backoff)"
+            )
+        return cls(
+            timeout=positive("download.timeout", d.get("timeout", cls.timeout)),
+            retries=positive("download.retries", d.get("retries", cls.retries), int),
+            backoff=non_negative("download.backoff", d.get("backoff", cls.backoff)),
+        )

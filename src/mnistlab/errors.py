@@ -26,15 +26,18 @@ class UnsafeFileError(MnistlabError):
     """
 
 
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's ``main`` turning :class:`MnistlabError` into ``error: ...`` + exit 2."""
+def run_stage(main: Callable[[], int | None]) -> None:
+    """Run a stage's ``main`` turning :class:`MnistlabError` into ``error: ...`` + exit 2.
+
+    A non-zero int returned by ``main`` becomes the exit code (e.g. 1: the gate failed).
+    """
     logging.basicConfig(
         level=os.environ.get("MNISTLAB_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     try:
-        main()
+        code = main()
     except MnistlabError as e:
         # One line, always: a multi-line message would break the contract with CI logs.
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -42,3 +45,5 @@ def run_stage(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    if code:
+        sys.exit(code)

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from mnistlab.errors import MnistlabError
+from mnistlab.utils import torch_load, torch_save
 
 REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -211,3 +213,54 @@ class ResNetBN(nn.Module):
 def resnet_bn(num_classes: int = 10, in_channels: int = 1, width: int = 32) -> nn.Module:
     """Ours: residual BatchNorm CNN, trained with one-cycle + on-device augmentation."""
     return ResNetBN(num_classes, in_channels, width)
+
+
+# --------------------------------------------------------------------------- the model file
+# models/<ds>/<arch>/{model,best}.pt: written by the train stage, read by evaluate and
+# features. It lives here, beside the registry (as timm keeps its checkpoint loader
+# beside create_model), because reading it means building a registered network.
+
+MODEL_KEYS = ("arch", "args", "state_dict", "normalize", "classes")
+
+
+def model_record(arch: str, args: dict[str, Any], state: dict[str, torch.Tensor],
+                 normalize: dict[str, float], classes: list[str]) -> dict[str, Any]:
+    """A final-model file: weights plus all that is needed to rebuild and feed the model.
+
+    Keys: ``arch``, ``args`` (builder arguments incl. num_classes), ``state_dict``
+    (CPU tensors), ``normalize`` ({mean, std}) and ``classes``. Later stages read
+    it with ``weights_only=True``, so it holds only tensors and plain containers.
+    """
+    return {"arch": arch, "args": args, "state_dict": {k: v.cpu() for k, v in state.items()},
+            "normalize": dict(normalize), "classes": list(classes)}
+
+
+def save_model(path: Path, record: dict[str, Any]) -> None:
+    """Write a :func:`model_record` atomically."""
+    torch_save(record, path)
+
+
+def load_model(path: Path, device: torch.device, arch: str | None = None
+               ) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a train stage saved (weights only) and put it on ``device`` in eval mode.
+
+    Args:
+        path: A ``model.pt`` written by the train stage.
+        device: Where to put the model.
+        arch: If given, the arch the file must hold (a stage's item), else a one-line error.
+
+    Returns:
+        The model and its record (``arch``, ``args``, ``normalize``, ``classes``, ...).
+    """
+    record = torch_load(path)
+    if not isinstance(record, dict) or not set(MODEL_KEYS) <= set(record):
+        raise MnistlabError(f"{path}: not a model file (needs keys {', '.join(MODEL_KEYS)})")
+    if arch is not None and record["arch"] != arch:
+        raise MnistlabError(f"{path}: holds arch {record['arch']!r}, expected {arch!r}")
+    model = build_model(record["arch"], **record["args"])
+    try:
+        model.load_state_dict(record["state_dict"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise MnistlabError(f"{path}: weights do not fit arch {record['arch']!r} ({first})") from None
+    return model.to(device).eval(), record

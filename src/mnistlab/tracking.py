@@ -350,13 +350,3 @@ def _fluent_uri(uri: str) -> Iterator[None]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
-
-
-def read_run_id(path: Path) -> str:
-    """The run id a train stage wrote (``run.json``), for later stages to log into."""
-    import json
-
-    try:
-        return json.loads(Path(path).read_text())["run_id"]
-    except (OSError, ValueError, KeyError):
-        raise MnistlabError(f"{path}: missing or invalid MLflow run record (run the train stage)") from None

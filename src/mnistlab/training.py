@@ -15,7 +15,6 @@ never interrupted (deterministic algorithms are on by default on CPU).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import sys
@@ -30,11 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mnistlab.config import HParams, TrainSettings
+from mnistlab.checkpoint import rng_state, save_checkpoint, set_rng_state
+from mnistlab.config import TrainSettings
 from mnistlab.distributed import SINGLE, Dist, all_reduce_sum
-from mnistlab.errors import MnistlabError, UnsafeFileError
+from mnistlab.errors import MnistlabError
+from mnistlab.hparams import HParams
+from mnistlab.inference import DeviceSplit, autocast, evaluate
 from mnistlab.models import build_model
-from mnistlab.utils import torch_load, torch_save
 
 log = logging.getLogger(__name__)
 
@@ -46,30 +47,7 @@ log = logging.getLogger(__name__)
 DIVERGED_LOSS = 1e3
 
 
-# --------------------------------------------------------------------------- data on the device
-
-
-@dataclass
-class DeviceSplit:
-    """One subset resident on the device: x [N,1,28,28] float normalised, y [N] int64."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-
-def to_device(images: torch.Tensor, labels: torch.Tensor, mean: float, std: float,
-              device: torch.device, channels_last: bool = False) -> DeviceSplit:
-    """uint8 [N,28,28] → normalised float [N,1,28,28] on ``device``, converted once.
-
-    The copy travels as uint8 (4x less than float) and is converted on arrival.
-    """
-    x = images.to(device, non_blocking=True).unsqueeze(1).float().div_(255.0).sub_(mean).div_(std)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return DeviceSplit(x, labels.to(device, non_blocking=True).long())
+# --------------------------------------------------------------------------- augmentation
 
 
 def augment(x: torch.Tensor, hp: HParams, gen: torch.Generator,
@@ -184,32 +162,6 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` runs bfloat16 matmuls/convs natively (so autocast speeds it up).
-
-    CUDA does; so do CPUs with AVX512-BF16 or AMX through oneDNN (about 1.3-1.7x on
-    these convs on a 2-core EPYC). Elsewhere bf16 would be emulated: slower, so off.
-    """
-    if device.type == "cuda":
-        return True
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
-def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast when ``bf16`` and the device has native bf16; a no-op context elsewhere.
-
-    The loss is always computed in float32 (callers cast the scores with ``.float()``).
-    """
-    if bf16 and native_bf16(device):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer,
                     sched: torch.optim.lr_scheduler.LRScheduler, data: DeviceSplit, hp: HParams,
                     gen: torch.Generator, bf16: bool, progress: tqdm | None = None,
@@ -260,79 +212,64 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer,
     return {"loss_sum": loss_sum, "correct": correct}
 
 
-@torch.inference_mode()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int, bf16: bool = True) -> torch.Tensor:
-    """Scores for ``x`` in eval mode, batched; returns float32 [N, classes] on x's device."""
-    model.eval()
-    outs = []
-    for start in range(0, len(x), batch_size):
-        with autocast(x.device, bf16):
-            outs.append(model(x[start:start + batch_size]).float())
-    return torch.cat(outs)
-
-
-def evaluate(model: nn.Module, data: DeviceSplit, batch_size: int, bf16: bool = True
-             ) -> dict[str, torch.Tensor]:
-    """Mean cross-entropy and accuracy on ``data`` (device tensors; read them when needed)."""
-    out = predict(model, data.x, batch_size, bf16)
-    return {"loss": F.cross_entropy(out, data.y), "accuracy": (out.argmax(1) == data.y).float().mean()}
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _mps_available() -> bool:
-    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-
-
-def rng_state() -> dict[str, Any]:
-    """Every global RNG state training draws from (dropout, init): CPU, CUDA, MPS.
-
-    Shuffling and augmentation use per-epoch generators and need no saving.
-    """
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if _mps_available():
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` saved (device states only where that device exists)."""
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "mps" in state and _mps_available():
-        torch.mps.set_rng_state(state["mps"])
-
-
-def load_resumable(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if it belongs to this exact run (same fingerprint), else None.
-
-    A checkpoint that cannot be read (another torch version, a foreign file) is
-    treated like a mismatch: a warning, and training starts from scratch. The
-    file itself is left alone; the new run's first checkpoint replaces it. One
-    carrying a pickle payload (:class:`UnsafeFileError`) is not: it stops the stage
-    with a one-line error, so a planted file is reported, never silently replaced.
-    """
-    if not path.is_file():
-        return None
-    try:
-        ckpt = torch_load(path)
-    except UnsafeFileError:
-        raise
-    except MnistlabError as e:
-        log.warning("%s; not resumed, training from scratch", e)
-        return None
-    if not isinstance(ckpt, dict) or ckpt.get("fingerprint") != fingerprint:
-        log.warning("%s: made with other params, data or code (fingerprint differs); not resumed, "
-                    "training from scratch", path)
-        return None
-    return ckpt
-
-
 # --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Built:
+    """What :func:`build` makes and :func:`fit` consumes, as torchvision's ``main`` builds
+    what its ``train_one_epoch`` is handed.
+
+    Attributes:
+        model: The bare network: checkpointed, validated and returned.
+        step_model: What a training step calls: ``model``, DDP-wrapped and/or compiled.
+        opt: Its optimizer.
+        sched: A per-step scheduler over all ``epochs``.
+        epochs: The run's epochs (:func:`effective_epochs`).
+        args: The builder arguments (``num_classes`` + ``hparams.<arch>.args``), stored in
+            checkpoints so the network can be rebuilt without params.yaml.
+    """
+
+    model: nn.Module
+    step_model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    epochs: int
+    args: dict[str, Any]
+
+
+def build(hp: HParams, settings: TrainSettings, *, num_classes: int, n_train: int,
+          device: torch.device, seed: int, dist: Dist = SINGLE) -> Built:
+    """Model, optimizer and schedule for ``hp.arch`` on ``n_train`` images, seeded by ``seed``.
+
+    Under torchrun the model is DDP-wrapped (with SyncBatchNorm on CUDA); with
+    ``train.compile`` the step model is compiled.
+    """
+    torch.manual_seed(seed)  # model init and dropout draw from the global RNG
+    args = {"num_classes": num_classes, **hp.args}
+    model = build_model(hp.arch, **args).to(device)
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if dist.enabled and device.type == "cuda":
+        # One set of BatchNorm statistics over the global batch, as in single-process
+        # training (gloo has no SyncBatchNorm: on CPU each rank normalises its slice).
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    batch = min(hp.batch_size, n_train)
+    if dist.enabled and batch % dist.world:
+        raise MnistlabError(f"hparams.{hp.arch}.batch_size: {batch} is not divisible by the "
+                            f"{dist.world} torchrun processes (each takes an equal slice)")
+    epochs = effective_epochs(hp, settings, n_train)
+    opt = make_optimizer(model, hp)
+    sched = make_scheduler(opt, hp, epochs * steps_per_epoch(n_train, hp.batch_size))
+    step_model: nn.Module = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(model, device_ids=[device.index]
+                                             if device.type == "cuda" else None)
+    if settings.compile:
+        step_model = torch.compile(step_model)
+    return Built(model, step_model, opt, sched, epochs, args)
 
 
 @dataclass
@@ -345,36 +282,35 @@ class TrainResult:
     best_state: dict[str, torch.Tensor]
 
 
-def fit(hp: HParams, settings: TrainSettings, train: DeviceSplit, val: DeviceSplit, *,
-        num_classes: int, seed: int, fingerprint: str, checkpoint: Path, tag: str,
+def fit(built: Built, train: DeviceSplit, val: DeviceSplit, *, hp: HParams,
+        settings: TrainSettings, dataset: str, seed: int, fingerprint: str, checkpoint: Path,
         resume: dict[str, Any] | None = None,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
         extra_state: dict[str, Any] | None = None,
         dist: Dist = SINGLE,
         ) -> TrainResult:
-    """Train ``hp.arch`` on ``train``, validating on ``val`` after each epoch.
+    """Train ``built`` on ``train`` for ``built.epochs``, validating on ``val`` after each epoch.
 
     Args:
-        hp: The architecture's hyperparameters.
-        settings: Shared settings (min_steps, bf16, compile, checkpoint_every, ...).
+        built: Model, optimizer, schedule and epochs from :func:`build`.
         train: Training split on the device (normalised with ``hp``).
         val: Validation split on the same device.
-        num_classes: Output size of the model.
-        seed: Seeds model init, dropout, shuffling and augmentation.
+        hp: The architecture's hyperparameters (batch size, augmentation, smoothing).
+        settings: Shared settings (bf16, checkpoint_every, eval_batch_size).
+        dataset: Dataset name, for messages and progress bars.
+        seed: Seeds shuffling and augmentation (per epoch).
         fingerprint: Identity of params + data + code, stored in every checkpoint.
         checkpoint: Where the resumable checkpoint is written (atomically) every
             ``settings.checkpoint_every`` epochs and after the last one.
-        tag: ``{dataset}-{arch}``, naming the run in messages and progress bars.
-        resume: A checkpoint from :func:`load_resumable` to continue from, or None.
+        resume: A checkpoint from :func:`mnistlab.checkpoint.load_resumable` to continue from.
         on_epoch: Called with each finished epoch's row (epoch, train/val loss and
             accuracy, lr at the epoch's start, epoch_seconds, train_seconds) *before*
             that epoch's checkpoint is written: if it fails, the epoch is redone on
             resume, so a logger sees every epoch at least once.
         extra_state: Stored in the checkpoint verbatim (e.g. the MLflow run id).
-        dist: Under torchrun, this process's rank: the model is wrapped in
-            DistributedDataParallel, each rank trains on its slice of every global
-            batch, epoch sums are all-reduced, and only rank 0 writes checkpoints
-            (callers pass ``on_epoch`` on rank 0 only).
+        dist: Under torchrun, this process's rank: each rank trains on its slice of
+            every global batch, epoch sums are all-reduced, and only rank 0 writes
+            checkpoints (callers pass ``on_epoch`` on rank 0 only).
 
     Returns:
         The final model, the per-epoch history, a summary and the best epoch's weights.
@@ -384,55 +320,28 @@ def fit(hp: HParams, settings: TrainSettings, train: DeviceSplit, val: DeviceSpl
             loss above :data:`DIVERGED_LOSS`); names dataset, arch, epoch and the likely
             cause. The last good checkpoint is left untouched.
     """
-    device = train.x.device
-    # The tag is "{dataset}-{arch}"; dataset names may contain "-", so strip the arch.
-    dataset = tag[:-len(hp.arch) - 1] if tag.endswith(f"-{hp.arch}") else tag
-    torch.manual_seed(seed)  # model init and dropout draw from the global RNG
-    args = {"num_classes": num_classes, **hp.args}
-    model = build_model(hp.arch, **args).to(device)
-    if settings.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if dist.enabled and device.type == "cuda":
-        # One set of BatchNorm statistics over the global batch, as in single-process
-        # training (gloo has no SyncBatchNorm: on CPU each rank normalises its slice).
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    batch = min(hp.batch_size, len(train))
-    if dist.enabled and batch % dist.world:
-        raise MnistlabError(f"hparams.{hp.arch}.batch_size: {batch} is not divisible by the "
-                            f"{dist.world} torchrun processes (each takes an equal slice)")
-    epochs = effective_epochs(hp, settings, len(train))
-    total_steps = epochs * steps_per_epoch(len(train), hp.batch_size)
-    opt = make_optimizer(model, hp)
-    sched = make_scheduler(opt, hp, total_steps)
+    model, opt, sched, epochs = built.model, built.opt, built.sched, built.epochs
+    tag = f"{dataset}-{hp.arch}"
     history: list[dict[str, float]] = []
     best_acc, best_state = -1.0, {k: v.detach().clone() for k, v in model.state_dict().items()}
     start_epoch = 1
 
-    ckpt = resume
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        history = list(ckpt["history"])
-        best_acc, best_state = ckpt["best_val_accuracy"], ckpt["best_model"]
-        start_epoch = ckpt["epoch"] + 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        set_rng_state(resume["rng"])
+        history = list(resume["history"])
+        best_acc, best_state = resume["best_val_accuracy"], resume["best_model"]
+        start_epoch = resume["epoch"] + 1
         if start_epoch > epochs:
             log.info("%s: %s is a finished run with these exact params, data and code; "
                      "reusing it", tag, checkpoint)
         else:
-            log.info("%s: resuming from %s after epoch %d/%d", tag, checkpoint, ckpt["epoch"], epochs)
+            log.info("%s: resuming from %s after epoch %d/%d", tag, checkpoint, resume["epoch"], epochs)
 
-    step_model: nn.Module = model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        step_model = DistributedDataParallel(model, device_ids=[device.index]
-                                             if device.type == "cuda" else None)
-    if settings.compile:
-        step_model = torch.compile(step_model)
     # DDP's forward syncs buffers across ranks; evaluation (same data on every rank) needs no sync.
-    eval_model = model if dist.enabled else step_model
+    eval_model = model if dist.enabled else built.step_model
     if epochs != hp.epochs and start_epoch == 1:
         log.info("%s: %d epochs instead of %d so that at least min_steps=%d steps are made "
                  "(%d training images < train.min_steps_below=%d)", tag, epochs, hp.epochs,
@@ -441,24 +350,25 @@ def fit(hp: HParams, settings: TrainSettings, train: DeviceSplit, val: DeviceSpl
     def save(epoch: int) -> None:
         if not dist.is_main:
             return
-        torch_save({
-            "arch": hp.arch, "args": args, "epoch": epoch, "epochs": epochs,
+        save_checkpoint(checkpoint, {
+            "arch": hp.arch, "args": built.args, "epoch": epoch, "epochs": epochs,
             "fingerprint": fingerprint, "model": model.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
             "history": history, "best_val_accuracy": best_acc, "best_model": best_state,
             **(extra_state or {}),
-        }, checkpoint)
+        })
 
     quiet = not sys.stderr.isatty() or not dist.is_main
     n_steps = steps_per_epoch(len(train), hp.batch_size)
     seen_per_epoch = n_steps * min(hp.batch_size, len(train))  # drop_last: full batches only
     for epoch in range(start_epoch, epochs + 1):
-        gen = epoch_generator(seed, epoch, device)
+        gen = epoch_generator(seed, epoch, train.x.device)
         lr = opt.param_groups[0]["lr"]
         t0 = time.perf_counter()
         with tqdm(total=n_steps, desc=f"{tag} {epoch}/{epochs}", unit="step", disable=quiet,
                   leave=False) as bar:
-            sums = train_one_epoch(step_model, opt, sched, train, hp, gen, settings.bf16, bar, dist)
+            sums = train_one_epoch(built.step_model, opt, sched, train, hp, gen, settings.bf16, bar,
+                                   dist)
         all_reduce_sum(dist, sums["loss_sum"], sums["correct"])
         # Host syncs happen here, twice an epoch: once to time training alone,
         # once to read validation; never inside the step loop.

@@ -114,8 +114,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` → cuda > mps > cpu; anything else must be a device torch can use."""
+def pick_device(name: str = "auto", key: str = "train.device") -> torch.device:
+    """``auto`` → cuda > mps > cpu; anything else must be a device torch can use.
+
+    ``key`` is the params key named in errors (each stage has its own device setting).
+    """
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -126,12 +129,12 @@ def pick_device(name: str = "auto") -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise MnistlabError(
-            f"train.device: unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)"
+            f"{key}: unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)"
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MnistlabError(f"train.device: {name!r} requested but CUDA is not available")
+        raise MnistlabError(f"{key}: {name!r} requested but CUDA is not available")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise MnistlabError(f"train.device: {name!r} requested but MPS is not available")
+        raise MnistlabError(f"{key}: {name!r} requested but MPS is not available")
     return dev
 
 

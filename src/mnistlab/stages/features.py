@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnistlab import data, plots, tracking
-from mnistlab.config import get, positive
+from mnistlab import artifacts, plots, tracking
+from mnistlab.config import FeatureSettings, seed_of
 from mnistlab.errors import MnistlabError
-from mnistlab.evaluation import load_model
-from mnistlab.training import predict, to_device
+from mnistlab.inference import predict, to_device
+from mnistlab.models import load_model
 from mnistlab.utils import atomic_path, pick_device, torch_save
 
 log = logging.getLogger(__name__)
@@ -49,32 +49,6 @@ class FeaturePaths:
     model_dir: Path  # models/<ds>/<arch>: model.pt, run.json
     out: Path        # features/<ds>/<arch>: embeddings.pt
     reports: Path    # reports/<ds>/<arch>/features: the PNGs
-
-
-@dataclass(frozen=True)
-class FeatureSettings:
-    """``features`` in params.yaml."""
-
-    device: str
-    batch_size: int
-    max_channels: int
-    max_units: int
-    tsne_max_points: int
-    tsne_perplexity: float
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> FeatureSettings:
-        """Validate ``features`` in params.yaml; every problem names its key."""
-        return cls(
-            device=str(get(params, "features.device")),
-            batch_size=positive("features.batch_size", get(params, "features.batch_size"), int),
-            max_channels=positive("features.max_channels", get(params, "features.max_channels"), int),
-            max_units=positive("features.max_units", get(params, "features.max_units"), int),
-            tsne_max_points=positive("features.tsne_max_points",
-                                     get(params, "features.tsne_max_points"), int),
-            tsne_perplexity=positive("features.tsne_perplexity",
-                                     get(params, "features.tsne_perplexity")),
-        )
 
 
 # --------------------------------------------------------------------------- finding layers
@@ -117,7 +91,7 @@ def capture(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor, inp
         layers: ``{name: module}`` to hook.
         x: The model's input [N, C, H, W].
         inputs: Record each layer's input (forward pre-hook) instead of its output.
-        batch_size: Batch size for :func:`mnistlab.training.predict` (default: all at once).
+        batch_size: Batch size for :func:`mnistlab.inference.predict` (default: all at once).
 
     Returns:
         ``{name: tensor}`` concatenated over batches, on the CPU ([N, ...] each).
@@ -309,21 +283,20 @@ def run_features(params: dict[str, Any], dataset: str, arch: str, paths: Feature
         A summary (layers drawn, embedding shape, t-SNE size and time).
     """
     settings = FeatureSettings.from_params(params)
-    seed = get(params, "seed")
-    device = pick_device(settings.device)
-    run_id = tracking.read_run_id(paths.model_dir / "run.json")
-    model, record = load_model(paths.model_dir / "model.pt", device, arch)
-    classes = data.load_classes(paths.split)
-    images, labels = data.load_split(paths.split, "test")
+    device = pick_device(settings.device, "features.device")
+    run_id = artifacts.read_run_id(paths.model_dir / artifacts.RUN)
+    model, record = load_model(paths.model_dir / artifacts.MODEL, device, arch)
+    classes = artifacts.load_classes(paths.split)
+    images, labels = artifacts.load_split(paths.split, "test")
     norm = record["normalize"]
     x = to_device(images, labels, norm["mean"], norm["std"], device).x
 
     paths.reports.mkdir(parents=True, exist_ok=True)
     emb, head, written = extract(model, x, labels, classes, settings, paths.reports)
     torch_save({"embeddings": emb, "labels": labels.clone(), "classes": list(classes),
-                "layer": head}, paths.out / "embeddings.pt")
+                "layer": head}, paths.out / artifacts.EMBEDDINGS)
     info = embedding_map(emb.numpy(), labels.numpy(), classes, paths.reports / "embedding-map.png",
-                         seed, settings.tsne_max_points, settings.tsne_perplexity,
+                         seed_of(params), settings.tsne_max_points, settings.tsne_perplexity,
                          f"{dataset}/{arch}: input of {head!r}, {emb.shape[1]}-d")
     written.append(paths.reports / "embedding-map.png")
     log.info("%s/%s: %d pictures, embeddings %s, t-SNE of %d points in %.1fs", dataset, arch,

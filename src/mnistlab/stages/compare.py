@@ -20,7 +20,6 @@ Each dataset's best model is registered in the MLflow model registry as
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +27,14 @@ from typing import Any
 
 import pandas as pd
 
-from mnistlab import plots, tracking
-from mnistlab.config import choice, get
+from mnistlab import artifacts, plots, tracking
+from mnistlab.config import RANKABLE, CompareSettings
 from mnistlab.errors import MnistlabError
 from mnistlab.utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
 # Leaderboard columns that can rank it, with their direction (True: higher is better).
-RANKABLE = {"test_accuracy": True, "macro_f1": True, "test_loss": False, "best_val_accuracy": True}
 COLUMNS = ["dataset", "rank", "arch", "test_accuracy", "test_loss", "macro_f1", "parameters",
            "train_seconds", "images_per_second", "epochs", "best_val_accuracy"]
 
@@ -49,15 +47,6 @@ class ComparePaths:
     models: Path   # models/: <ds>/<arch>/run.json
     out: Path      # reports/: leaderboard.csv, leaderboard.md, champions.json
     curves: Path   # reports/curves/: val-curves-<ds>.png
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MnistlabError(f"{path}: missing (run its train/evaluate stage)") from None
-    except ValueError:
-        raise MnistlabError(f"{path}: not valid JSON") from None
 
 
 def read_history(path: Path) -> pd.DataFrame:
@@ -80,7 +69,8 @@ def collect(metrics_root: Path, datasets: list[str], archs: list[str]) -> pd.Dat
     for ds in datasets:
         for arch in archs:
             d = metrics_root / ds / arch
-            train, test = _read_json(d / "train.json"), _read_json(d / "test.json")
+            train = artifacts.read_json(d / artifacts.TRAIN_METRICS)
+            test = artifacts.read_json(d / artifacts.TEST_METRICS)
             try:
                 rows.append({
                     "dataset": ds, "arch": arch,
@@ -137,7 +127,7 @@ def plot_curves(metrics_root: Path, dataset: str, archs: list[str], path: Path) 
     fig = plots.figure(figsize=(12, 4.5), dpi=100)
     acc, loss = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for arch in archs:
-        h = read_history(metrics_root / dataset / arch / "history.csv")
+        h = read_history(metrics_root / dataset / arch / artifacts.HISTORY)
         # markers on short runs: a one-epoch run is a single point, invisible as a line
         style = {"lw": 1.5, "marker": "o" if len(h) <= 12 else None, "ms": 3}
         acc.plot(h["epoch"], h["val_accuracy"], label=arch, **style)
@@ -213,7 +203,7 @@ def register_champions(board: pd.DataFrame, models_root: Path, prefix: str, alia
     """Register each dataset's rank-1 model; return ``{dataset: {arch, run_id, model, version, ...}}``."""
     out = {}
     for row in board[board["rank"] == 1].itertuples():
-        run_id = tracking.read_run_id(models_root / row.dataset / row.arch / "run.json")
+        run_id = artifacts.read_run_id(models_root / row.dataset / row.arch / artifacts.RUN)
         name = f"{prefix}-{row.dataset}"
         version = register_champion(name, run_id, alias, {
             "dataset": row.dataset, "arch": row.arch, "test_accuracy": f"{row.test_accuracy:.6f}"})
@@ -234,23 +224,19 @@ def run_compare(params: dict[str, Any], paths: ComparePaths) -> pd.DataFrame:
 
     Reads ``datasets``, ``archs`` and the ``compare`` section of params.yaml.
     """
-    datasets, archs = list(get(params, "datasets")), list(get(params, "archs"))
-    if not datasets or not archs:
-        raise MnistlabError("params.yaml: datasets and archs must each list at least one name")
-    rank_by = choice("compare.rank_by", get(params, "compare.rank_by"), tuple(RANKABLE))
-    board = leaderboard(collect(paths.metrics, datasets, archs), rank_by)
+    s = CompareSettings.from_params(params)
+    board = leaderboard(collect(paths.metrics, list(s.datasets), list(s.archs)), s.rank_by)
 
     with atomic_path(paths.out / "leaderboard.csv") as tmp:
         board.to_csv(tmp, index=False, float_format="%.6g", quoting=csv.QUOTE_MINIMAL)
     with atomic_path(paths.out / "leaderboard.md") as tmp:
-        tmp.write_text(f"# Leaderboard (ranked by {rank_by} within each dataset)\n\n"
+        tmp.write_text(f"# Leaderboard (ranked by {s.rank_by} within each dataset)\n\n"
                        + to_markdown(board))
-    for ds in datasets:
-        plot_curves(paths.metrics, ds, archs, paths.curves / f"val-curves-{ds}.png")
+    for ds in s.datasets:
+        plot_curves(paths.metrics, ds, list(s.archs), paths.curves / f"val-curves-{ds}.png")
 
     champions: dict[str, Any] = {}
-    if get(params, "compare.register"):
-        champions = register_champions(board, paths.models, str(get(params, "compare.registry_prefix")),
-                                       str(get(params, "compare.alias")))
+    if s.register:
+        champions = register_champions(board, paths.models, s.registry_prefix, s.alias)
     write_json(paths.out / "champions.json", champions)
     return board

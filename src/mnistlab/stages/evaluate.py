@@ -15,8 +15,6 @@ and all of them go to the MLflow run the train stage opened (``run.json``).
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import re
 from dataclasses import dataclass
@@ -26,19 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from mnistlab import data, plots, tracking
-from mnistlab.config import get, positive
+from mnistlab import artifacts, plots, tracking
+from mnistlab.artifacts import write_csv
+from mnistlab.config import EvaluateSettings
 from mnistlab.errors import MnistlabError
-from mnistlab.models import build_model
-from mnistlab.training import predict, to_device
-from mnistlab.utils import atomic_path, pick_device, torch_load, write_json
+from mnistlab.inference import scores
+from mnistlab.models import load_model
+from mnistlab.utils import pick_device, write_json
 
 log = logging.getLogger(__name__)
-
-MODEL_KEYS = ("arch", "args", "state_dict", "normalize", "classes")
-
 
 @dataclass(frozen=True)
 class EvalPaths:
@@ -71,47 +66,7 @@ class Evaluation:
     confusion: np.ndarray
 
 
-# --------------------------------------------------------------------------- model + scores
-
-
-def load_model(path: Path, device: torch.device, arch: str | None = None
-               ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model a train stage saved (weights only) and put it on ``device`` in eval mode.
-
-    Args:
-        path: A ``model.pt`` written by the train stage.
-        device: Where to put the model.
-        arch: If given, the arch the file must hold (a stage's item), else a one-line error.
-
-    Returns:
-        The model and its record (``arch``, ``args``, ``normalize``, ``classes``, ...).
-    """
-    record = torch_load(path)
-    if not isinstance(record, dict) or not set(MODEL_KEYS) <= set(record):
-        raise MnistlabError(f"{path}: not a model file (needs keys {', '.join(MODEL_KEYS)})")
-    if arch is not None and record["arch"] != arch:
-        raise MnistlabError(f"{path}: holds arch {record['arch']!r}, expected {arch!r}")
-    model = build_model(record["arch"], **record["args"])
-    try:
-        model.load_state_dict(record["state_dict"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise MnistlabError(f"{path}: weights do not fit arch {record['arch']!r} ({first})") from None
-    return model.to(device).eval(), record
-
-
-def scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: dict[str, float],
-           device: torch.device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of ``model`` for uint8 ``images`` [N,28,28], normalised as in training.
-
-    Returns:
-        ``(scores [N, K] float32 on the CPU, labels [N] int64 on the CPU)``.
-    """
-    d = to_device(images, labels, normalize["mean"], normalize["std"], device)
-    # fp32 even on CUDA: these are the numbers of record, and the CI gate compares
-    # them across machines; bf16 would add its own rounding to every logit.
-    out = predict(model, d.x, batch_size, bf16=False)
-    return out.cpu(), d.y.cpu()
+# --------------------------------------------------------------------------- metrics
 
 
 def summarize(out: torch.Tensor, y: torch.Tensor, classes: list[str]) -> Evaluation:
@@ -157,19 +112,9 @@ def summarize(out: torch.Tensor, y: torch.Tensor, classes: list[str]) -> Evaluat
 # --------------------------------------------------------------------------- files
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
-    """``rows`` as CSV with header ``fields``, written atomically."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
-
-
 def write_predictions(path: Path, ev: Evaluation, classes: list[str]) -> None:
     """``actual,predicted`` per test image, by class name: the input of DVC's confusion template."""
-    _write_csv(path, [{"actual": classes[t], "predicted": classes[p]}
+    write_csv(path, [{"actual": classes[t], "predicted": classes[p]}
                       for t, p in zip(ev.y_true.tolist(), ev.y_pred.tolist(), strict=True)],
                ["actual", "predicted"])
 
@@ -177,7 +122,7 @@ def write_predictions(path: Path, ev: Evaluation, classes: list[str]) -> None:
 def write_per_class(path: Path, ev: Evaluation) -> None:
     """``class,precision,recall,f1,support`` per class, in class order."""
     rows = [{**r, **{k: f"{r[k]:.6g}" for k in ("precision", "recall", "f1")}} for r in ev.per_class]
-    _write_csv(path, rows, ["class", "precision", "recall", "f1", "support"])
+    write_csv(path, rows, ["class", "precision", "recall", "f1", "support"])
 
 
 def plot_confusion(path: Path, ev: Evaluation, classes: list[str], title: str) -> None:
@@ -235,32 +180,36 @@ def run_evaluation(params: dict[str, Any], dataset: str, arch: str, paths: EvalP
                    ) -> dict[str, float]:
     """Evaluate ``models/<ds>/<arch>/model.pt`` on the test split; write and log every output.
 
-    Reads ``evaluate.device``, ``evaluate.batch_size`` and ``evaluate.max_misclassified``.
+    Reads the ``evaluate`` section of params.yaml.
 
     Returns:
         The headline metrics written to ``test.json``.
     """
-    device = pick_device(get(params, "evaluate.device"))
-    batch_size = positive("evaluate.batch_size", get(params, "evaluate.batch_size"), int)
-    limit = positive("evaluate.max_misclassified", get(params, "evaluate.max_misclassified"), int)
-    run_id = tracking.read_run_id(paths.model_dir / "run.json")
+    settings = EvaluateSettings.from_params(params)
+    device = pick_device(settings.device, "evaluate.device")
+    run_id = artifacts.read_run_id(paths.model_dir / artifacts.RUN)
 
-    model, record = load_model(paths.model_dir / "model.pt", device, arch)
-    classes = data.load_classes(paths.split)
+    model_file = paths.model_dir / artifacts.MODEL
+    model, record = load_model(model_file, device, arch)
+    classes = artifacts.load_classes(paths.split)
     if list(record["classes"]) != list(classes):
-        raise MnistlabError(f"{paths.model_dir / 'model.pt'}: trained on classes {record['classes']}, "
-                            f"but {paths.split / 'summary.json'} has {classes} (re-run train)")
-    images, labels = data.load_split(paths.split, "test")
-    out, y = scores(model, images, labels, record["normalize"], device, batch_size)
+        raise MnistlabError(f"{model_file}: trained on classes {record['classes']}, "
+                            f"but {paths.split / artifacts.SUMMARY} has {classes} (re-run train)")
+    images, labels = artifacts.load_split(paths.split, "test")
+    out, y = scores(model, images, labels, record["normalize"], device, settings.batch_size)
     ev = summarize(out, y, classes)
 
     tag = f"{dataset}/{arch}"
-    write_json(paths.metrics_dir / "test.json", ev.metrics)
-    write_per_class(paths.metrics_dir / "per_class.csv", ev)
-    write_predictions(paths.metrics_dir / "predictions.csv", ev, classes)
+    test_json = paths.metrics_dir / artifacts.TEST_METRICS
+    per_class_csv = paths.metrics_dir / artifacts.PER_CLASS
+    predictions_csv = paths.metrics_dir / artifacts.PREDICTIONS
+    write_json(test_json, ev.metrics)
+    write_per_class(per_class_csv, ev)
+    write_predictions(predictions_csv, ev, classes)
     plot_confusion(paths.reports / "confusion.png", ev, classes,
                    f"{tag}: test accuracy {ev.metrics['test_accuracy']:.4f}")
-    shown = plot_misclassified(paths.reports / "misclassified.png", images, ev, classes, limit,
+    shown = plot_misclassified(paths.reports / "misclassified.png", images, ev, classes,
+                               settings.max_misclassified,
                                f"{tag}: {int((ev.y_true != ev.y_pred).sum())} of "
                                f"{len(ev.y_true)} misclassified (most confident first)")
     log.info("%s: test_accuracy %.4f test_loss %.4f macro_f1 %.4f (%d mistakes shown)", tag,
@@ -269,9 +218,7 @@ def run_evaluation(params: dict[str, Any], dataset: str, arch: str, paths: EvalP
     per_class = {f"test_{m}/{mlflow_key(r['class'])}": r[m] for r in ev.per_class
                  for m in ("precision", "recall", "f1")}
     tracking.log_metrics(run_id, {**ev.metrics, **per_class})
-    tracking.log_artifacts(run_id, [paths.metrics_dir / "test.json",
-                                    paths.metrics_dir / "per_class.csv",
-                                    paths.metrics_dir / "predictions.csv",
+    tracking.log_artifacts(run_id, [test_json, per_class_csv, predictions_csv,
                                     paths.reports / "confusion.png",
                                     paths.reports / "misclassified.png"], "evaluation")
     return ev.metrics

@@ -3,30 +3,30 @@
 The Makefile wraps it: ``make ci-gate`` (pipeline + check) and ``make baseline``
 (pipeline + accept)::
 
-    python -m mnistlab.gate pipeline  # build/ci/<dataset>/ copies + ci/profile.yaml; dvc repro there
-    python -m mnistlab.gate check     # Markdown table; exit 1 on any regression
-    python -m mnistlab.gate accept    # the copies' results become ci/baseline.json (commit it)
+    python -m mnistlab.ci.gate pipeline  # build/ci/<dataset>/ copies + ci/profile.yaml; dvc repro there
+    python -m mnistlab.ci.gate check     # Markdown table; exit 1 on any regression
+    python -m mnistlab.ci.gate accept    # the copies' results become ci/baseline.json (commit it)
+
+Its settings are ``ci/gate.yaml`` (:data:`CONFIG`): the profile, the baseline, the
+workdir, jobs and threads, the gated metrics and ``require_best``. No pipeline stage
+reads them, which is why they are not in params.yaml.
 
 Why copies in ``build/ci/`` rather than ``dvc exp run -S ...`` in the workspace:
 the profile must not touch the developer's params.yaml, outputs or MLflow store.
 Applying it in place would leave params.yaml modified (or retrain the default
 pipeline after every gate run, since both would share one dvc.lock). Each copy
-holds the tracked and untracked-but-not-ignored files of this working tree
-(uncommitted edits included, DVC outputs and dvc.lock excluded), keeps its own
-dvc.lock, DVC cache and ``mlflow.db`` across runs (an unchanged tree reruns
-nothing), and gets ``params.yaml`` = the repo's params.yaml with
-``ci/profile.yaml`` merged over it, for one dataset each (see :func:`prepare`).
-Relative local data sources (such as ``../shared/datasets/mnist-mini``) are made
-absolute so they still resolve from there. DVC runs there without git
-(``core.no_scm``); the code's own git lookups walk up to this repository, so
-MLflow runs still name the real commit.
+(see :mod:`mnistlab.ci.copies`) holds the files of this working tree (uncommitted
+edits included, DVC outputs and dvc.lock excluded), keeps its own dvc.lock, DVC
+cache and ``mlflow.db`` across runs (an unchanged tree reruns nothing), and gets
+``params.yaml`` = the repo's params.yaml with ``ci/profile.yaml`` merged over it,
+for one dataset each (see :func:`prepare`).
 
 The comparison: for every ``dataset/arch`` in the baseline, each metric listed in
-``gate.metrics`` (params.yaml) is compared with an absolute tolerance and a
+``metrics`` (ci/gate.yaml) is compared with an absolute tolerance and a
 direction (``max``: higher is better). Beyond tolerance in the bad direction is
 a REGRESSION, in the good one an improvement (reported, not failing). A
 baseline entry without a new result is MISSING and fails; a new entry without a
-baseline is reported as ``new``. ``gate.require_best`` ({dataset: arch}) also
+baseline is reported as ``new``. ``require_best`` ({dataset: arch}) also
 fails the gate unless that arch has the strictly highest test accuracy there.
 """
 
@@ -39,56 +39,59 @@ import logging
 import math
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mnistlab.ci.copies import (
+    deep_merge,
+    rebase_sources,
+    run_shards,
+    sync_tree,
+    write_no_scm,
+    write_params,
+)
 from mnistlab.config import choice, get, load_params, non_negative, positive
 from mnistlab.errors import MnistlabError, run_stage
 from mnistlab.utils import atomic_path, git_info, json_digest, write_json
 
 log = logging.getLogger(__name__)
 
+CONFIG = Path("ci/gate.yaml")  # the gate's settings, from the repository root
 DIRECTIONS = ("max", "min")
 # Verdicts that fail the gate.
 FAILING = ("REGRESSION", "MISSING", "FAILED")
 
 
+# --------------------------------------------------------------------------- settings
+
+
+def load_settings(path: Path) -> dict[str, Any]:
+    """The gate's settings (``ci/gate.yaml``): a mapping; each key is checked where it is used."""
+    return load_params(path, what="gate settings")
+
+
+def setting(settings: dict[str, Any], key: str) -> Any:
+    """``settings[key]``, or an error naming ci/gate.yaml and the missing key."""
+    if not isinstance(settings, dict) or key not in settings:
+        raise MnistlabError(f"{CONFIG}: missing key {key!r}")
+    return settings[key]
+
+
+def _checked(check: Callable[..., Any], key: str, *args: Any) -> Any:
+    """``check(key, *args)``, a validator of :mod:`mnistlab.config`, its error naming ci/gate.yaml.
+
+    Those validators name params.yaml, where the stages' keys live; a gate setting is
+    not one of them.
+    """
+    try:
+        return check(key, *args)
+    except MnistlabError as e:
+        raise MnistlabError(f"{CONFIG}: {str(e).removeprefix('params.yaml: ')}") from None
+
+
 # --------------------------------------------------------------------------- the profile copy
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """``override`` merged into a copy of ``base``: mappings merge key by key, anything else replaces."""
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _absolute_location(loc: Any, root: Path) -> Any:
-    """A relative local folder made absolute against ``root``; URLs and the rest unchanged."""
-    if not isinstance(loc, str) or "://" in loc or os.path.isabs(loc):
-        return loc
-    return str((root / loc).resolve())
-
-
-def rebase_sources(params: dict[str, Any], root: Path) -> dict[str, Any]:
-    """Copy of ``params`` whose relative local ``sources`` resolve from anywhere."""
-    sources = {}
-    for name, spec in (params.get("sources") or {}).items():
-        if isinstance(spec, str):
-            spec = _absolute_location(spec, root)
-        elif isinstance(spec, dict) and "mirrors" in spec:
-            m = spec["mirrors"]
-            spec = {**spec, "mirrors": [_absolute_location(x, root) for x in m]
-                    if isinstance(m, list) else _absolute_location(m, root)}
-        sources[name] = spec
-    return {**params, "sources": sources}
 
 
 def load_profile(path: Path) -> dict[str, Any]:
@@ -104,53 +107,6 @@ def profile_params(root: Path, profile: Path) -> dict[str, Any]:
     if unknown:
         raise MnistlabError(f"{profile}: override(s) {', '.join(unknown)} name no key of params.yaml")
     return rebase_sources(deep_merge(params, overrides), root)
-
-
-def tree_files(root: Path, exclude: list[str]) -> list[str]:
-    """Tracked + untracked-but-not-ignored files of the working tree, minus ``exclude`` prefixes."""
-    try:
-        out = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=root,
-                             capture_output=True, check=True).stdout.decode()
-    except (OSError, subprocess.CalledProcessError):
-        raise MnistlabError(f"{root}: not a git working tree (the CI copy lists files with git)") from None
-    prefixes = [e.rstrip("/") for e in exclude]
-    keep = []
-    for f in filter(None, out.split("\0")):
-        if any(f == p or f.startswith(p + "/") for p in prefixes):
-            continue
-        if (root / f).is_file():  # deleted-but-tracked files are listed too
-            keep.append(f)
-    return sorted(keep)
-
-
-def sync_tree(root: Path, dest: Path, exclude: list[str]) -> int:
-    """Mirror the working tree's files (see :func:`tree_files`) into ``dest``; return their count.
-
-    Idempotent: a file is rewritten only when its content changed, so DVC reruns
-    only the stages whose inputs did; files gone from the tree since the last
-    sync are removed.
-    """
-    files = tree_files(root, exclude)
-    manifest = dest / ".ci-files"
-    old = set(manifest.read_text().split("\n")) - {""} if manifest.is_file() else set()
-    for f in files:
-        src, dst = root / f, dest / f
-        if not dst.is_file() or dst.read_bytes() != src.read_bytes():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
-    for f in sorted(old - set(files)):
-        (dest / f).unlink(missing_ok=True)
-    with atomic_path(manifest) as tmp:
-        tmp.write_text("\n".join(files) + "\n")
-    return len(files)
-
-
-def _write_params(path: Path, params: dict[str, Any], note: str) -> None:
-    """``note`` + ``params`` as YAML at ``path``, rewritten only when the text changes."""
-    text = note + yaml.safe_dump(params, sort_keys=False, default_flow_style=None, width=100)
-    if not path.is_file() or path.read_text() != text:  # unchanged: no new mtime
-        with atomic_path(path) as tmp:
-            tmp.write_text(text)
 
 
 def shard_dir(workdir: Path, dataset: str) -> Path:
@@ -174,61 +130,26 @@ def prepare(root: Path, workdir: Path, profile: Path) -> dict[str, Any]:
     rel_work = os.path.relpath(workdir.resolve(), root.resolve())
     # DVC outputs and the lock belong to each copy; copying the default run's would clobber them.
     outputs = [str(v) for v in (params.get("paths") or {}).values()]
-    note = (f"# Generated by `python -m mnistlab.gate prepare`: {root / 'params.yaml'}\n"
+    note = (f"# Generated by `python -m mnistlab.ci.gate prepare`: {root / 'params.yaml'}\n"
             f"# with {profile} merged over it. Do not edit; edit those two instead.\n")
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_params(workdir / "params.yaml", params, note)
+    write_params(workdir / "params.yaml", params, note)
     for ds in get(params, "datasets"):
         shard = shard_dir(workdir, ds)
         n = sync_tree(root, shard, [rel_work, "dvc.lock", "params.yaml", *outputs])
-        _write_params(shard / "params.yaml", {**params, "datasets": [ds]},
-                      note + f"# This shard runs dataset {ds!r} only.\n")
-        # No git in the copy: DVC must not look for one (it would find the parent repo's).
-        with atomic_path(shard / ".dvc" / "config.local") as tmp:
-            tmp.write_text("[core]\n    no_scm = true\n    analytics = false\n")
+        write_params(shard / "params.yaml", {**params, "datasets": [ds]},
+                     note + f"# This shard runs dataset {ds!r} only.\n")
+        write_no_scm(shard)
         log.info("%s: %d files synced, CI profile %s applied", shard, n, profile)
     return params
 
 
-def run_pipeline(workdir: Path, params: dict[str, Any]) -> None:
-    """``dvc repro`` in every shard, ``gate.jobs`` at a time; each shard's log is printed whole.
-
-    Every shard runs with ``gate.threads`` torch/OpenMP threads, whatever the
-    machine: CPU kernels may split their reductions by thread count, and the
-    baseline must not depend on how many cores made it. MLflow is pinned to each
-    shard's own sqlite store, so CI runs never mix with the developer's runs or
-    go to a tracking server set in the environment.
-    """
-    jobs = positive("gate.jobs", get(params, "gate.jobs"), int)
-    threads = str(positive("gate.threads", get(params, "gate.threads"), int))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db", "DVC_NO_ANALYTICS": "1",
-           "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    env.pop("DVC_EXP_NAME", None)
-    # absolute: a relative PATH entry would not resolve from inside the shards
-    dvc = os.path.abspath(shutil.which("dvc", path=env.get("PATH"))
-                          or Path(sys.executable).parent / "dvc")
-    pending = [shard_dir(workdir, ds) for ds in get(params, "datasets")]
-    running: list[tuple[Path, subprocess.Popen, Any, float]] = []
-    failed = []
-    while pending or running:
-        while pending and len(running) < jobs:
-            shard = pending.pop(0)
-            out = open(shard / "repro.log", "w")  # noqa: SIM115 - closed when the process ends
-            print(f"[{shard.name}] dvc repro (log: {shard / 'repro.log'})", flush=True)
-            running.append((shard, subprocess.Popen([dvc, "repro"], cwd=shard, env=env, stdout=out,
-                                                    stderr=subprocess.STDOUT), out, time.time()))
-        time.sleep(0.5)
-        for item in [r for r in running if r[1].poll() is not None]:
-            shard, proc, out, t0 = item
-            running.remove(item)
-            out.close()
-            print(f"----- [{shard.name}] dvc repro exited {proc.returncode} after "
-                  f"{time.time() - t0:.0f}s; its output:", flush=True)
-            print((shard / "repro.log").read_text(), flush=True)
-            if proc.returncode:
-                failed.append(f"{shard} (exit {proc.returncode})")
-    if failed:
-        raise MnistlabError(f"the CI pipeline failed in {', '.join(failed)}; its output is above")
+def run_pipeline(workdir: Path, params: dict[str, Any], settings: dict[str, Any]) -> None:
+    """``dvc repro`` in every shard of ``params``' datasets, ``jobs`` at a time, ``threads`` threads each."""
+    jobs = _checked(positive, "jobs", setting(settings, "jobs"), int)
+    threads = _checked(positive, "threads", setting(settings, "threads"), int)
+    run_shards([shard_dir(workdir, ds) for ds in get(params, "datasets")], jobs, threads,
+               "the CI pipeline")
 
 
 # --------------------------------------------------------------------------- comparing
@@ -242,18 +163,19 @@ class Rule:
     tolerance: float
 
 
-def gate_rules(params: dict[str, Any]) -> dict[str, Rule]:
-    """``gate.metrics`` of params.yaml: ``{metric: {direction: max|min, tolerance: x}}``."""
-    spec = get(params, "gate.metrics")
+def gate_rules(settings: dict[str, Any]) -> dict[str, Rule]:
+    """``metrics`` of ci/gate.yaml: ``{metric: {direction: max|min, tolerance: x}}``."""
+    spec = setting(settings, "metrics")
     if not isinstance(spec, dict) or not spec:
-        raise MnistlabError("params.yaml: gate.metrics must map at least one metric to "
+        raise MnistlabError(f"{CONFIG}: metrics must map at least one metric to "
                             "{direction, tolerance}")
     rules = {}
     for metric, r in spec.items():
         if not isinstance(r, dict):
-            raise MnistlabError(f"params.yaml: gate.metrics.{metric} must be {{direction, tolerance}}")
-        rules[metric] = Rule(choice(f"gate.metrics.{metric}.direction", r.get("direction"), DIRECTIONS),
-                             non_negative(f"gate.metrics.{metric}.tolerance", r.get("tolerance")))
+            raise MnistlabError(f"{CONFIG}: metrics.{metric} must be {{direction, tolerance}}")
+        rules[metric] = Rule(
+            _checked(choice, f"metrics.{metric}.direction", r.get("direction"), DIRECTIONS),
+            _checked(non_negative, f"metrics.{metric}.tolerance", r.get("tolerance")))
     return rules
 
 
@@ -324,7 +246,7 @@ def check_best(new: dict[str, dict[str, float]], require_best: dict[str, str],
                   if k.split("/", 1)[0] == ds and k != key and metric in v}
         if key not in new or metric not in new[key]:
             rows.append(Row(key, f"best {metric}", None, None, None, "MISSING",
-                            f"gate.require_best: no result for {key}"))
+                            f"{CONFIG} require_best: no result for {key}"))
             continue
         mine = new[key][metric]
         if not others:
@@ -409,14 +331,15 @@ def read_baseline(path: Path) -> dict[str, Any]:
     return base
 
 
-def check(workdir: Path, profile: Path, baseline_path: Path) -> tuple[bool, str]:
-    """Compare the copy's fresh results with the baseline.
+def check(workdir: Path, profile: Path, baseline_path: Path,
+          settings: dict[str, Any]) -> tuple[bool, str]:
+    """Compare the copy's fresh results with the baseline, by the rules of ``settings`` (ci/gate.yaml).
 
     Returns:
         ``(passed, Markdown report)``.
     """
     params = load_params(workdir / "params.yaml")
-    rules = gate_rules(params)
+    rules = gate_rules(settings)
     base = read_baseline(baseline_path)
     new = read_results(workdir, params)
     problems = []
@@ -425,17 +348,18 @@ def check(workdir: Path, profile: Path, baseline_path: Path) -> tuple[bool, str]
         problems.append(f"{baseline_path} was made with another {profile.name} (profile digest "
                         f"differs); compare like with like: run `make baseline` and commit it")
     rows = compare_results(base["results"], new, rules)
-    rows += check_best(new, get(params, "gate.require_best") or {})
+    rows += check_best(new, setting(settings, "require_best") or {})
     passed = not problems and not any(r.verdict in FAILING for r in rows)
     return passed, render(rows, problems, f"Regression gate: {workdir} vs {baseline_path}")
 
 
-def accept(root: Path, workdir: Path, profile: Path, baseline_path: Path) -> dict[str, Any]:
-    """Write the copy's current results as the new baseline (only the gated metrics)."""
+def accept(root: Path, workdir: Path, profile: Path, baseline_path: Path,
+           settings: dict[str, Any]) -> dict[str, Any]:
+    """Write the copy's current results as the new baseline (only the metrics ``settings`` gates)."""
     import torch
 
     params = load_params(workdir / "params.yaml")
-    rules = gate_rules(params)
+    rules = gate_rules(settings)
     new = read_results(workdir, params)
     expected = [f"{ds}/{a}" for ds in get(params, "datasets") for a in get(params, "archs")]
     missing = [k for k in expected if not set(rules) <= set(new.get(k, {}))]
@@ -460,36 +384,39 @@ def accept(root: Path, workdir: Path, profile: Path, baseline_path: Path) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code (1: the gate failed)."""
-    ap = argparse.ArgumentParser(prog="python -m mnistlab.gate",
+    ap = argparse.ArgumentParser(prog="python -m mnistlab.ci.gate",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=("prepare", "pipeline", "check", "accept"),
                     help="prepare: make the CI copy; pipeline: prepare + dvc repro there; "
                          "check: compare with the baseline (exit 1 on regression); "
                          "accept: make the current results the baseline")
     ap.add_argument("--root", type=Path, default=Path("."), help="the repository (default: .)")
-    ap.add_argument("--workdir", type=Path, default=None, help="the CI copy (default: gate.workdir)")
-    ap.add_argument("--profile", type=Path, default=None, help="default: gate.profile")
-    ap.add_argument("--baseline", type=Path, default=None, help="default: gate.baseline")
+    ap.add_argument("--config", type=Path, default=None,
+                    help=f"the gate's settings (default: <root>/{CONFIG})")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help=f"the CI copy (default: workdir of {CONFIG})")
+    ap.add_argument("--profile", type=Path, default=None, help=f"default: profile of {CONFIG}")
+    ap.add_argument("--baseline", type=Path, default=None, help=f"default: baseline of {CONFIG}")
     ap.add_argument("--summary", type=Path, default=None,
                     help="also append the report here (e.g. $GITHUB_STEP_SUMMARY)")
     args = ap.parse_args(argv)
 
     root = args.root.resolve()
-    params = load_params(root / "params.yaml")
-    workdir = args.workdir or root / str(get(params, "gate.workdir"))
-    profile = args.profile or root / str(get(params, "gate.profile"))
-    baseline = args.baseline or root / str(get(params, "gate.baseline"))
+    settings = load_settings(args.config or root / CONFIG)
+    workdir = args.workdir or root / str(setting(settings, "workdir"))
+    profile = args.profile or root / str(setting(settings, "profile"))
+    baseline = args.baseline or root / str(setting(settings, "baseline"))
 
     if args.command in ("prepare", "pipeline"):
         prepare(root, workdir, profile)
         if args.command == "pipeline":
-            run_pipeline(workdir, load_params(workdir / "params.yaml"))
+            run_pipeline(workdir, load_params(workdir / "params.yaml"), settings)
         return 0
     if args.command == "accept":
-        base = accept(root, workdir, profile, baseline)
+        base = accept(root, workdir, profile, baseline, settings)
         print(f"{baseline}: {len(base['results'])} results accepted as the baseline; commit it")
         return 0
-    passed, report = check(workdir, profile, baseline)
+    passed, report = check(workdir, profile, baseline, settings)
     print(report, end="")
     with atomic_path(workdir / "gate-report.md") as tmp:
         tmp.write_text(report)
@@ -501,11 +428,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if passed else 1
 
 
-def _cli() -> None:
-    code = main()
-    if code:
-        sys.exit(code)
-
-
 if __name__ == "__main__":
-    run_stage(_cli)
+    run_stage(main)

@@ -1,0 +1,145 @@
+"""The stage contract: every file one stage writes and another reads, its name, format, save and load.
+
+In a DVC project the files stages hand each other are the interfaces between
+them, so each one has exactly one owner, here (the model file is the exception:
+it lives beside the registry in :mod:`mnistlab.models`, as timm keeps its
+checkpoint loader beside ``create_model``, because reading it means building a
+network; keeping it out of this module keeps the split stage free of models.py).
+
+::
+
+    data/split/<ds>/{train,val,test}.pt   split       → train, evaluate, features
+    data/split/<ds>/summary.json          split       → train, evaluate, features
+    models/<ds>/<arch>/run.json           train       → evaluate, features, compare
+    metrics/<ds>/<arch>/train.json        train       → compare (and the CI gate)
+    metrics/<ds>/<arch>/history.csv       train       → compare
+    metrics/<ds>/<arch>/test.json         evaluate    → compare (and the CI gate)
+    metrics/<ds>/<arch>/predictions.csv   evaluate    → the reproduction report
+
+This module imports nothing of mnistlab beyond errors and utils: every stage may
+depend on it without depending on another stage's code.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mnistlab.errors import MnistlabError
+from mnistlab.utils import atomic_path, file_sha256, json_digest, torch_load, torch_save, write_json
+
+SIDE = 28  # every dataset is brought to MNIST's 28x28 uint8 layout
+SUBSETS = ("train", "val", "test")
+
+SUMMARY = "summary.json"
+MODEL = "model.pt"           # final weights (models.save_model / models.load_model)
+BEST = "best.pt"             # best-validation weights, same format
+RUN = "run.json"
+TRAIN_METRICS = "train.json"
+HISTORY = "history.csv"
+TEST_METRICS = "test.json"
+PER_CLASS = "per_class.csv"
+PREDICTIONS = "predictions.csv"
+EMBEDDINGS = "embeddings.pt"
+
+
+# --------------------------------------------------------------------------- split files
+
+
+def split_file(split_dir: Path, subset: str) -> Path:
+    return Path(split_dir) / f"{subset}.pt"
+
+
+def save_split(split_dir: Path, subsets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+               summary: dict[str, Any]) -> None:
+    """Write ``{subset: (uint8 images [N,28,28], int64 labels [N])}`` and the summary."""
+    for name, (x, y) in subsets.items():
+        # clone: an indexed view's storage would otherwise be saved whole
+        torch_save({"images": x.clone().contiguous(), "labels": y.clone()}, split_file(split_dir, name))
+    write_json(Path(split_dir) / SUMMARY, summary)
+
+
+def load_split(split_dir: Path, subset: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load one subset written by :func:`save_split` (weights_only, validated shapes)."""
+    path = split_file(split_dir, subset)
+    obj = torch_load(path)
+    if not (isinstance(obj, dict) and {"images", "labels"} <= set(obj)):
+        raise MnistlabError(f"{path}: not a split file (needs images, labels)")
+    x, y = obj["images"], obj["labels"]
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+            and x.dtype == torch.uint8 and x.dim() == 3 and tuple(x.shape[1:]) == (SIDE, SIDE)
+            and y.dtype == torch.int64 and y.shape == (len(x),)):
+        raise MnistlabError(f"{path}: expected uint8 images [N,{SIDE},{SIDE}] and int64 labels [N]")
+    return x, y
+
+
+def load_classes(split_dir: Path) -> list[str]:
+    """Class names recorded by the split stage in ``summary.json``."""
+    try:
+        return json.loads((Path(split_dir) / SUMMARY).read_text())["classes"]
+    except (OSError, ValueError, KeyError):
+        raise MnistlabError(f"{Path(split_dir) / SUMMARY}: missing or invalid (run the split stage)") from None
+
+
+def split_digest(split_dir: Path) -> str:
+    """sha256 over the split files, so a run names exactly the data it saw."""
+    return json_digest({s: file_sha256(split_file(split_dir, s)) for s in SUBSETS})
+
+
+# --------------------------------------------------------------------------- run.json
+
+
+def write_run(model_dir: Path, run_id: str, experiment: str, tracking_uri: str) -> None:
+    """``run.json``: the MLflow run the train stage opened (``tracking_uri`` already redacted)."""
+    write_json(Path(model_dir) / RUN, {"run_id": run_id, "experiment": experiment,
+                                       "tracking_uri": tracking_uri})
+
+
+def read_run_id(path: Path) -> str:
+    """The run id a train stage wrote (``run.json``), for later stages to log into."""
+    try:
+        return json.loads(Path(path).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise MnistlabError(f"{path}: missing or invalid MLflow run record (run the train stage)") from None
+
+
+# --------------------------------------------------------------------------- metrics files
+
+
+def read_json(path: Path, made_by: str = "its train/evaluate stage") -> dict[str, Any]:
+    """A metrics JSON file (train.json, test.json): a user error if missing or invalid."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MnistlabError(f"{path}: missing (run {made_by})") from None
+    except ValueError:
+        raise MnistlabError(f"{path}: not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise MnistlabError(f"{path}: expected a JSON object")
+    return obj
+
+
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
+    """Per-epoch rows as CSV (the DVC plot), floats to 6 significant digits, atomically."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(history[0]), lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
+    """Rows as CSV with a header, atomically (per_class.csv, predictions.csv)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())

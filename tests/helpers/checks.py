@@ -1,0 +1,29 @@
+"""Checks of what a run left behind: the one-line error of a failed stage, a PNG that decodes."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from PIL import Image
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit 2, no traceback, exactly one ``error:`` line on stderr (the last), holding ``fragments``."""
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and p.stderr.rstrip().splitlines()[-1] == errors[0], p.stderr
+    for f in fragments:
+        assert f in errors[0], (f, errors[0])
+    return errors[0]
+
+
+def assert_png(path: Path, min_side: int = 20) -> tuple[int, int]:
+    """``path`` is a PNG that decodes, of a plausible size; returns (width, height)."""
+    assert path.is_file(), path
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.load()  # decodes every pixel: a truncated file fails here
+        assert min(im.size) >= min_side, (path, im.size)
+        return im.size

@@ -1,0 +1,151 @@
+"""MLflow for tests: a run as the train stage opens it, and a real ``mlflow server`` on 127.0.0.1.
+
+The server is shared by the tests that need one (test_mlflow_server, test_security): started
+on first use, stopped at the end of the session, whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from helpers.repo import ROOT, VENV_BIN, stage_env
+from mnistlab import tracking
+from mnistlab.data.digits import write_digits
+from mnistlab.data.sources import DIGIT_CLASSES
+from mnistlab.data.split import split
+from mnistlab.utils import write_json
+
+EPOCHS = 2
+
+
+def open_run(model_dir: Path, dataset: str, arch: str) -> str:
+    """An MLflow run in the current store, recorded in ``run.json`` as the train stage does."""
+    run_id = tracking.start_run(dataset, arch, {"arch": arch}, {"dvc_stage": "test"})
+    write_json(model_dir / "run.json", {"run_id": run_id})
+    return run_id
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """``mlflow server`` bound to 127.0.0.1 on a free port, in its own process group."""
+
+    def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db = root / "server.db"
+        self.artifacts = root / "artifacts"
+        self.log = root / "server.log"
+        self.proc: subprocess.Popen | None = None
+        self.start_seconds: float | None = None
+
+    def start(self, timeout: float = 180) -> None:
+        """Start it and wait (bounded) until ``/health`` answers; record how long that took."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.db}",
+               "--artifacts-destination", str(self.artifacts)]
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=self.log.open("w"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mlflow server exited {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError(f"mlflow server not healthy after {timeout} s:\n{self.log.read_text()}")
+            time.sleep(0.1)
+        self.start_seconds = time.monotonic() - t0
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server and its workers (SIGKILL if SIGTERM is not enough in 20 s)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for s, wait in ((sig, 20), (signal.SIGKILL, 20)):
+            try:
+                os.killpg(self.proc.pid, s)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    # ------------------------------------------------------------------ REST
+
+    def get(self, endpoint: str, /, **query: Any) -> dict:
+        url = f"{self.url}{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, endpoint: str, body: dict) -> dict:
+        req = urllib.request.Request(f"{self.url}{endpoint}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    def raw(self, endpoint: str, /, **query: Any) -> bytes:
+        url = f"{self.url}{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.read()
+
+
+_SHARED: dict[str, MlflowServer] = {}
+
+
+def shared_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> MlflowServer:
+    """The session's one server (started on first use; stopped when the session ends)."""
+    if "server" not in _SHARED:
+        server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+        request.config.add_cleanup(server.stop)  # before start: a failed start is cleaned up too
+        request.config.add_cleanup(lambda: _SHARED.clear())
+        server.start()
+        _SHARED["server"] = server
+        print(f"\nmlflow server healthy after {server.start_seconds:.1f} s", file=sys.stderr)
+    return _SHARED["server"]
+
+
+def train_workspace(work: Path, epochs: int = EPOCHS) -> list[str]:
+    """A folder with the digits split and a small params.yaml; returns the train command
+    (the arguments dvc.yaml passes, paths relative to the folder)."""
+    work.mkdir(parents=True, exist_ok=True)
+    write_digits(work / "data" / "raw" / "digits")
+    split(work / "data" / "raw" / "digits", work / "data" / "split" / "digits",
+          list(DIGIT_CLASSES), 0.1, 0.2, 1234, "digits")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["min_steps"] = 0
+    params["hparams"]["mlp"]["epochs"] = epochs
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    return [sys.executable, str(ROOT / "stages" / "train.py"), "--dataset", "digits", "--arch", "mlp",
+            "--split", "data/split/digits", "--model-dir", "models/digits/mlp",
+            "--metrics-dir", "metrics/digits/mlp", "--checkpoint", "checkpoints/digits/mlp/last.pt"]
+
+
+def run_train(work: Path, cmd: list[str], uri: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**stage_env(work), "MLFLOW_TRACKING_URI": uri, **env}
+    return subprocess.run(cmd, cwd=work, env=full_env, capture_output=True, text=True, timeout=600)

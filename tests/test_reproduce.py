@@ -1,0 +1,149 @@
+"""`make reproduce`: its config, the copies it makes, and the verdicts of its report.
+
+The real run (full MNIST + Fashion-MNIST, ~30 min on 2 cores) is `make reproduce`; its
+committed result, reports/reproduction.json, is checked against the config here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mnistlab.ci import reproduce
+from mnistlab.errors import MnistlabError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_run(work: Path, ds: str, arch: str, actual: list[int], predicted: list[int],
+              epochs: int = 1) -> None:
+    """A finished copy's outputs, as the train and evaluate stages write them."""
+    shard = work / f"{ds}-{arch}"
+    metrics = shard / "metrics" / ds / arch
+    metrics.mkdir(parents=True)
+    (shard / "params.yaml").write_text(yaml.safe_dump(
+        {"paths": {"metrics": "metrics"}, "hparams": {arch: {"epochs": epochs}}}))
+    acc = sum(a == p for a, p in zip(actual, predicted, strict=True)) / len(actual)
+    (metrics / "test.json").write_text(json.dumps({"test_accuracy": acc, "test_samples": len(actual)}))
+    (metrics / "train.json").write_text(json.dumps({
+        "epochs": epochs, "train_seconds": 2.0, "train_images_per_second": 100.0, "parameters": 7}))
+    (metrics / "history.csv").write_text("epoch,train_loss,train_accuracy\n1,0.5,0.8\n")
+    with (metrics / "predictions.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["actual", "predicted"])
+        w.writerows(zip(actual, predicted, strict=True))
+
+
+CFG = {
+    "jobs": 2, "threads": 1,
+    "runs": [["m", "tut"], ["m", "ours"]],
+    "published": {"tut": {"dataset": "m", "accuracy": 0.9, "how": "last half",
+                          "test_subset": [10, 20], "tolerance": 0.05}},
+    "targets": {"ours": {"m": 0.95}},
+}
+
+
+def test_same_test_images_as_published_and_the_full_set(tmp_path):
+    # First half: 1/10 right; second half (the published slice): 9/10 right.
+    actual = list(range(10)) * 2
+    predicted = [0] * 10 + list(range(9)) + [0]
+    write_run(tmp_path, "m", "tut", actual, predicted)
+    row = reproduce.measure(CFG, tmp_path, reproduce.Run("m", "tut"))
+    assert row["ours_same_subset"] == pytest.approx(0.9) and row["subset_samples"] == 10
+    assert row["test_accuracy_full"] == pytest.approx(0.5)
+    assert row["delta"] == pytest.approx(0.0) and row["verdict"] == "reproduced"
+    assert (row["final_train_loss"], row["final_train_accuracy"]) == (0.5, 0.8)
+
+
+@pytest.mark.parametrize("right, verdict", [(20, "target met"), (18, "MISSED")])
+def test_our_arch_is_judged_on_the_full_test_set(tmp_path, right, verdict):
+    actual = [1] * 20
+    write_run(tmp_path, "m", "ours", actual, [1] * right + [0] * (20 - right))
+    row = reproduce.measure(CFG, tmp_path, reproduce.Run("m", "ours"))
+    assert row["verdict"] == verdict and row["kind"] == "target"
+
+
+def test_a_miss_beyond_tolerance_fails_the_command(tmp_path, monkeypatch, capsys):
+    (tmp_path / "ci").mkdir()
+    (tmp_path / "ci" / "reproduce.yaml").write_text(yaml.safe_dump({**CFG, "workdir": "w"}))
+    (tmp_path / "params.yaml").write_text("{}\n")
+    work = tmp_path / "w"
+    write_run(work, "m", "tut", [1] * 20, [1] * 10 + [1] * 8 + [0] * 2)  # 0.8 on the slice: -10 pp
+    write_run(work, "m", "ours", [1] * 20, [1] * 20)
+    assert reproduce.main(["report", "--root", str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    assert "MISSED: m/tut" in out.out and "error: a reproduction missed" in out.err
+    report = json.loads((tmp_path / "reports" / "reproduction.json").read_text())
+    assert [r["verdict"] for r in report["rows"]] == ["MISSED", "target met"]
+    md = (tmp_path / "reports" / "reproduction.md").read_text()
+    assert "| tut | m | 90.00 % (last half; test images 10–19) | 80.00 % |" in md
+
+
+def test_a_short_prediction_file_is_an_error_naming_it(tmp_path):
+    write_run(tmp_path, "m", "tut", [1] * 12, [1] * 12)  # the published slice needs 20 images
+    with pytest.raises(MnistlabError, match=r"predictions.csv: 2 test predictions in \[10, 20\)"):
+        reproduce.measure(CFG, tmp_path, reproduce.Run("m", "tut"))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"runs": [["m"]]}, "runs must list"),
+    ({"runs": [["m", "other"]]}, "neither a published number nor a target"),
+    ({"published": {"tut": {"dataset": "m"}}}, r"published.tut.accuracy is missing"),
+    ({"jobs": 0}, "jobs must be a positive integer"),
+])
+def test_bad_config_is_one_line(tmp_path, change, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**CFG, **change}))
+    with pytest.raises(MnistlabError, match=message) as e:
+        reproduce.load_config(path)
+    assert "\n" not in str(e.value)
+
+
+def test_prepare_makes_one_copy_per_run_with_only_its_dataset_and_arch(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "m.py").write_text("x = 1\n")
+    (repo / ".gitignore").write_text("/build/\n")
+    params = {"datasets": ["digits"], "archs": ["tut", "ours"], "paths": {"metrics": "metrics"},
+              "sources": {"m": "../shared/m"}, "features": {"tsne_max_points": 9}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    cfg = {**CFG, "overrides": {"features": {"tsne_max_points": 5}}}
+    shards = reproduce.prepare(repo, cfg, repo / "build" / "r")
+    assert [s.name for s in shards] == ["m-tut", "m-ours"]
+    for shard, arch in zip(shards, ["tut", "ours"], strict=True):
+        got = yaml.safe_load((shard / "params.yaml").read_text())
+        assert got["datasets"] == ["m"] and got["archs"] == [arch]
+        assert got["features"] == {"tsne_max_points": 5}
+        assert got["sources"]["m"] == str((tmp_path / "shared" / "m").resolve())
+        assert (shard / "src" / "m.py").is_file()
+        assert "no_scm = true" in (shard / ".dvc" / "config.local").read_text()
+    assert yaml.safe_load((repo / "params.yaml").read_text()) == params
+
+
+def test_repo_config_covers_the_five_tutorials_and_resnet_bn_on_both():
+    cfg = reproduce.load_config(ROOT / "ci" / "reproduce.yaml")
+    runs = {tuple(r) for r in cfg["runs"]}
+    assert runs == {("mnist", a) for a in ("mlp", "cnn_16_32", "cnn_32_64", "cnn_4_8", "resnet_bn")} \
+        | {("fashion_mnist", "lenet5"), ("fashion_mnist", "resnet_bn")}
+    # Nothing in the overrides may change how a network is trained.
+    assert not {"hparams", "train", "seed", "split"} & set(cfg.get("overrides") or {})
+
+
+def test_committed_reproduction_matches_the_config():
+    """reports/reproduction.json is the committed result of `make reproduce` on this config."""
+    path = ROOT / "reports" / "reproduction.json"
+    cfg = reproduce.load_config(ROOT / "ci" / "reproduce.yaml")
+    report = json.loads(path.read_text())
+    assert [[r["dataset"], r["arch"]] for r in report["rows"]] == cfg["runs"]
+    for r in report["rows"]:
+        assert r["epochs"] == r["tutorial_epochs"], f"{r['arch']}: epochs were raised on full data"
+        assert r["test_samples"] == 10_000
+        if r["kind"] == "tutorial":
+            pub = cfg["published"][r["arch"]]
+            assert r["published"] == pub["accuracy"] and r["test_subset"] == pub["test_subset"]
