@@ -6,7 +6,7 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 PYTEST ?= -q
 
-.PHONY: setup run test lint ci-pipeline ci-gate baseline benchmark reproduce clean
+.PHONY: setup run test lint predict ci-pipeline ci-gate baseline benchmark reproduce clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,11 @@ run: setup
 
 test: setup
 	PATH="$(BIN):$$PATH" $(PY) -m pytest $(PYTEST)
+
+# The champion (or any model) on your own images: make predict ARGS="digit.png photos/ --top 3"
+# (python -m mnistlab.predict --help; --model models/<ds>/<arch>/model.pt or models:/<name>@<alias>)
+predict: setup
+	PATH="$(BIN):$$PATH" $(PY) -m mnistlab.predict $(ARGS)
 
 # The CI regression gate (src/mnistlab/ci/gate.py, settings in ci/gate.yaml): the real
 # pipeline on ci/profile.yaml in a copy of this working tree at build/ci/ (your params.yaml,

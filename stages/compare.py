@@ -1,7 +1,7 @@
 """Stage compare: leaderboard over every dataset x arch, validation curves, champion per dataset.
 
     python stages/compare.py --metrics metrics --models models --out reports \
-        --curves reports/curves
+        --curves reports/curves --split data/split --exports exports
 """
 
 from mnistlab.stages import cli

@@ -357,6 +357,7 @@ def test_run_pipeline_runs_every_shard_and_names_the_failed_one(tmp_path, monkey
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "dvc").write_text("#!/bin/sh\necho \"threads=$OMP_NUM_THREADS uri=$MLFLOW_TRACKING_URI\"\n"
+                                 "echo \"code=$PYTHONPATH\"\n"
                                  "[ \"$(basename $PWD)\" != bad ]\n")
     (bin_dir / "dvc").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
@@ -369,6 +370,8 @@ def test_run_pipeline_runs_every_shard_and_names_the_failed_one(tmp_path, monkey
     assert out.count("threads=1 uri=sqlite:///mlflow.db") == 3  # every shard ran, pinned
     for ds in ("good", "bad", "fine"):
         assert f"----- [{ds}] dvc repro exited" in out
+        # each copy runs its own synced code, not the working tree's editable install
+        assert f"code={(tmp_path / 'w' / ds / 'src').resolve()}" in out
 
 
 def test_repo_profile_and_baseline_agree():

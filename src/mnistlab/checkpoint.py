@@ -85,8 +85,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 # Modules the train stage runs that only *record* a run and never touch a tensor that
 # decides the weights: a change to them must not force a retrain (a finished
 # checkpoint stays reusable), while any other module in the stage's import closure
-# counts. Everything else is derived from the real import graph, not a list.
-RECORDING_ONLY = ("tracking.py",)
+# counts (tracking.py: MLflow; serving.py: the wrapper the logged model serves with).
+# Everything else is derived from the real import graph, not a list.
+RECORDING_ONLY = ("tracking.py", "serving.py")
 
 
 def code_digest() -> str:

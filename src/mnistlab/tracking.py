@@ -298,14 +298,20 @@ def model_requirements() -> list[str]:
 
 
 @retry_locked
-def log_pytorch_model(run_id: str, model, example) -> None:
-    """Log ``model`` as the run's ``model`` with mlflow.pytorch.
+def log_pytorch_model(run_id: str, model, example, log_model: Callable[..., Any] | None = None
+                      ) -> None:
+    """Log ``model`` as the run's ``model`` (mlflow.pytorch's pt2 format, batch dimension dynamic).
 
     Args:
         run_id: The run to log into.
         model: The trained network; a CPU copy in eval mode is logged, ``model`` is untouched.
-        example: A small numpy batch [B,1,28,28] float32, normalised as in training;
-            it is the input example and the source of the signature.
+        example: A small numpy batch [B,1,28,28] float32, B >= 2 (``torch.export`` fixes a
+            batch of 1 as a constant); the input example and the source of the signature.
+        log_model: What logs the copy inside the run, ``log_model(model, example,
+            pip_requirements)``, instead of a plain ``mlflow.pytorch.log_model`` (whose
+            example is normalised as in training). The train stage passes
+            :func:`mnistlab.serving.log_model`: raw-pixel example, and a pyfunc flavor that
+            answers ``mlflow models serve`` with class names and probabilities.
     """
     import copy
 
@@ -315,12 +321,34 @@ def log_pytorch_model(run_id: str, model, example) -> None:
     from mlflow.models import infer_signature
 
     model = copy.deepcopy(model).cpu().eval()
-    with torch.inference_mode():
-        out = model(torch.from_numpy(example)).numpy()
-    signature = infer_signature(example, out)
     with _fluent_uri(tracking_uri()), mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
-                                 pip_requirements=model_requirements())
+        if log_model is not None:
+            log_model(model, example, model_requirements())
+            return
+        with torch.inference_mode():
+            out = model(torch.from_numpy(example)).numpy()
+        mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example, out),
+                                 input_example=example, pip_requirements=model_requirements())
+
+
+def load_pyfunc(uri: str):
+    """A logged or registered model (``models:/<name>@<alias>``, ``runs:/<id>/model``) as an
+    MLflow pyfunc, from the store of :func:`tracking_uri` (registry included).
+
+    Raises:
+        MnistlabError: The server does not answer, or the URI does not resolve or load
+            (one line naming the URI and the redacted store).
+    """
+    import mlflow.pyfunc
+
+    store = tracking_uri()
+    check_reachable(store)
+    try:
+        with _fluent_uri(store):
+            return mlflow.pyfunc.load_model(uri, suppress_warnings=True)
+    except Exception as e:  # noqa: BLE001 - MLflow raises many types; all mean "not loadable"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(store, redact(store))
+        raise MnistlabError(f"{uri}: cannot load it from MLflow store {redact(store)} ({first})") from None
 
 
 @contextlib.contextmanager

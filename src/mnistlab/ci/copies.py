@@ -118,7 +118,10 @@ def run_shards(shards: list[Path], jobs: int, threads: int, what: str) -> None:
     CPU kernels may split their reductions by thread count, and a baseline must not
     depend on how many cores made it. MLflow is pinned to each shard's own sqlite
     store, so these runs never mix with the developer's runs or go to a tracking
-    server set in the environment.
+    server set in the environment. Each shard imports mnistlab from its own ``src/``
+    (``PYTHONPATH``), not from the editable install: otherwise an edit made in the
+    working tree while the copies run would reach their later stages, and a copy
+    would run code it was never synced with.
     """
     env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db", "DVC_NO_ANALYTICS": "1",
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -134,8 +137,11 @@ def run_shards(shards: list[Path], jobs: int, threads: int, what: str) -> None:
             shard = pending.pop(0)
             out = open(shard / "repro.log", "w")  # noqa: SIM115 - closed when the process ends
             print(f"[{shard.name}] dvc repro (log: {shard / 'repro.log'})", flush=True)
-            running.append((shard, subprocess.Popen([dvc, "repro"], cwd=shard, env=env, stdout=out,
-                                                    stderr=subprocess.STDOUT), out, time.time()))
+            shard_env = {**env, "PYTHONPATH": os.pathsep.join(
+                filter(None, [str((shard / "src").resolve()), env.get("PYTHONPATH")]))}
+            running.append((shard, subprocess.Popen([dvc, "repro"], cwd=shard, env=shard_env,
+                                                    stdout=out, stderr=subprocess.STDOUT),
+                            out, time.time()))
         time.sleep(0.5)
         for item in [r for r in running if r[1].poll() is not None]:
             shard, proc, out, t0 = item

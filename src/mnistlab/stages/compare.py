@@ -7,10 +7,19 @@ params.yaml, and writes
     reports/leaderboard.csv, reports/leaderboard.md   ranked per dataset by ``compare.rank_by``
     reports/curves/val-curves-<ds>.png                 every arch's validation curves overlaid
     reports/champions.json                             the registered champion of each dataset
+    exports/<ds>/champion.onnx, champion.json          each dataset's rank-1 model in ONNX
 
 Why under ``reports/`` and not ``metrics/``: this stage depends on the whole
 ``metrics/`` tree, and DVC refuses a stage whose output lies inside its own
-dependency (it would be a cycle).
+dependency (it would be a cycle). The ONNX files go to a folder of their own,
+``exports/`` (``paths.exports``): not ``models/<ds>/<arch>/`` (the train stage's output
+and this stage's dependency), not ``reports/`` (pictures and the git-tracked
+leaderboard); like ``models/`` it is DVC-cached and git-ignored.
+
+Each dataset's rank-1 model is exported to ONNX (:func:`mnistlab.export.export_onnx`:
+raw pixels in, probabilities out, checked against PyTorch on that dataset's test
+split) and, when champions are registered, logged to the champion's MLflow run
+(``onnx/champion.onnx``, ``onnx/champion.json``).
 
 Each dataset's best model is registered in the MLflow model registry as
 ``<compare.registry_prefix>-<dataset>`` and given the alias ``compare.alias``
@@ -47,6 +56,8 @@ class ComparePaths:
     models: Path   # models/: <ds>/<arch>/run.json
     out: Path      # reports/: leaderboard.csv, leaderboard.md, champions.json
     curves: Path   # reports/curves/: val-curves-<ds>.png
+    split: Path | None = None    # data/split/: <ds>/test.pt, for the ONNX check
+    exports: Path | None = None  # exports/: <ds>/champion.{onnx,json} (None: no ONNX export)
 
 
 def read_history(path: Path) -> pd.DataFrame:
@@ -235,8 +246,34 @@ def run_compare(params: dict[str, Any], paths: ComparePaths) -> pd.DataFrame:
     for ds in s.datasets:
         plot_curves(paths.metrics, ds, list(s.archs), paths.curves / f"val-curves-{ds}.png")
 
+    # ONNX first: an export that fails its check stops the stage before the registry changes.
+    exported = export_champions(board, paths) if paths.exports is not None else {}
     champions: dict[str, Any] = {}
     if s.register:
         champions = register_champions(board, paths.models, s.registry_prefix, s.alias)
+    for ds, onnx in exported.items():
+        if ds in champions:
+            tracking.log_artifacts(champions[ds]["run_id"], [onnx, onnx.with_suffix(".json")], "onnx")
+            champions[ds]["onnx"] = str(onnx)
     write_json(paths.out / "champions.json", champions)
     return board
+
+
+def export_champions(board: pd.DataFrame, paths: ComparePaths) -> dict[str, Path]:
+    """Each dataset's rank-1 model → ``exports/<ds>/champion.onnx`` (+ ``.json``), checked
+    against PyTorch on its test split; returns ``{dataset: onnx file}``."""
+    from mnistlab.export import export_onnx
+
+    if paths.split is None or paths.exports is None:
+        raise MnistlabError("compare: the ONNX export needs the split and exports folders")
+    paths.exports.mkdir(parents=True, exist_ok=True)  # the DVC output exists even if empty
+    out = {}
+    for row in board[board["rank"] == 1].itertuples():
+        onnx = paths.exports / row.dataset / "champion.onnx"
+        check = export_onnx(paths.models / row.dataset / row.arch / artifacts.MODEL, onnx,
+                            paths.split / row.dataset)["check"]
+        log.info("%s: %s exported to %s (same class as PyTorch on %.2f%% of %d test images, "
+                 "max |dp| %.1e)", row.dataset, row.arch, onnx, 100 * check["argmax_agreement"],
+                 check["n"], check["max_abs_diff"])
+        out[row.dataset] = onnx
+    return out

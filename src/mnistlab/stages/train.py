@@ -10,6 +10,7 @@ Writes ``models/<ds>/<arch>/{model,best}.pt`` (:func:`mnistlab.models.save_model
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mnistlab import artifacts, distributed, tracking
+from mnistlab import artifacts, distributed, serving, tracking
 from mnistlab.checkpoint import code_digest, load_resumable
 from mnistlab.config import TrainSettings, seed_of
 from mnistlab.errors import MnistlabError
@@ -223,6 +224,9 @@ def _fit_and_write(built: Built, train_d: DeviceSplit, val_d: DeviceSplit, run: 
     tracking.log_artifacts(run_id, [paths.model_dir / artifacts.MODEL,
                                     paths.model_dir / artifacts.BEST,
                                     paths.metrics_dir / artifacts.HISTORY], "checkpoints")
-    example = ((example_images.unsqueeze(1).float() / 255 - hp.mean) / hp.std).numpy()
-    tracking.log_pytorch_model(run_id, result.model, example)
+    # Raw pixels: the logged model's pyfunc flavor (mlflow models serve) normalises itself
+    # and answers with class names (mnistlab.serving); batch 2 keeps the batch dimension dynamic.
+    example = example_images.unsqueeze(1).float().numpy()
+    tracking.log_pytorch_model(run_id, result.model, example, functools.partial(
+        serving.log_model, classes=classes, normalize=normalize))
     return summary

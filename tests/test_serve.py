@@ -1,0 +1,95 @@
+"""``mlflow models serve`` on the registered champion: raw pixels in, class names and probabilities out.
+
+The real command (``--env-manager local``: this venv) on 127.0.0.1 and a free port, in its
+own process group, killed whatever happens; its start is waited for within a bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from helpers.champion import CLASSES, canonical_digits, log_champion, train_model, write_split
+from helpers.mlflow import free_port
+from helpers.repo import VENV_BIN, stage_env
+
+from mnistlab import artifacts, predict
+
+START_TIMEOUT = 180  # seconds for the server to answer /ping (imports, model download, load)
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.slow
+def test_served_champion_answers_raw_pixels_with_class_names(tmp_path, monkeypatch):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    images, labels = canonical_digits()
+    split = write_split(tmp_path / "split" / "digits", images, labels)
+    model = train_model(split, tmp_path / "models" / "model.pt", epochs=5, augment=None)
+    log_champion(model)  # as the train stage logs it, registered as mnistlab-digits@champion
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    # the venv's bin first on PATH: the command starts `uvicorn` by name
+    env = {**stage_env(tmp_path), "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
+    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/mnistlab-digits@champion",
+           "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        while True:
+            assert proc.poll() is None, f"mlflow models serve exited {proc.returncode}:\n{log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() - t0 < START_TIMEOUT, \
+                f"no answer on /ping after {START_TIMEOUT} s:\n{log.read_text()}"
+            time.sleep(0.5)
+
+        test = artifacts.load_split(split, "test")[0][:8]
+        want = predict.load_predictor(str(model)).probabilities(test)
+        for pixels in (test.unsqueeze(1).tolist(),                      # uint8 values as JSON ints
+                       (test.unsqueeze(1).float() * 1.0).tolist()):     # [0, 255] floats
+            answer = post(f"{url}/invocations", {"inputs": pixels})["predictions"]
+            assert len(answer) == len(test)
+            for row, p in zip(answer, want, strict=True):
+                probs = np.array([row[c] for c in CLASSES])
+                assert row["class"] == CLASSES[int(p.argmax())]
+                assert row["probability"] == pytest.approx(probs.max())
+                assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+                np.testing.assert_allclose(probs, p, atol=1e-5)
+
+        # a wrong shape is the client's error, answered as such
+        with pytest.raises(urllib.error.HTTPError) as e:
+            post(f"{url}/invocations", {"inputs": test.tolist()})  # [N,28,28]: the channel is missing
+        assert e.value.code == 400
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=20)
+                break
+            except subprocess.TimeoutExpired:
+                continue
