@@ -1,7 +1,8 @@
 """Stage compare: leaderboard over every dataset x arch, validation curves, champion per dataset.
 
     python stages/compare.py --metrics metrics --models models --out reports \
-        --curves reports/curves --split data/split --exports exports
+        --curves reports/curves --split data/split --exports exports \
+        --pairwise reports/pairwise
 """
 
 from mnistlab.stages import cli

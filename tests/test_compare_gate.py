@@ -21,9 +21,10 @@ from mnistlab.ci import copies, gate
 from mnistlab.errors import MnistlabError
 from mnistlab.models import build_model
 from mnistlab.stages import compare
+from mnistlab.stats import holm, mcnemar, wilson_interval
 from mnistlab.utils import json_digest, write_json
 
-RULES = {"test_accuracy": gate.Rule("max", 0.01), "macro_f1": gate.Rule("max", 0.01),
+RULES = {"test_accuracy": gate.Rule("max", 0.01, "evidence"), "macro_f1": gate.Rule("max", 0.01),
          "test_loss": gate.Rule("min", 0.05)}
 GATE = {"metrics": {"test_accuracy": {"direction": "max", "tolerance": 0.01},
                     "macro_f1": {"direction": "max", "tolerance": 0.01},
@@ -32,16 +33,29 @@ GATE = {"metrics": {"test_accuracy": {"direction": "max", "tolerance": 0.01},
 
 
 def write_run(root, ds: str, arch: str, acc: float, loss: float = 0.1, params: int = 1000,
-              epochs: int = 3) -> None:
-    """train.json, test.json and history.csv as the train and evaluate stages write them."""
+              epochs: int = 3, n: int = 100) -> None:
+    """train.json, test.json, history.csv and predictions.csv as train and evaluate write them.
+
+    Of the ``n`` test images (classes ``i % 10``), the first ``round(acc * n)`` are right.
+    """
     d = root / ds / arch
+    k = round(acc * n)
     write_json(d / "train.json", {"parameters": params, "train_seconds": 2.5, "epochs": epochs,
                                   "train_images_per_second": 1234.5, "best_val_accuracy": acc,
                                   "final_val_accuracy": acc})
+    lo, hi = wilson_interval(k, n)
     write_json(d / "test.json", {"test_accuracy": acc, "test_loss": loss, "macro_f1": acc - 0.01,
-                                 "test_samples": 100})
+                                 "test_samples": n, "test_accuracy_ci_low": lo,
+                                 "test_accuracy_ci_high": hi})
+    write_predictions(d, np.arange(n) < k)
     rows = [f"{e},{acc * e / epochs:.4f},{1.0 / e:.4f}" for e in range(1, epochs + 1)]
     (d / "history.csv").write_text("epoch,val_accuracy,val_loss\n" + "\n".join(rows) + "\n")
+
+
+def write_predictions(d, correct) -> None:
+    """predictions.csv: image i has class ``i % 10``, predicted right where ``correct[i]``."""
+    rows = [f"{i % 10},{i % 10 if c else (i + 1) % 10}" for i, c in enumerate(correct)]
+    (d / "predictions.csv").write_text("actual,predicted\n" + "\n".join(rows) + "\n")
 
 
 # --------------------------------------------------------------------------- compare
@@ -166,9 +180,12 @@ def test_compare_results_planted_regression_missing_and_new():
     assert {rows[("ds/gone", m)].verdict for m in RULES} == {"MISSING"}
     assert {rows[("ds/extra", m)].verdict for m in RULES} == {"new"}
     report = gate.render(list(rows.values()), [], "t")
-    assert "| dataset/arch | metric | baseline | new | delta | tolerance | verdict |" in report
+    assert ("| dataset/arch | metric | baseline | new | delta | tolerance | p-value | discordant "
+            "| verdict |") in report
     assert "**Gate FAILED**" in report
-    assert "- ds/a test_accuracy: REGRESSION, 0.9500 → 0.5000" in report
+    # no per-image outcomes here: test_accuracy falls back to its tolerance, and says so
+    assert ("- ds/a test_accuracy: REGRESSION (tolerance: the baseline has no per-image outcomes), "
+            "0.9500 → 0.5000") in report
     assert "- ds/gone test_accuracy: MISSING (no result)" in report
     assert "- ds/b test_accuracy: improved 0.9700 → 0.9900" in report
 
@@ -384,3 +401,184 @@ def test_repo_profile_and_baseline_agree():
     assert set(base["results"]) == expected
     for metrics in base["results"].values():
         assert set(metrics) == set(gate.load_settings(ROOT / gate.CONFIG)["metrics"])
+
+
+# --------------------------------------------------------------------------- intervals, paired tests
+
+
+def test_leaderboard_intervals_and_paired_tests_against_the_best(tmp_path):
+    write_run(tmp_path, "ds", "a", 0.90)  # rank 1: images 0..89 right
+    write_run(tmp_path, "ds", "b", 0.80)  # a-only 10, b-only 0: clearly below
+    write_run(tmp_path, "ds", "c", 0.89)  # a-only 1: no evidence
+    correct = {"ds": compare.read_correct(tmp_path, "ds", ["a", "b", "c"])}
+    board = compare.leaderboard(compare.collect(tmp_path, ["ds"], ["a", "b", "c"]), "test_accuracy",
+                                correct)
+    assert list(board.columns) == compare.COLUMNS
+    assert compare.COLUMNS[:11] == ["dataset", "rank", "arch", "test_accuracy", "test_loss",
+                                    "macro_f1", "parameters", "train_seconds", "images_per_second",
+                                    "epochs", "best_val_accuracy"]  # old columns first, in order
+    row = board.set_index("arch")
+    assert (row.at["a", "accuracy_ci_low"], row.at["a", "accuracy_ci_high"]) == \
+        pytest.approx(wilson_interval(90, 100))
+    p_b, p_c = mcnemar(correct["ds"]["a"], correct["ds"]["b"]).p_value, 1.0
+    assert row.at["b", "p_vs_best"] == pytest.approx(holm([p_b, p_c])[0])  # 2 * 2**-9
+    assert row.at["c", "p_vs_best"] == pytest.approx(1.0)
+    assert math.isnan(row.at["a", "p_vs_best"])
+    assert row["below_best"].to_dict() == {"a": "no", "b": "yes", "c": "no"}
+
+    md = compare.to_markdown(board)
+    header = md.splitlines()[0]
+    assert header.index("best_val_accuracy") < header.index("accuracy_ci") < header.index("p_vs_best")
+    assert "accuracy_ci_low" not in header
+    lo, hi = wilson_interval(90, 100)
+    assert f"0.9000 [{lo:.4f}, {hi:.4f}]" in md and " 0.0039 " in md  # b's p_vs_best, 2 significant digits
+
+
+def test_pairwise_table_and_heat_map(tmp_path):
+    metrics = tmp_path / "metrics"
+    write_run(metrics, "ds", "a", 0.90)
+    write_run(metrics, "ds", "b", 0.80)
+    write_run(metrics, "ds", "c", 0.89)
+    params = {"datasets": ["ds"], "archs": ["a", "b", "c"],
+              "compare": {"rank_by": "test_accuracy", "register": False, "registry_prefix": "x",
+                          "alias": "champion"}}
+    paths = compare.ComparePaths(metrics, tmp_path / "models", tmp_path / "out", tmp_path / "curves",
+                                 pairwise=tmp_path / "pairwise")
+    compare.run_compare(params, paths)
+    pairs = pd.read_csv(tmp_path / "pairwise" / "ds.csv")
+    assert list(pairs.columns) == compare.PAIRWISE
+    # in rank order a, c, b
+    assert list(zip(pairs["arch_a"], pairs["arch_b"], strict=True)) == [("a", "c"), ("a", "b"), ("c", "b")]
+    assert pairs["a_only"].tolist() == [1, 10, 9] and pairs["b_only"].tolist() == [0, 0, 0]
+    assert pairs["p_value"].tolist() == pytest.approx([1.0, 2 * 0.5**10, 2 * 0.5**9], rel=1e-5)
+    assert pairs["p_holm"].tolist() == pytest.approx(holm(pairs["p_value"]).tolist(), rel=1e-5)
+    assert_png(tmp_path / "curves" / "pairwise-ds.png", 100)
+    board = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
+    assert {"accuracy_ci_low", "accuracy_ci_high", "p_vs_best", "below_best"} <= set(board.columns)
+    assert "accuracy_ci" in (tmp_path / "out" / "leaderboard.md").read_text()
+
+
+def test_paired_tests_need_the_same_test_images(tmp_path):
+    write_run(tmp_path, "ds", "a", 0.9)
+    write_run(tmp_path, "ds", "b", 0.8, n=90)
+    with pytest.raises(MnistlabError, match=r"b/predictions.csv: not the test images of ds/a"):
+        compare.read_correct(tmp_path, "ds", ["a", "b"])
+    write_run(tmp_path, "ds", "b", 0.8)
+    (tmp_path / "ds" / "b" / "predictions.csv").unlink()  # an old tree: no paired test, no error
+    board = compare.leaderboard(compare.collect(tmp_path, ["ds"], ["a", "b"]), "test_accuracy",
+                                {"ds": compare.read_correct(tmp_path, "ds", ["a", "b"])})
+    assert board["below_best"].tolist() == ["no", "n/a"]
+    assert "| —" in compare.to_markdown(board)
+
+
+# --------------------------------------------------------------------------- the gate: evidence
+
+
+def flip(correct: np.ndarray, n_break: int = 0, n_fix: int = 0) -> np.ndarray:
+    """``correct`` with its first ``n_break`` right images made wrong, first ``n_fix`` wrong ones right."""
+    out = correct.copy()
+    out[np.flatnonzero(correct)[:n_break]] = False
+    out[np.flatnonzero(~correct)[:n_fix]] = True
+    return out
+
+
+def judged(before: np.ndarray, after: np.ndarray, rules=RULES) -> gate.Row:
+    """The test_accuracy row of the gate for one entry whose outcomes go from ``before`` to ``after``."""
+    rows = gate.compare_results({"ds/a": {"test_accuracy": float(before.mean())}},
+                                {"ds/a": {"test_accuracy": float(after.mean())}},
+                                {"test_accuracy": rules["test_accuracy"]},
+                                {"ds/a": gate.encode_correct(before)}, {"ds/a": after})
+    (row,) = rows
+    return row
+
+
+BASE_2000 = np.arange(2000) % 20 != 0  # 1,900 of 2,000 right (0.95)
+BASE_360 = np.arange(360) % 20 != 0    # 342 of 360 right (0.95)
+
+
+def test_evidence_passes_an_unchanged_result():
+    row = judged(BASE_2000, BASE_2000.copy())
+    assert row.verdict == "ok" and row.test == (0, 0, 1.0) and row.tolerance == 0.005
+    report = gate.render([row], [], "t")
+    assert "| 1 | +0/−0 | ok |" in report and "**Gate passed**" in report
+
+
+def test_evidence_fails_a_planted_regression_naming_arch_metric_and_p_value():
+    row = judged(BASE_2000, flip(BASE_2000, n_break=40))  # 40 more errors of 2,000
+    assert row.verdict == "REGRESSION" and row.delta == pytest.approx(-0.02)
+    assert row.test.p_value == pytest.approx(2 * 0.5**40)
+    report = gate.render([row], [], "t")
+    assert "**Gate FAILED**" in report
+    assert ("- ds/a test_accuracy: REGRESSION, 0.9500 → 0.9300, McNemar p=1.8e-12 "
+            "(+0/−40 images)") in report
+    assert "| 1.8e-12 | +0/−40 | ❌ REGRESSION |" in report
+
+
+def test_evidence_passes_changes_that_prove_nothing():
+    assert judged(BASE_2000, flip(BASE_2000, n_break=1)).verdict == "ok"  # one image of 2,000
+    assert judged(BASE_360, flip(BASE_360, n_break=1)).verdict == "ok"    # one image of 360
+    # four images of 360 (-0.0111): beyond the old 0.01 tolerance, but p = 2 / 2**4 = 0.125
+    four = flip(BASE_360, n_break=4)
+    row = judged(BASE_360, four)
+    assert row.verdict == "ok" and row.test.p_value == pytest.approx(0.125)
+    tolerance_only = {"test_accuracy": gate.Rule("max", 0.01, "tolerance")}
+    assert judged(BASE_360, four, tolerance_only).verdict == "REGRESSION"
+    assert judged(BASE_360, four, tolerance_only).test is None
+    # many swaps, same accuracy: no evidence of a change either way
+    assert judged(BASE_2000, flip(BASE_2000, n_break=30, n_fix=30)).verdict == "ok"
+
+
+def test_evidence_needs_an_effect_larger_than_min_effect():
+    base = np.arange(10000) % 20 != 0
+    row = judged(base, flip(base, n_break=30))  # p ~ 2e-9, but only -0.003
+    assert row.test.p_value < 1e-8 and row.verdict == "ok"
+    row = judged(base, flip(base, n_fix=80))    # +0.008, p tiny
+    assert row.verdict == "improved"
+
+
+def test_evidence_falls_back_to_the_tolerance_and_says_why():
+    rows = gate.compare_results({"ds/a": {"test_accuracy": 0.95}}, {"ds/a": {"test_accuracy": 0.93}},
+                                RULES, {}, {"ds/a": BASE_2000})
+    assert [(r.verdict, r.note, r.test) for r in rows] == [
+        ("REGRESSION", "tolerance: the baseline has no per-image outcomes", None)]
+    row = judged(BASE_360, BASE_2000)
+    assert row.test is None and row.note == "tolerance: 2000 test images, the baseline had 360"
+
+
+def test_gate_rules_judge_settings():
+    spec = {"metrics": {"test_accuracy": {"direction": "max", "tolerance": 0.01, "judge": "evidence",
+                                          "min_effect": 0.002, "alpha": 0.01},
+                        "macro_f1": {"direction": "max", "tolerance": 0.01}}}
+    rules = gate.gate_rules(spec)
+    assert rules["test_accuracy"] == gate.Rule("max", 0.01, "evidence", 0.002, 0.01)
+    assert rules["macro_f1"].judge == "tolerance"
+    spec["metrics"]["macro_f1"]["judge"] = "evidence"
+    with pytest.raises(MnistlabError, match="metrics.macro_f1.judge: evidence needs per-image"):
+        gate.gate_rules(spec)
+    spec["metrics"]["macro_f1"]["judge"] = "vibes"
+    with pytest.raises(MnistlabError, match="metrics.macro_f1.judge: unknown value 'vibes'"):
+        gate.gate_rules(spec)
+    spec["metrics"]["macro_f1"]["judge"] = "tolerance"
+    spec["metrics"]["test_accuracy"]["alpha"] = 1.5
+    with pytest.raises(MnistlabError, match=r"alpha must be in \(0, 1\)"):
+        gate.gate_rules(spec)
+    committed = gate.gate_rules(gate.load_settings(ROOT / gate.CONFIG))
+    assert committed["test_accuracy"].judge == "evidence"
+    assert {committed[m].judge for m in ("macro_f1", "test_loss")} == {"tolerance"}
+
+
+def test_accept_stores_outcomes_and_an_old_baseline_still_works(tmp_path):
+    work, profile = gate_workdir(tmp_path, {"ds/a": 0.90, "ds/b": 0.95})
+    baseline = tmp_path / "baseline.json"
+    base = gate.accept(tmp_path, work, profile, baseline, GATE)
+    assert base["correct"]["ds/a"] == "1" * 90 + "0" * 10
+    passed, report = gate.check(work, profile, baseline, GATE)
+    assert passed and "| +0/−0 |" in report
+
+    old = {k: v for k, v in json.loads(baseline.read_text()).items() if k != "correct"}
+    baseline.write_text(json.dumps(old))  # as committed before the evidence judge
+    passed, report = gate.check(work, profile, baseline, GATE)
+    assert passed and "tolerance: the baseline has no per-image outcomes" in report
+    write_run(work / "ds" / "metrics", "ds", "a", 0.60)
+    passed, report = gate.check(work, profile, baseline, GATE)
+    assert not passed and "ds/a test_accuracy: REGRESSION" in report

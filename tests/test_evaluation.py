@@ -24,6 +24,7 @@ from mnistlab.errors import MnistlabError
 from mnistlab.models import load_model
 from mnistlab.stages import evaluate as evaluation
 from mnistlab.stages.evaluate import EvalPaths
+from mnistlab.stats import wilson_interval
 from mnistlab.utils import torch_save, write_json
 
 PARAMS = {"evaluate": {"device": "cpu", "batch_size": 16, "max_misclassified": 12}}
@@ -43,6 +44,11 @@ def test_summarize_matches_sklearn_and_counts_every_image():
     assert ev.metrics["macro_f1"] == pytest.approx(f1_score(y.numpy(), pred, average="macro"))
     assert ev.metrics["test_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(out, y)))
     assert ev.metrics["test_samples"] == 200
+    hits = int((pred == y.numpy()).sum())
+    assert (ev.metrics["test_accuracy_ci_low"], ev.metrics["test_accuracy_ci_high"]) == \
+        pytest.approx(wilson_interval(hits, 200))
+    assert ev.metrics["test_accuracy_ci_low"] < ev.metrics["test_accuracy"] < \
+        ev.metrics["test_accuracy_ci_high"]
     assert ev.confusion.shape == (10, 10) and ev.confusion.sum() == 200
     assert np.trace(ev.confusion) == int((pred == y.numpy()).sum())
     assert [r["class"] for r in ev.per_class] == CLASSES
@@ -119,6 +125,8 @@ def test_run_evaluation_writes_valid_outputs_and_logs_them(tmp_path, mlflow_stor
     assert [r["actual"] for r in rows] == [CLASSES[i] for i in labels.tolist()]
     hits = sum(r["actual"] == r["predicted"] for r in rows)
     assert hits / 50 == pytest.approx(test["test_accuracy"])
+    assert (test["test_accuracy_ci_low"], test["test_accuracy_ci_high"]) == \
+        pytest.approx(wilson_interval(hits, 50))
 
     with open(tmp_path / "metrics" / "per_class.csv") as f:
         per_class = list(csv.DictReader(f))
@@ -132,6 +140,8 @@ def test_run_evaluation_writes_valid_outputs_and_logs_them(tmp_path, mlflow_stor
     logged = c.get_run(run_id).data.metrics
     assert logged["test_accuracy"] == pytest.approx(test["test_accuracy"])
     assert "test_f1/0" in logged and "macro_f1" in logged
+    assert logged["test_accuracy_ci_low"] == pytest.approx(test["test_accuracy_ci_low"])
+    assert logged["test_accuracy_ci_high"] == pytest.approx(test["test_accuracy_ci_high"])
     names = {a.path for a in c.list_artifacts(run_id, "evaluation")}
     assert {f"evaluation/{n}" for n in ("test.json", "predictions.csv", "per_class.csv",
                                         "confusion.png", "misclassified.png")} <= names

@@ -14,7 +14,7 @@ network; keeping it out of this module keeps the split stage free of models.py).
     metrics/<ds>/<arch>/train.json        train       → compare (and the CI gate)
     metrics/<ds>/<arch>/history.csv       train       → compare
     metrics/<ds>/<arch>/test.json         evaluate    → compare (and the CI gate)
-    metrics/<ds>/<arch>/predictions.csv   evaluate    → the reproduction report
+    metrics/<ds>/<arch>/predictions.csv   evaluate    → compare, the CI gate, the reproduction report
 
 This module imports nothing of mnistlab beyond errors and utils: every stage may
 depend on it without depending on another stage's code.
@@ -28,6 +28,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mnistlab.errors import MnistlabError
@@ -133,6 +134,27 @@ def write_history(path: Path, history: list[dict[str, float]]) -> None:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     with atomic_path(path) as tmp:
         tmp.write_text(buf.getvalue())
+
+
+def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``predictions.csv`` (evaluate): ``(actual, predicted)`` class names per test image, in test-file order.
+
+    Paired tests (McNemar in compare and the CI gate) need each image's outcome, not
+    only the accuracy; ``actual == predicted`` is whether the model got it right.
+    """
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if not {"actual", "predicted"} <= set(reader.fieldnames or ()):
+                raise MnistlabError(f"{path}: needs columns actual,predicted")
+            rows = [(r["actual"], r["predicted"]) for r in reader]
+    except FileNotFoundError:
+        raise MnistlabError(f"{path}: missing (run its evaluate stage)") from None
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise MnistlabError(f"{path}: not a readable CSV ({e})") from None
+    actual = np.array([a for a, _ in rows], dtype=str)
+    predicted = np.array([p for _, p in rows], dtype=str)
+    return actual, predicted
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:

@@ -28,6 +28,16 @@ a REGRESSION, in the good one an improvement (reported, not failing). A
 baseline entry without a new result is MISSING and fails; a new entry without a
 baseline is reported as ``new``. ``require_best`` ({dataset: arch}) also
 fails the gate unless that arch has the strictly highest test accuracy there.
+
+Judging by evidence (``judge: evidence``, the default for ``test_accuracy``): a
+fixed tolerance is too lax on 2,000 images and too strict on 360, where one
+image is 0.28 %. ``accept`` therefore stores, per dataset/arch, which test images
+the model got right (``correct``: a '0'/'1' string in test-file order, from
+``predictions.csv``), and ``check`` calls a change a REGRESSION only when it is
+both larger than ``min_effect`` and supported by McNemar's exact test on the
+same images (p < ``alpha``; :mod:`mnistlab.stats`); an improvement likewise. A
+baseline without ``correct`` for that entry (or a test set of another length)
+falls back to the tolerance, and the row says so.
 """
 
 from __future__ import annotations
@@ -44,6 +54,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mnistlab.ci.copies import (
     deep_merge,
     rebase_sources,
@@ -54,12 +66,16 @@ from mnistlab.ci.copies import (
 )
 from mnistlab.config import choice, get, load_params, non_negative, positive
 from mnistlab.errors import MnistlabError, run_stage
+from mnistlab.stats import McNemar, mcnemar
 from mnistlab.utils import atomic_path, git_info, json_digest, write_json
 
 log = logging.getLogger(__name__)
 
 CONFIG = Path("ci/gate.yaml")  # the gate's settings, from the repository root
 DIRECTIONS = ("max", "min")
+JUDGES = ("evidence", "tolerance")
+# The only metric with a per-image outcome (right or wrong), so the only one a paired test can judge.
+EVIDENCE_METRIC = "test_accuracy"
 # Verdicts that fail the gate.
 FAILING = ("REGRESSION", "MISSING", "FAILED")
 
@@ -157,14 +173,28 @@ def run_pipeline(workdir: Path, params: dict[str, Any], settings: dict[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """How one metric is judged: ``direction`` (max/min is better) and absolute ``tolerance``."""
+    """How one metric is judged.
+
+    ``direction``: max/min is better. ``tolerance``: the absolute change the
+    ``tolerance`` judge allows. ``judge``: ``evidence`` (test_accuracy only: the change
+    must exceed ``min_effect`` and McNemar's p-value must be below ``alpha``; the
+    tolerance rule stands in when the baseline has no per-image outcomes) or
+    ``tolerance``.
+    """
 
     direction: str
     tolerance: float
+    judge: str = "tolerance"
+    min_effect: float = 0.005
+    alpha: float = 0.05
 
 
 def gate_rules(settings: dict[str, Any]) -> dict[str, Rule]:
-    """``metrics`` of ci/gate.yaml: ``{metric: {direction: max|min, tolerance: x}}``."""
+    """``metrics`` of ci/gate.yaml: ``{metric: {direction, tolerance[, judge, min_effect, alpha]}}``.
+
+    ``judge`` defaults to ``evidence`` for test_accuracy and ``tolerance`` otherwise;
+    ``min_effect`` and ``alpha`` (defaults 0.005 and 0.05) only apply to ``evidence``.
+    """
     spec = setting(settings, "metrics")
     if not isinstance(spec, dict) or not spec:
         raise MnistlabError(f"{CONFIG}: metrics must map at least one metric to "
@@ -173,9 +203,21 @@ def gate_rules(settings: dict[str, Any]) -> dict[str, Rule]:
     for metric, r in spec.items():
         if not isinstance(r, dict):
             raise MnistlabError(f"{CONFIG}: metrics.{metric} must be {{direction, tolerance}}")
+        default = "evidence" if metric == EVIDENCE_METRIC else "tolerance"
+        judge_by = _checked(choice, f"metrics.{metric}.judge", r.get("judge", default), JUDGES)
+        if judge_by == "evidence" and metric != EVIDENCE_METRIC:
+            raise MnistlabError(f"{CONFIG}: metrics.{metric}.judge: evidence needs per-image "
+                                f"outcomes, which only {EVIDENCE_METRIC} has (use tolerance)")
+        alpha = _checked(non_negative, f"metrics.{metric}.alpha", r.get("alpha", Rule.alpha))
+        if not 0 < alpha < 1:
+            raise MnistlabError(f"{CONFIG}: metrics.{metric}.alpha must be in (0, 1), got {alpha}")
         rules[metric] = Rule(
             _checked(choice, f"metrics.{metric}.direction", r.get("direction"), DIRECTIONS),
-            _checked(non_negative, f"metrics.{metric}.tolerance", r.get("tolerance")))
+            _checked(non_negative, f"metrics.{metric}.tolerance", r.get("tolerance")),
+            judge_by,
+            _checked(non_negative, f"metrics.{metric}.min_effect",
+                     r.get("min_effect", Rule.min_effect)),
+            alpha)
     return rules
 
 
@@ -187,9 +229,10 @@ class Row:
     metric: str
     baseline: float | None
     new: float | None
-    tolerance: float | None
+    tolerance: float | None  # the allowed change: tolerance, or min_effect when judged by evidence
     verdict: str       # ok, improved, new, REGRESSION, MISSING, FAILED
     note: str = ""
+    test: McNemar | None = None  # baseline = a, new = b: b_only fixed, a_only broken
 
     @property
     def delta(self) -> float | None:
@@ -198,21 +241,64 @@ class Row:
         return self.new - self.baseline
 
 
-def judge(baseline: float, new: float, rule: Rule) -> str:
-    """``ok``, ``improved`` or ``REGRESSION`` for one metric (NaN is always a regression)."""
+def judge(baseline: float, new: float, rule: Rule, test: McNemar | None = None) -> str:
+    """``ok``, ``improved`` or ``REGRESSION`` for one metric (NaN is always a regression).
+
+    With ``test`` (McNemar's, baseline vs. new on the same images) and ``judge:
+    evidence``, a change counts only if it exceeds ``min_effect`` and p < ``alpha``;
+    otherwise it must exceed ``tolerance``.
+    """
     if not math.isfinite(new):
         return "REGRESSION"
     gain = (new - baseline) if rule.direction == "max" else (baseline - new)
-    if gain < -rule.tolerance:
+    if rule.judge == "evidence" and test is not None:
+        if test.p_value >= rule.alpha:
+            return "ok"
+        threshold = rule.min_effect
+    else:
+        threshold = rule.tolerance
+    if gain < -threshold:
         return "REGRESSION"
-    if gain > rule.tolerance:
+    if gain > threshold:
         return "improved"
     return "ok"
 
 
+def decode_correct(text: str) -> np.ndarray:
+    """A baseline's ``correct`` string ('0'/'1' per test image) as bool [N]."""
+    if not isinstance(text, str) or set(text) - {"0", "1"}:
+        raise MnistlabError("baseline: 'correct' entries must be strings of 0s and 1s")
+    return np.frombuffer(text.encode(), dtype=np.uint8) == ord("1")
+
+
+def encode_correct(correct: np.ndarray) -> str:
+    """bool [N] → '0'/'1' string: 2,000 test images are 2,000 characters, readable in a diff."""
+    return "".join("1" if c else "0" for c in np.asarray(correct, dtype=bool).tolist())
+
+
+def _paired(rule: Rule, key: str, base_correct: dict[str, str], new_correct: dict[str, np.ndarray]
+            ) -> tuple[McNemar | None, str]:
+    """McNemar's test of baseline vs. new for an evidence rule, or why the tolerance stands in."""
+    if rule.judge != "evidence":
+        return None, ""
+    if key not in base_correct:
+        return None, "tolerance: the baseline has no per-image outcomes"
+    if key not in new_correct:
+        return None, "tolerance: no predictions.csv"
+    before, after = decode_correct(base_correct[key]), new_correct[key]
+    if len(before) != len(after):
+        return None, f"tolerance: {len(after)} test images, the baseline had {len(before)}"
+    return mcnemar(before, after), ""
+
+
 def compare_results(baseline: dict[str, dict[str, float]], new: dict[str, dict[str, float]],
-                    rules: dict[str, Rule]) -> list[Row]:
-    """Judge every gated metric of every ``dataset/arch``; a pure function of the three mappings."""
+                    rules: dict[str, Rule], base_correct: dict[str, str] | None = None,
+                    new_correct: dict[str, np.ndarray] | None = None) -> list[Row]:
+    """Judge every gated metric of every ``dataset/arch``; a pure function of its arguments.
+
+    ``base_correct`` ({key: '0'/'1' string}, the baseline's) and ``new_correct``
+    ({key: bool [N]}) give the per-image outcomes that ``judge: evidence`` rules test.
+    """
     rows = []
     for key in sorted(set(baseline) | set(new)):
         for metric, rule in rules.items():
@@ -226,7 +312,9 @@ def compare_results(baseline: dict[str, dict[str, float]], new: dict[str, dict[s
             elif b is None:
                 rows.append(Row(key, metric, None, n, rule.tolerance, "new", "not in the baseline"))
             else:
-                rows.append(Row(key, metric, b, n, rule.tolerance, judge(b, n, rule)))
+                test, note = _paired(rule, key, base_correct or {}, new_correct or {})
+                allowed = rule.min_effect if test is not None else rule.tolerance
+                rows.append(Row(key, metric, b, n, allowed, judge(b, n, rule, test), note, test))
     return rows
 
 
@@ -265,17 +353,31 @@ def _fmt(v: float | None, signed: bool = False) -> str:
     return f"{v:+.4f}" if signed else f"{v:.4f}"
 
 
+def _evidence(r: Row) -> str:
+    """`` McNemar p=…`` for a failure or improvement line judged by evidence."""
+    if r.test is None:
+        return ""
+    return f", McNemar p={r.test.p_value:.2g} (+{r.test.b_only}/−{r.test.a_only} images)"
+
+
 def render(rows: list[Row], problems: list[str], title: str) -> str:
-    """The gate's report: a Markdown table, then a verdict line and the failures by name."""
+    """The gate's report: a Markdown table, then a verdict line and the failures by name.
+
+    ``p-value`` and ``discordant`` (``+fixed/−broken``: test images only the new / only
+    the baseline model gets right) are filled for metrics judged by evidence.
+    """
     mark = {"REGRESSION": "❌ REGRESSION", "MISSING": "❌ MISSING", "FAILED": "❌ FAILED",
             "improved": "✅ improved", "ok": "ok", "new": "🆕 new"}
     lines = [f"## {title}", "",
-             "| dataset/arch | metric | baseline | new | delta | tolerance | verdict |",
-             "|---|---|---:|---:|---:|---:|---|"]
+             "| dataset/arch | metric | baseline | new | delta | tolerance | p-value | discordant "
+             "| verdict |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         verdict = mark.get(r.verdict, r.verdict) + (f" ({r.note})" if r.note else "")
+        p = "—" if r.test is None else f"{r.test.p_value:.2g}"
+        disc = "—" if r.test is None else f"+{r.test.b_only}/−{r.test.a_only}"
         lines.append(f"| {r.key} | {r.metric} | {_fmt(r.baseline)} | {_fmt(r.new)} | "
-                     f"{_fmt(r.delta, signed=True)} | {_fmt(r.tolerance)} | {verdict} |")
+                     f"{_fmt(r.delta, signed=True)} | {_fmt(r.tolerance)} | {p} | {disc} | {verdict} |")
     failed = [r for r in rows if r.verdict in FAILING]
     improved = [r for r in rows if r.verdict == "improved"]
     lines.append("")
@@ -286,8 +388,10 @@ def render(rows: list[Row], problems: list[str], title: str) -> str:
         lines.append(f"**Gate passed**: {len(rows)} checks, {len(improved)} improvement(s).")
     lines += [f"- {p}" for p in problems]
     lines += [f"- {r.key} {r.metric}: {r.verdict}" + (f" ({r.note})" if r.note else "")
-              + ("" if r.delta is None else f", {_fmt(r.baseline)} → {_fmt(r.new)}") for r in failed]
-    lines += [f"- {r.key} {r.metric}: improved {_fmt(r.baseline)} → {_fmt(r.new)}" for r in improved]
+              + ("" if r.delta is None else f", {_fmt(r.baseline)} → {_fmt(r.new)}") + _evidence(r)
+              for r in failed]
+    lines += [f"- {r.key} {r.metric}: improved {_fmt(r.baseline)} → {_fmt(r.new)}" + _evidence(r)
+              for r in improved]
     return "\n".join(lines) + "\n"
 
 
@@ -315,6 +419,25 @@ def read_results(workdir: Path, params: dict[str, Any]) -> dict[str, dict[str, f
                         raise MnistlabError(f"{p}: not valid JSON") from None
             if merged:
                 out[f"{ds}/{arch}"] = merged
+    return out
+
+
+def read_correct(workdir: Path, params: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``{dataset/arch: bool [N]}``: which test images each shard's model got right.
+
+    From each ``predictions.csv`` (:func:`mnistlab.artifacts.read_predictions`), for the
+    datasets x archs the profile runs; an entry without the file is left out.
+    """
+    from mnistlab import artifacts  # here: it imports torch, which `check` otherwise never needs
+
+    out = {}
+    for ds in get(params, "datasets"):
+        root = shard_dir(workdir, ds) / str(get(params, "paths.metrics"))
+        for arch in get(params, "archs"):
+            p = root / ds / arch / artifacts.PREDICTIONS
+            if p.is_file():
+                actual, predicted = artifacts.read_predictions(p)
+                out[f"{ds}/{arch}"] = actual == predicted
     return out
 
 
@@ -347,7 +470,10 @@ def check(workdir: Path, profile: Path, baseline_path: Path,
     if base.get("profile_digest") != digest:
         problems.append(f"{baseline_path} was made with another {profile.name} (profile digest "
                         f"differs); compare like with like: run `make baseline` and commit it")
-    rows = compare_results(base["results"], new, rules)
+    correct = base.get("correct") or {}
+    if not isinstance(correct, dict):
+        raise MnistlabError(f"{baseline_path}: 'correct' must map dataset/arch to a 0/1 string")
+    rows = compare_results(base["results"], new, rules, correct, read_correct(workdir, params))
     rows += check_best(new, setting(settings, "require_best") or {})
     passed = not problems and not any(r.verdict in FAILING for r in rows)
     return passed, render(rows, problems, f"Regression gate: {workdir} vs {baseline_path}")
@@ -355,12 +481,16 @@ def check(workdir: Path, profile: Path, baseline_path: Path,
 
 def accept(root: Path, workdir: Path, profile: Path, baseline_path: Path,
            settings: dict[str, Any]) -> dict[str, Any]:
-    """Write the copy's current results as the new baseline (only the metrics ``settings`` gates)."""
+    """Write the copy's current results as the new baseline (only the metrics ``settings`` gates).
+
+    With them, ``correct``: each entry's per-image outcomes, for ``judge: evidence``.
+    """
     import torch
 
     params = load_params(workdir / "params.yaml")
     rules = gate_rules(settings)
     new = read_results(workdir, params)
+    correct = read_correct(workdir, params)
     expected = [f"{ds}/{a}" for ds in get(params, "datasets") for a in get(params, "archs")]
     missing = [k for k in expected if not set(rules) <= set(new.get(k, {}))]
     if missing:
@@ -374,6 +504,8 @@ def accept(root: Path, workdir: Path, profile: Path, baseline_path: Path,
                       "torch": torch.__version__, "machine": platform.machine(),
                       "processor": platform.processor() or "unknown"},
         "results": {k: {m: new[k][m] for m in rules} for k in expected},
+        # per test image, in test-file order: 1 = right. What `judge: evidence` tests against.
+        "correct": {k: encode_correct(v) for k, v in correct.items() if k in expected},
     }
     write_json(baseline_path, baseline)
     return baseline

@@ -6,6 +6,8 @@ params.yaml, and writes
 
     reports/leaderboard.csv, reports/leaderboard.md   ranked per dataset by ``compare.rank_by``
     reports/curves/val-curves-<ds>.png                 every arch's validation curves overlaid
+    reports/pairwise/<ds>.csv                          McNemar's test of every pair of archs
+    reports/curves/pairwise-<ds>.png                   the same as a heat map
     reports/champions.json                             the registered champion of each dataset
     exports/<ds>/champion.onnx, champion.json          each dataset's rank-1 model in ONNX
 
@@ -15,6 +17,14 @@ dependency (it would be a cycle). The ONNX files go to a folder of their own,
 ``exports/`` (``paths.exports``): not ``models/<ds>/<arch>/`` (the train stage's output
 and this stage's dependency), not ``reports/`` (pictures and the git-tracked
 leaderboard); like ``models/`` it is DVC-cached and git-ignored.
+
+Whether a rank means anything: the leaderboard carries each accuracy's Wilson 95 %
+interval (from ``test.json``) and, per arch, ``p_vs_best``: McNemar's exact test
+against the dataset's rank-1 arch on the same test images (``predictions.csv``),
+Holm-adjusted over the dataset's comparisons with its rank-1 arch; ``below_best`` is
+``yes`` where that p-value is below :data:`ALPHA`. The pairwise files test every
+pair, Holm-adjusted over all pairs of the dataset (a larger family, so ``p_holm``
+there is never smaller than ``p_vs_best`` for the same pair). See :mod:`mnistlab.stats`.
 
 Each dataset's rank-1 model is exported to ONNX (:func:`mnistlab.export.export_onnx`:
 raw pixels in, probabilities out, checked against PyTorch on that dataset's test
@@ -30,22 +40,28 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from mnistlab import artifacts, plots, tracking
 from mnistlab.config import RANKABLE, CompareSettings
 from mnistlab.errors import MnistlabError
+from mnistlab.stats import holm, mcnemar
 from mnistlab.utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
 # Leaderboard columns that can rank it, with their direction (True: higher is better).
 COLUMNS = ["dataset", "rank", "arch", "test_accuracy", "test_loss", "macro_f1", "parameters",
-           "train_seconds", "images_per_second", "epochs", "best_val_accuracy"]
+           "train_seconds", "images_per_second", "epochs", "best_val_accuracy",
+           "accuracy_ci_low", "accuracy_ci_high", "p_vs_best", "below_best"]
+ALPHA = 0.05  # family-wise error rate of ``below_best`` (after Holm)
+PAIRWISE = ["arch_a", "arch_b", "a_only", "b_only", "p_value", "p_holm"]
 
 
 @dataclass(frozen=True)
@@ -55,9 +71,10 @@ class ComparePaths:
     metrics: Path  # metrics/: <ds>/<arch>/{train.json, test.json, history.csv}
     models: Path   # models/: <ds>/<arch>/run.json
     out: Path      # reports/: leaderboard.csv, leaderboard.md, champions.json
-    curves: Path   # reports/curves/: val-curves-<ds>.png
+    curves: Path   # reports/curves/: val-curves-<ds>.png, pairwise-<ds>.png
     split: Path | None = None    # data/split/: <ds>/test.pt, for the ONNX check
     exports: Path | None = None  # exports/: <ds>/champion.{onnx,json} (None: no ONNX export)
+    pairwise: Path | None = None  # reports/pairwise/: <ds>.csv (None: not written)
 
 
 def read_history(path: Path) -> pd.DataFrame:
@@ -75,7 +92,10 @@ def read_history(path: Path) -> pd.DataFrame:
 
 
 def collect(metrics_root: Path, datasets: list[str], archs: list[str]) -> pd.DataFrame:
-    """One row per (dataset, arch) from its ``train.json`` and ``test.json``."""
+    """One row per (dataset, arch) from its ``train.json`` and ``test.json``.
+
+    The accuracy's interval is NaN for a ``test.json`` written before evaluate had it.
+    """
     rows = []
     for ds in datasets:
         for arch in archs:
@@ -93,6 +113,8 @@ def collect(metrics_root: Path, datasets: list[str], archs: list[str]) -> pd.Dat
                     "images_per_second": float(train["train_images_per_second"]),
                     "epochs": int(train["epochs"]),
                     "best_val_accuracy": float(train["best_val_accuracy"]),
+                    "accuracy_ci_low": float(test.get("test_accuracy_ci_low", math.nan)),
+                    "accuracy_ci_high": float(test.get("test_accuracy_ci_high", math.nan)),
                 })
             except KeyError as e:
                 raise MnistlabError(f"{d}: train.json/test.json lack key {e.args[0]!r} "
@@ -100,10 +122,61 @@ def collect(metrics_root: Path, datasets: list[str], archs: list[str]) -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def leaderboard(df: pd.DataFrame, rank_by: str) -> pd.DataFrame:
+def read_correct(metrics_root: Path, dataset: str, archs: list[str]) -> dict[str, np.ndarray]:
+    """``{arch: bool [N]}``: which test images each arch got right (its ``predictions.csv``).
+
+    An arch without the file is left out (with a warning): its rows get no p-value.
+    All archs of a dataset must have been scored on the same images in the same order,
+    or a paired test would compare different things.
+    """
+    out: dict[str, np.ndarray] = {}
+    reference: tuple[str, np.ndarray] | None = None
+    for arch in archs:
+        path = metrics_root / dataset / arch / artifacts.PREDICTIONS
+        if not path.is_file():
+            log.warning("%s: missing; %s/%s gets no paired test (re-run its evaluate stage)",
+                        path, dataset, arch)
+            continue
+        actual, predicted = artifacts.read_predictions(path)
+        if reference is None:
+            reference = (arch, actual)
+        elif not np.array_equal(actual, reference[1]):
+            raise MnistlabError(f"{path}: not the test images of {dataset}/{reference[0]} "
+                                "(re-run the evaluate stages of this dataset)")
+        out[arch] = actual == predicted
+    return out
+
+
+def versus_best(part: pd.DataFrame, correct: dict[str, np.ndarray]) -> pd.DataFrame:
+    """``p_vs_best`` and ``below_best`` of one dataset's ranked rows (rank 1 first).
+
+    Each arch is tested against the rank-1 arch with McNemar's exact test; the p-values
+    are Holm-adjusted together (one family per dataset). ``below_best`` is ``yes`` where
+    the adjusted p-value is below :data:`ALPHA` and the arch got fewer images right,
+    ``n/a`` where either arch has no predictions, else ``no``.
+    """
+    part = part.copy()
+    part["p_vs_best"] = math.nan
+    part["below_best"] = "n/a"
+    best = part["arch"].iloc[0]
+    part.iloc[0, part.columns.get_loc("below_best")] = "no"
+    others = [i for i, a in zip(part.index[1:], part["arch"].iloc[1:], strict=True)
+              if a in correct and best in correct]
+    if not others:
+        return part
+    tests = [mcnemar(correct[best], correct[part.at[i, "arch"]]) for i in others]
+    for i, t, p in zip(others, tests, holm([t.p_value for t in tests]), strict=True):
+        part.at[i, "p_vs_best"] = p
+        part.at[i, "below_best"] = "yes" if p < ALPHA and t.b_only < t.a_only else "no"
+    return part
+
+
+def leaderboard(df: pd.DataFrame, rank_by: str,
+                correct: dict[str, dict[str, np.ndarray]] | None = None) -> pd.DataFrame:
     """Rank each dataset's archs by ``rank_by``; ties go to the lower test loss, then the smaller model.
 
-    Datasets keep their params.yaml order.
+    Datasets keep their params.yaml order. ``correct`` ({dataset: {arch: bool [N]}},
+    :func:`read_correct`) gives the paired tests against each dataset's rank 1.
     """
     higher = RANKABLE[rank_by]
     parts = []
@@ -114,18 +187,65 @@ def leaderboard(df: pd.DataFrame, rank_by: str) -> pd.DataFrame:
             keys, asc = keys[1:], asc[1:]
         part = part.sort_values(keys, ascending=asc, kind="stable")
         part["rank"] = range(1, len(part) + 1)
-        parts.append(part)
+        parts.append(versus_best(part, (correct or {}).get(ds, {})))
     return pd.concat(parts, ignore_index=True)[COLUMNS]
 
 
+def pairwise(correct: dict[str, np.ndarray], archs: list[str]) -> pd.DataFrame:
+    """McNemar's test of every pair of ``archs`` (in that order, e.g. by rank), Holm-adjusted together.
+
+    ``a_only``/``b_only``: test images only ``arch_a``/``arch_b`` gets right.
+    """
+    archs = [a for a in archs if a in correct]
+    rows = []
+    for i, a in enumerate(archs):
+        for b in archs[i + 1:]:
+            t = mcnemar(correct[a], correct[b])
+            rows.append({"arch_a": a, "arch_b": b, "a_only": t.a_only, "b_only": t.b_only,
+                         "p_value": t.p_value})
+    out = pd.DataFrame(rows, columns=PAIRWISE[:-1])
+    out["p_holm"] = holm(out["p_value"].to_numpy())
+    return out
+
+
+def plot_pairwise(pairs: pd.DataFrame, archs: list[str], dataset: str, path: Path) -> None:
+    """The pairwise table as a heat map: Holm-adjusted p-value per pair (dark: strong evidence)."""
+    archs = [a for a in archs if a in set(pairs["arch_a"]) | set(pairs["arch_b"])] or archs
+    idx = {a: i for i, a in enumerate(archs)}
+    m = np.full((len(archs), len(archs)), np.nan)
+    for r in pairs.itertuples():
+        m[idx[r.arch_a], idx[r.arch_b]] = m[idx[r.arch_b], idx[r.arch_a]] = r.p_holm
+    side = 1.2 + 0.9 * len(archs)
+    fig = plots.figure(figsize=(side + 1.5, side), dpi=100)
+    ax = fig.add_subplot()
+    im = ax.imshow(-np.log10(np.clip(m, 1e-12, 1.0)), cmap="Blues", vmin=0, vmax=6)
+    for (i, j), p in np.ndenumerate(m):
+        if not np.isnan(p):
+            ax.text(j, i, f"{p:.2g}", ha="center", va="center", fontsize=8,
+                    color="white" if p < 1e-3 else "black")
+    ax.set_xticks(range(len(archs)), archs, rotation=45, ha="right")
+    ax.set_yticks(range(len(archs)), archs)
+    ax.set_title(f"{dataset}: McNemar p (Holm), α = {ALPHA}")
+    fig.colorbar(im, ax=ax, label="-log10 p")
+    plots.save(fig, path)
+
+
 def to_markdown(board: pd.DataFrame) -> str:
-    """The leaderboard as a GitHub Markdown table, numbers rounded for reading."""
+    """The leaderboard as a GitHub Markdown table, numbers rounded for reading.
+
+    The interval's two columns become one, ``accuracy_ci``: ``0.9912 [0.9893, 0.9928]``.
+    """
     fmt = board.copy()
     for col in ("test_accuracy", "macro_f1", "best_val_accuracy", "test_loss"):
         fmt[col] = fmt[col].map(lambda v: f"{v:.4f}")
     fmt["parameters"] = fmt["parameters"].map(lambda v: f"{v:,}")
     fmt["train_seconds"] = fmt["train_seconds"].map(lambda v: f"{v:.1f}")
     fmt["images_per_second"] = fmt["images_per_second"].map(lambda v: f"{v:,.0f}")
+    ci = [("—" if math.isnan(lo) else f"{acc:.4f} [{lo:.4f}, {hi:.4f}]") for acc, lo, hi in
+          zip(board["test_accuracy"], board["accuracy_ci_low"], board["accuracy_ci_high"], strict=True)]
+    fmt.insert(fmt.columns.get_loc("accuracy_ci_low"), "accuracy_ci", ci)
+    fmt = fmt.drop(columns=["accuracy_ci_low", "accuracy_ci_high"])
+    fmt["p_vs_best"] = board["p_vs_best"].map(lambda v: "—" if math.isnan(v) else f"{v:.2g}")
     return fmt.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
@@ -236,15 +356,26 @@ def run_compare(params: dict[str, Any], paths: ComparePaths) -> pd.DataFrame:
     Reads ``datasets``, ``archs`` and the ``compare`` section of params.yaml.
     """
     s = CompareSettings.from_params(params)
-    board = leaderboard(collect(paths.metrics, list(s.datasets), list(s.archs)), s.rank_by)
+    correct = {ds: read_correct(paths.metrics, ds, list(s.archs)) for ds in s.datasets}
+    board = leaderboard(collect(paths.metrics, list(s.datasets), list(s.archs)), s.rank_by, correct)
 
     with atomic_path(paths.out / "leaderboard.csv") as tmp:
         board.to_csv(tmp, index=False, float_format="%.6g", quoting=csv.QUOTE_MINIMAL)
     with atomic_path(paths.out / "leaderboard.md") as tmp:
         tmp.write_text(f"# Leaderboard (ranked by {s.rank_by} within each dataset)\n\n"
                        + to_markdown(board))
+    if paths.pairwise is not None:
+        paths.pairwise.mkdir(parents=True, exist_ok=True)  # the DVC output exists even if empty
     for ds in s.datasets:
         plot_curves(paths.metrics, ds, list(s.archs), paths.curves / f"val-curves-{ds}.png")
+        ranked = board.loc[board["dataset"] == ds, "arch"].tolist()
+        if len(correct[ds]) < 2:
+            continue
+        pairs = pairwise(correct[ds], ranked)
+        plot_pairwise(pairs, ranked, ds, paths.curves / f"pairwise-{ds}.png")
+        if paths.pairwise is not None:
+            with atomic_path(paths.pairwise / f"{ds}.csv") as tmp:
+                pairs.to_csv(tmp, index=False, float_format="%.6g")
 
     # ONNX first: an export that fails its check stops the stage before the registry changes.
     exported = export_champions(board, paths) if paths.exports is not None else {}
