@@ -138,8 +138,8 @@ def test_register_champion_sets_alias_and_reuses_versions(tmp_path, mlflow_store
     # the champion loads back as the model that was logged
     import mlflow.pytorch
 
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    model = mlflow.pytorch.load_model("models:/mnistlab-test@champion")
+    with tracking.fluent_uri(tracking.tracking_uri()):  # restored after: no global left behind
+        model = mlflow.pytorch.load_model("models:/mnistlab-test@champion")
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)  # same batch as the example
 
 

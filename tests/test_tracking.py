@@ -170,7 +170,7 @@ def test_mlflow_content_read_back(params, split_dir, workdir, monkeypatch):
     # the mlflow.pytorch model: signature, loads, predicts like model.pt
     # (runs:/ URIs resolve through MLflow's process-global URI, which another test may
     # have set: point it at this store for the two calls.)
-    with tracking._fluent_uri(tracking.tracking_uri()):
+    with tracking.fluent_uri(tracking.tracking_uri()):
         info = get_model_info(f"runs:/{run_id}/model")
         logged_model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     shape = info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]
@@ -380,10 +380,10 @@ def test_credentials_in_the_uri_never_reach_tags_params_outputs_or_logs(
     port = health_server.server_address[1]
     secret_uri = f"http://alice:s3cret@127.0.0.1:{port}"
     store = MlflowClient(store_uri)
-    fluent = tracking._fluent_uri
+    fluent = tracking.fluent_uri
     monkeypatch.setattr(tracking, "tracking_uri", lambda: secret_uri)
     monkeypatch.setattr(tracking, "client", lambda: store)
-    monkeypatch.setattr(tracking, "_fluent_uri", lambda uri: fluent(store_uri))
+    monkeypatch.setattr(tracking, "fluent_uri", lambda uri: fluent(store_uri))
     one_epoch = copy.deepcopy(params)
     one_epoch["hparams"]["mlp"]["epochs"] = 1
     p = paths_in(workdir, split_dir)
@@ -414,7 +414,7 @@ def test_logging_the_model_leaves_mlflows_global_uri_as_it_was(monkeypatch, tmp_
     mine = f"sqlite:///{tmp_path / 'mine.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mine)
     monkeypatch.setattr(mlflow_tracking_utils, "_tracking_uri", None)
-    with tracking._fluent_uri(f"sqlite:///{tmp_path / 'other.db'}"):
+    with tracking.fluent_uri(f"sqlite:///{tmp_path / 'other.db'}"):
         assert mlflow.get_tracking_uri().endswith("other.db")
     assert mlflow_tracking_utils._tracking_uri is None
     assert os.environ["MLFLOW_TRACKING_URI"] == mine and mlflow.get_tracking_uri() == mine

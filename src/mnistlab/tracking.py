@@ -321,7 +321,7 @@ def log_pytorch_model(run_id: str, model, example, log_model: Callable[..., Any]
     from mlflow.models import infer_signature
 
     model = copy.deepcopy(model).cpu().eval()
-    with _fluent_uri(tracking_uri()), mlflow.start_run(run_id=run_id):
+    with fluent_uri(tracking_uri()), mlflow.start_run(run_id=run_id):
         if log_model is not None:
             log_model(model, example, model_requirements())
             return
@@ -344,7 +344,7 @@ def load_pyfunc(uri: str):
     store = tracking_uri()
     check_reachable(store)
     try:
-        with _fluent_uri(store):
+        with fluent_uri(store):
             return mlflow.pyfunc.load_model(uri, suppress_warnings=True)
     except Exception as e:  # noqa: BLE001 - MLflow raises many types; all mean "not loadable"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(store, redact(store))
@@ -352,7 +352,7 @@ def load_pyfunc(uri: str):
 
 
 @contextlib.contextmanager
-def _fluent_uri(uri: str) -> Iterator[None]:
+def fluent_uri(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API at ``uri`` for a block, then restore exactly what was there.
 
     Why: ``mlflow.pytorch.log_model`` only works through the process-global tracking

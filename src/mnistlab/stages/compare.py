@@ -320,10 +320,14 @@ def register_champion(name: str, run_id: str, alias: str, tags: dict[str, str]) 
     else:
         source = _logged_model_uri(c, run_id)
         kw = {"model_id": source.split("/", 1)[1]} if source.startswith("models:/") else {}
-        try:
-            mv = c.create_model_version(name, source, run_id=run_id, tags=tags, **kw)
-        except TypeError:  # MLflow 2: no model_id argument
-            mv = c.create_model_version(name, source, run_id=run_id, tags=tags)
+        # MLflow's sqlite registry resolves a models:/ source through the process-global
+        # tracking URI (its own "TODO" says so), not this client's: pin it to our store,
+        # or a URI left behind by other code in the process names a store without the model.
+        with tracking.fluent_uri(tracking.tracking_uri()):
+            try:
+                mv = c.create_model_version(name, source, run_id=run_id, tags=tags, **kw)
+            except TypeError:  # MLflow 2: no model_id argument
+                mv = c.create_model_version(name, source, run_id=run_id, tags=tags)
         version = str(mv.version)
     c.set_registered_model_alias(name, alias, version)
     return version
