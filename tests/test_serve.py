@@ -10,14 +10,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
 from helpers.champion import CLASSES, canonical_digits, log_champion, train_model, write_split
-from helpers.mlflow import free_port
+from helpers.mlflow import free_port, wait_until_up
 from helpers.repo import VENV_BIN, stage_env
 
 from mnistlab import artifacts, predict
@@ -52,18 +51,7 @@ def test_served_champion_answers_raw_pixels_with_class_names(tmp_path, monkeypat
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        t0 = time.monotonic()
-        while True:
-            assert proc.poll() is None, f"mlflow models serve exited {proc.returncode}:\n{log.read_text()}"
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() - t0 < START_TIMEOUT, \
-                f"no answer on /ping after {START_TIMEOUT} s:\n{log.read_text()}"
-            time.sleep(0.5)
+        wait_until_up(proc, f"{url}/ping", log, START_TIMEOUT)
 
         test = artifacts.load_split(split, "test")[0][:8]
         want = predict.load_predictor(str(model)).probabilities(test)

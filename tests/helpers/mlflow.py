@@ -67,18 +67,7 @@ class MlflowServer:
         t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=self.log.open("w"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"mlflow server exited {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() - t0 > timeout:
-                raise AssertionError(f"mlflow server not healthy after {timeout} s:\n{self.log.read_text()}")
-            time.sleep(0.1)
+        wait_until_up(self.proc, f"{self.url}/health", self.log, timeout, poll=0.1)
         self.start_seconds = time.monotonic() - t0
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -149,3 +138,19 @@ def train_workspace(work: Path, epochs: int = EPOCHS) -> list[str]:
 def run_train(work: Path, cmd: list[str], uri: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {**stage_env(work), "MLFLOW_TRACKING_URI": uri, **env}
     return subprocess.run(cmd, cwd=work, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, log: Path, timeout: float,
+                  poll: float = 0.5) -> None:
+    """Wait (bounded) until ``url`` answers 200; fail with the server's log if it exits or times out."""
+    t0 = time.monotonic()
+    while True:
+        assert proc.poll() is None, f"{proc.args[0]} exited {proc.returncode}:\n{log.read_text()}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() - t0 < timeout, f"no answer on {url} after {timeout} s:\n{log.read_text()}"
+        time.sleep(poll)
