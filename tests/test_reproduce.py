@@ -131,6 +131,9 @@ def test_repo_config_covers_the_five_tutorials_and_resnet_bn_on_both():
     runs = {tuple(r) for r in cfg["runs"]}
     assert runs == {("mnist", a) for a in ("mlp", "cnn_16_32", "cnn_32_64", "cnn_4_8", "resnet_bn")} \
         | {("fashion_mnist", "lenet5"), ("fashion_mnist", "resnet_bn")}
+    # with `also`, every registered arch on both datasets: the whole `dvc repro` is timed
+    from mnistlab.models import REGISTRY
+    assert runs | {tuple(r) for r in cfg["also"]} == {(ds, a) for ds in ("mnist", "fashion_mnist") for a in REGISTRY}
     # Nothing in the overrides may change how a network is trained.
     assert not {"hparams", "train", "seed", "split"} & set(cfg.get("overrides") or {})
 
@@ -142,10 +145,65 @@ def test_committed_reproduction_matches_the_config():
         pytest.skip(f"{path} not committed yet: run `make reproduce` (~1 h on 2 cores) and commit it")
     cfg = reproduce.load_config(ROOT / "ci" / "reproduce.yaml")
     report = json.loads(path.read_text())
-    assert [[r["dataset"], r["arch"]] for r in report["rows"]] == cfg["runs"]
+    assert [[r["dataset"], r["arch"]] for r in report["rows"]] == cfg["runs"] + cfg["also"]
     for r in report["rows"]:
         assert r["epochs"] == r["tutorial_epochs"], f"{r['arch']}: epochs were raised on full data"
         assert r["test_samples"] == 10_000
         if r["kind"] == "tutorial":
             pub = cfg["published"][r["arch"]]
             assert r["published"] == pub["accuracy"] and r["test_subset"] == pub["test_subset"]
+
+
+def test_timed_repro_runs_every_stage_in_order_and_records_its_seconds(tmp_path):
+    from mnistlab.ci import copies
+
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "download": {"cmd": "echo a > a.txt", "outs": ["a.txt"]},
+        "train": {"foreach": ["x", "y"], "do": {"cmd": "cat a.txt > ${item}.txt", "deps": ["a.txt"],
+                                                "outs": ["${item}.txt"]}}}}))
+    assert copies.timed_repro(tmp_path) == 0
+    t = json.loads((tmp_path / copies.TIMINGS).read_text())
+    assert [r["stage"] for r in t["stages"]] == ["download", "train@x", "train@y"]
+    assert (tmp_path / "y.txt").read_text() == "a\n"
+    assert all(r["seconds"] > 0 for r in t["stages"])
+    assert t["total_seconds"] >= sum(r["seconds"] for r in t["stages"])
+    seconds = reproduce.stage_seconds(tmp_path)
+    assert seconds["train"] == pytest.approx(sum(r["seconds"] for r in t["stages"][1:]))
+    assert seconds["evaluate"] == 0.0
+
+
+def test_a_failing_stage_stops_the_timed_run_and_writes_no_timings(tmp_path):
+    from mnistlab.ci import copies
+
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "download": {"cmd": "exit 3", "outs": ["a.txt"]},
+        "train": {"cmd": "echo b > b.txt", "deps": ["a.txt"], "outs": ["b.txt"]}}}))
+    assert copies.timed_repro(tmp_path) != 0
+    assert not (tmp_path / copies.TIMINGS).exists() and not (tmp_path / "b.txt").exists()
+
+
+def test_other_runs_get_no_verdict_and_the_timings_are_summed(tmp_path):
+    cfg = {**CFG, "also": [["n", "tut"]]}
+    for ds, arch in (["m", "tut"], ["m", "ours"], ["n", "tut"]):
+        write_run(tmp_path, ds, arch, list(range(10)) * 2, list(range(10)) * 2)
+        (tmp_path / f"{ds}-{arch}" / "timings.json").write_text(json.dumps({
+            "stages": [{"stage": f"train@{ds}-{arch}", "seconds": 3.0}, {"stage": "compare", "seconds": 1.0}],
+            "total_seconds": 4.5}))
+    rows = [reproduce.measure(cfg, tmp_path, r) for r in reproduce.runs_of(cfg)]
+    assert [r["kind"] for r in rows] == ["tutorial", "target", "other"]
+    assert rows[2]["verdict"] == "—" and "published" not in rows[2]
+    text = reproduce.render(rows, "cpu", 2)
+    # the other run counts in no verdict (the tutorial misses: all right, published 0.9 +- 0.05)
+    assert "**1 of 2 met.**" in text and "MISSED: n/tut" not in text
+    assert "| tut | n | 100.00 % | 1 | 2 | 100 |" in text
+    assert "| n | tut | 0 | 0 | 3 | 0 | 0 | 1 | 4 | 2 |" in text
+    assert "| **all** | | **0** | **0** | **9** | **0** | **0** | **3** | **14** | **6** |" in text
+
+
+def test_a_run_listed_twice_is_refused(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**CFG, "also": [["m", "tut"]]}))
+    with pytest.raises(MnistlabError, match=r"listed twice"):
+        reproduce.load_config(path)

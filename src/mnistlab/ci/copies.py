@@ -7,7 +7,9 @@ nothing), and gets its own ``params.yaml``: the repo's with overrides merged ove
 (:func:`deep_merge`), relative local data sources made absolute so they still resolve
 from there (:func:`rebase_sources`). DVC runs there without git (:func:`write_no_scm`);
 the code's own git lookups walk up to this repository, so MLflow runs still name the
-real commit. :func:`run_shards` runs ``dvc repro`` in several copies side by side.
+real commit. :func:`run_shards` runs ``dvc repro`` in several copies side by side;
+with ``timed=True`` it runs their stages one by one and records where the time went
+(:func:`timed_repro`, ``timings.json`` in each copy).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Any
 import yaml
 
 from mnistlab.errors import MnistlabError
-from mnistlab.utils import atomic_path
+from mnistlab.utils import atomic_path, write_json
+
+TIMINGS = "timings.json"
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -111,7 +115,36 @@ def write_no_scm(copy: Path) -> None:
         tmp.write_text("[core]\n    no_scm = true\n    analytics = false\n")
 
 
-def run_shards(shards: list[Path], jobs: int, threads: int, what: str) -> None:
+def _dvc(path: str | None) -> str:
+    # absolute: a relative PATH entry would not resolve from inside the shards
+    return os.path.abspath(shutil.which("dvc", path=path) or Path(sys.executable).parent / "dvc")
+
+
+def timed_repro(shard: Path) -> int:
+    """``dvc repro`` in ``shard`` one stage at a time, in the pipeline's order, each timed.
+
+    Writes ``shard/timings.json``: ``{"stages": [{"stage", "seconds"}], "total_seconds"}``.
+    Each stage's seconds are what a user's ``dvc repro`` spends on it: DVC's own work
+    (hashing, lock file), the stage process's start-up (imports of torch, mlflow) and
+    the stage's work. ``dvc stage list`` gives the stages in dvc.yaml order, which is the
+    dependency order here (download, split, train, evaluate, features, compare). Returns
+    the first failing ``dvc repro``'s exit status, or 0.
+    """
+    dvc = _dvc(os.environ.get("PATH"))
+    names = subprocess.run([dvc, "stage", "list", "--name-only"], cwd=shard, check=True,
+                           capture_output=True, text=True).stdout.split()
+    rows, t_all = [], time.perf_counter()
+    for name in names:
+        t0 = time.perf_counter()
+        rc = subprocess.call([dvc, "repro", "--single-item", name], cwd=shard)
+        rows.append({"stage": name, "seconds": time.perf_counter() - t0})
+        if rc:
+            return rc
+    write_json(shard / TIMINGS, {"stages": rows, "total_seconds": time.perf_counter() - t_all})
+    return 0
+
+
+def run_shards(shards: list[Path], jobs: int, threads: int, what: str, timed: bool = False) -> None:
     """``dvc repro`` in every copy of ``shards``, ``jobs`` at a time; each one's log is printed whole.
 
     Every shard runs with ``threads`` torch/OpenMP threads, whatever the machine:
@@ -121,14 +154,14 @@ def run_shards(shards: list[Path], jobs: int, threads: int, what: str) -> None:
     server set in the environment. Each shard imports mnistlab from its own ``src/``
     (``PYTHONPATH``), not from the editable install: otherwise an edit made in the
     working tree while the copies run would reach their later stages, and a copy
-    would run code it was never synced with.
+    would run code it was never synced with. ``timed``: each copy runs
+    :func:`timed_repro` (stage by stage, ``timings.json``) instead of one ``dvc repro``.
     """
     env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db", "DVC_NO_ANALYTICS": "1",
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.pop("DVC_EXP_NAME", None)
-    # absolute: a relative PATH entry would not resolve from inside the shards
-    dvc = os.path.abspath(shutil.which("dvc", path=env.get("PATH"))
-                          or Path(sys.executable).parent / "dvc")
+    dvc = _dvc(env.get("PATH"))
+    command = [sys.executable, "-m", "mnistlab.ci.copies", "timed-repro"] if timed else [dvc, "repro"]
     pending = list(shards)
     running: list[tuple[Path, subprocess.Popen, Any, float]] = []
     failed = []
@@ -139,7 +172,7 @@ def run_shards(shards: list[Path], jobs: int, threads: int, what: str) -> None:
             print(f"[{shard.name}] dvc repro (log: {shard / 'repro.log'})", flush=True)
             shard_env = {**env, "PYTHONPATH": os.pathsep.join(
                 filter(None, [str((shard / "src").resolve()), env.get("PYTHONPATH")]))}
-            running.append((shard, subprocess.Popen([dvc, "repro"], cwd=shard, env=shard_env,
+            running.append((shard, subprocess.Popen(command, cwd=shard, env=shard_env,
                                                     stdout=out, stderr=subprocess.STDOUT),
                             out, time.time()))
         time.sleep(0.5)
@@ -154,3 +187,10 @@ def run_shards(shards: list[Path], jobs: int, threads: int, what: str) -> None:
                 failed.append(f"{shard} (exit {proc.returncode})")
     if failed:
         raise MnistlabError(f"{what} failed in {', '.join(failed)}; its output is above")
+
+
+if __name__ == "__main__":
+    # ``python -m mnistlab.ci.copies timed-repro``, run by run_shards(timed=True) in a copy
+    if sys.argv[1:] != ["timed-repro"]:
+        sys.exit("usage: python -m mnistlab.ci.copies timed-repro")
+    sys.exit(timed_repro(Path.cwd()))
