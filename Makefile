@@ -6,9 +6,13 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 PYTEST ?= -q
 
-.PHONY: setup run test lint predict ci-pipeline ci-gate baseline benchmark reproduce clean
+.PHONY: setup run test lint predict exps ci-pipeline ci-gate baseline benchmark reproduce clean
 
-setup: $(STAMP)
+# Vega, Vega-Lite and vega-embed for `dvc plots show` offline (.dvc/plots.html loads them from
+# node_modules/, pinned with integrity in package-lock.json).
+VEGA   := node_modules/.installed
+
+setup: $(STAMP) $(VEGA)
 
 # Re-installs only when the lock or the project metadata changes (idempotent).
 $(STAMP): requirements.lock pyproject.toml
@@ -17,8 +21,24 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# npm ci only when the lock changes (npm ci empties node_modules/, stamp included), from npm's
+# cache when it has the tarballs. Without npm, or offline with an empty cache, only the plots
+# page lacks its scripts, so setup warns and goes on (and retries next time).
+$(VEGA): package.json package-lock.json
+	@if ! command -v npm >/dev/null; then \
+	  echo "warning: npm not found: dvc plots show needs node_modules/ (see package.json)" >&2; \
+	elif npm ci --prefer-offline --omit=optional --no-audit --no-fund --loglevel=error; then \
+	  touch $@; \
+	else echo "warning: npm ci failed: dvc plots show will lack its Vega scripts" >&2; fi
+
+# make run PROFILE=thorough: profiles/thorough.yaml's overrides as a DVC experiment
+# (dvc exp run -S key=value ...; python -m mnistlab.profile prints them).
 run: setup
+ifdef PROFILE
+	args=$$($(PY) -m mnistlab.profile $(PROFILE)) && PATH="$(BIN):$$PATH" eval dvc exp run $$args
+else
 	PATH="$(BIN):$$PATH" dvc repro
+endif
 
 test: setup
 	PATH="$(BIN):$$PATH" $(PY) -m pytest $(PYTEST)
@@ -27,6 +47,20 @@ test: setup
 # (python -m mnistlab.predict --help; --model models/<ds>/<arch>/model.pt or models:/<name>@<alias>)
 predict: setup
 	PATH="$(BIN):$$PATH" $(PY) -m mnistlab.predict $(ARGS)
+
+# `dvc exp show` with ~20 of its ~230 columns: Experiment, Created, each <ds>/<arch>'s
+# test_accuracy, best_val_accuracy and train_seconds, and seed, datasets, archs and
+# hparams.<arch>.lr/epochs where they differ between rows. More flags: make exps ARGS="-A --md".
+# --keep protects columns from every drop; the (?!...) --drop removes all but those params (and
+# State, shown while a queue runs), which --only-changed then thins (tests/test_exps.py).
+EXPS_FLAGS := --keep '(Experiment|Created)$$' \
+	--keep '(.+/test\.json:)?test_accuracy$$' \
+	--keep '(.+/train\.json:)?(best_val_accuracy|train_seconds)$$' \
+	--drop '(?!(State|(params\.yaml:)?(seed|datasets|archs|hparams\.[^.:]+\.(lr|epochs)))$$)' \
+	--only-changed
+
+exps: setup
+	PATH="$(BIN):$$PATH" dvc exp show $(EXPS_FLAGS) $(ARGS)
 
 # The CI regression gate (src/mnistlab/ci/gate.py, settings in ci/gate.yaml): the real
 # pipeline on ci/profile.yaml in a copy of this working tree at build/ci/ (your params.yaml,
@@ -60,4 +94,4 @@ lint: setup
 	$(BIN)/ruff check src stages tests benchmarks
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) node_modules
