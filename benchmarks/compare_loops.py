@@ -144,7 +144,7 @@ def main() -> None:
 
     params = load_params(args.params)
     settings = dataclasses.replace(TrainSettings.from_params(params), min_steps=0)
-    device = pick_device(settings.device)
+    device = pick_device(settings.device, "train.device")
     seed = params["seed"] if args.seed is None else args.seed
     archs = sorted(REGISTRY) if args.archs == "all" else args.archs.split(",")
     rows = []

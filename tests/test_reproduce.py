@@ -207,3 +207,11 @@ def test_a_run_listed_twice_is_refused(tmp_path):
     path.write_text(yaml.safe_dump({**CFG, "also": [["m", "tut"]]}))
     with pytest.raises(MnistlabError, match=r"listed twice"):
         reproduce.load_config(path)
+
+
+def test_a_note_keyed_by_run_beats_one_keyed_by_arch_and_shows_beside_the_verdict(tmp_path):
+    cfg = {**CFG, "notes": {"m-ours": "why it missed", "tut": "a tutorial note"}}
+    write_run(tmp_path, "m", "ours", [1, 2], [1, 1])
+    row = reproduce.measure(cfg, tmp_path, reproduce.Run("m", "ours"))
+    assert row["verdict"] == "MISSED" and row["note"] == "why it missed"
+    assert "MISSED — why it missed" in reproduce.render([row], "cpu", 1)

@@ -60,7 +60,7 @@ class Run:
 
 def load_config(path: Path) -> dict[str, Any]:
     """``ci/reproduce.yaml``, checked: runs, published numbers and targets."""
-    cfg = load_params(path, what="reproduction config")
+    cfg = load_params(path, what="reproduction config", keys=None)
     runs = cfg.get("runs")
     if not isinstance(runs, list) or not runs or not all(
             isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r) for r in runs):
@@ -184,8 +184,9 @@ def measure(cfg: dict[str, Any], workdir: Path, run: Run) -> dict[str, Any]:
         target = cfg["targets"][run.arch][run.dataset]
         row.update(kind="target", target=target, delta=test["test_accuracy"] - target,
                    verdict="target met" if test["test_accuracy"] >= target else "MISSED")
-    if run.arch in (cfg.get("notes") or {}):
-        row["note"] = cfg["notes"][run.arch]
+    notes = cfg.get("notes") or {}  # keyed by run name (mnist-resnet_bn) or by arch
+    if (note := notes.get(run.name, notes.get(run.arch))) is not None:
+        row["note"] = note
     return row
 
 
