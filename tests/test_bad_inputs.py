@@ -29,8 +29,9 @@ import pytest
 import yaml
 from helpers.checks import assert_one_line_error
 from helpers.data import corrupt, dataset_files, gz, tree_digest
-from helpers.payload import plant_payload
-from helpers.repo import edit_params, make_repo, run, stage_env
+from helpers.payload import plant_payload, plant_raw_payload
+from helpers.repo import edit_params, make_repo, no_step_floor, run, stage_env
+from helpers.tamper import flip_float_bit
 
 from mnistlab import config
 from mnistlab.data.download import fetch
@@ -86,7 +87,7 @@ def workspace(tmp_path_factory) -> Path:
 
     def small(p: dict) -> None:
         p["datasets"], p["archs"] = ["digits"], ["mlp"]
-        p["train"]["min_steps"] = 0
+        no_step_floor(p)
         p["hparams"]["mlp"]["epochs"] = 1
         p["download"] = {"timeout": 5, "retries": 1, "backoff": 0}
         p["sources"]["byo"] = "byo-src"  # a folder of the four MNIST files, relative to the repo
@@ -186,6 +187,40 @@ def _payload_at(rel: str) -> Callable[[Path], None]:
     return mutate
 
 
+def _raw_payload_at(rel: str) -> Callable[[Path], None]:
+    def mutate(repo: Path) -> None:
+        plant_raw_payload(repo / rel, repo.parent / "PAYLOAD_RAN")
+    return mutate
+
+
+def _flipped_at(rel: str) -> Callable[[Path], None]:
+    def mutate(repo: Path) -> None:
+        flip_float_bit(repo / rel)
+    return mutate
+
+
+def _emptied(rel: str) -> Callable[[Path], None]:
+    def mutate(repo: Path) -> None:
+        (repo / rel).write_bytes(b"")
+    return mutate
+
+
+def _top_level_typo(repo: Path) -> None:
+    edit_params(repo, lambda p: p.__setitem__("hparam", p.pop("hparams")))
+
+
+def _latin1_byte(repo: Path) -> None:
+    """A comment saved by a Latin-1 editor: not UTF-8 (stages are then run directly: DVC would
+    refuse to read the file before any stage runs)."""
+    with open(repo / "params.yaml", "ab") as f:
+        f.write(b"# caf\xe9\n")
+
+
+def _train_json_na(repo: Path) -> None:
+    path = repo / "metrics" / "digits" / "mlp" / "train.json"
+    path.write_text(path.read_text().replace('"parameters": ', '"parameters": "n/a", "was": ', 1))
+
+
 BYO = ("download", {"item": "byo"})
 TRAIN = ("train", {"dataset": "digits", "arch": "mlp"})
 SPLIT = ("split", {"item": "digits"})
@@ -223,6 +258,10 @@ CASES = {
                      ["unknown arch 'alexnet'", "mlp", "resnet_bn"]),
     "unknown optimizer": (*TRAIN, _hparam(optimizer="rmsprop"),
                           ["hparams.mlp.optimizer", "'rmsprop'", "sgd, adam, adamw"]),
+    "top-level key typo": (*TRAIN, _top_level_typo,
+                           ["params.yaml: unknown top-level key(s) hparam (valid: ", "hparams"]),
+    "non-UTF-8 params.yaml": ("evaluate", {"dataset": "digits", "arch": "mlp"}, _latin1_byte,
+                              ["params.yaml: not UTF-8 text (byte 0xe9 at offset "]),
     "lr zero": (*TRAIN, _hparam(lr=0), ["params.yaml: hparams.mlp.lr must be a positive number (got 0)"]),
     "epochs zero": (*TRAIN, _hparam(epochs=0), ["hparams.mlp.epochs must be a positive integer (got 0)"]),
     "batch size negative": (*TRAIN, _hparam(batch_size=-8),
@@ -230,6 +269,9 @@ CASES = {
     "val fraction 1.5": (*SPLIT, _split(val_fraction=1.5), ["split.val_fraction", "(got 1.5)"]),
     "val fraction 0.0": (*SPLIT, _split(val_fraction=0.0), ["split.val_fraction", "(got 0.0)"]),
     "empty class after split": (*SPLIT, _no_nines, ["dataset 'digits': no training samples of class(es) ['9']"]),
+    # ---- files one stage hands another
+    "train.json not a number": ("compare", {}, _train_json_na,
+                                ["metrics/digits/mlp/train.json: parameters must be an integer (got 'n/a'"]),
     # ---- runs
     "NaN loss": (*TRAIN, _hparam(lr=1e6, batch_size=32, epochs=2),
                  ["dataset 'digits', arch 'mlp': loss diverged", "epoch 1", "hparams.mlp.lr=1000000.0"]),
@@ -241,6 +283,23 @@ CASES = {
     "pickle payload in model.pt": ("evaluate", {"dataset": "digits", "arch": "mlp"},
                                    _payload_at("models/digits/mlp/model.pt"),
                                    ["models/digits/mlp/model.pt: refused to load", "posix.system"]),
+    # ---- integrity (tests/test_integrity has the in-process versions)
+    "raw pickle payload in last.pt": (*TRAIN, _raw_payload_at("checkpoints/digits/mlp/last.pt"),
+                                      ["checkpoints/digits/mlp/last.pt: refused to load: not a file torch "
+                                       "can load safely", "posix.system", "possibly malicious"]),
+    "raw pickle payload in model.pt": ("evaluate", {"dataset": "digits", "arch": "mlp"},
+                                       _raw_payload_at("models/digits/mlp/model.pt"),
+                                       ["models/digits/mlp/model.pt: refused to load", "posix.system"]),
+    "flipped bit in model.pt": ("evaluate", {"dataset": "digits", "arch": "mlp"},
+                                _flipped_at("models/digits/mlp/model.pt"),
+                                ["models/digits/mlp/model.pt: integrity check failed (SHA-256 of the payload "
+                                 "differs)", "rerun its train stage (dvc repro -f train@digits-mlp)"]),
+    "flipped bit in last.pt": (*TRAIN, _flipped_at("checkpoints/digits/mlp/last.pt"),
+                               ["checkpoints/digits/mlp/last.pt: integrity check failed",
+                                "delete it to train from scratch"]),
+    "empty last.pt": (*TRAIN, _emptied("checkpoints/digits/mlp/last.pt"),
+                      ["checkpoints/digits/mlp/last.pt: refused to load (not a plain tensor file: empty",
+                       "delete it to train from scratch"]),
 }
 
 
@@ -257,9 +316,10 @@ def attempt(workspace: Path, case_dir: Path, kind: str) -> Outcome:
     stage, item, mutate, _ = CASES[kind]
     repo = case_dir / "repo"
     shutil.copytree(workspace, repo, symlinks=True)
+    cmd = stage_cmd(repo, stage, **item)  # from the unbroken params.yaml (a case may make it unreadable)
     env = {**stage_env(repo), **(mutate(repo) or {})}
     before = outputs_digest(repo)
-    p = run(stage_cmd(repo, stage, **item), repo, check=False, env=env, timeout=300)
+    p = run(cmd, repo, check=False, env=env, timeout=300)
     return Outcome(p, before, outputs_digest(repo), (case_dir / "PAYLOAD_RAN").exists())
 
 

@@ -22,8 +22,8 @@ ARCHS = sorted(REGISTRY)
 
 
 @pytest.fixture(scope="module")
-def params(root):
-    return load_params(root / "params.yaml")
+def params(params_file):
+    return load_params(params_file)
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +131,20 @@ def test_unknown_argument_names_it_and_the_valid_ones():
     assert "\n" not in msg and "hiddn" in msg and "hidden" in msg
 
 
-def test_a_type_error_inside_a_builder_is_not_disguised_as_bad_args():
-    """Bugs keep their traceback: only argument names are checked up front."""
-    with pytest.raises(TypeError):
+def test_a_bad_argument_value_is_one_line_naming_it():
+    """Values are checked up front against the builder's typed schema (strict: no coercion)."""
+    with pytest.raises(MnistlabError, match=r"^arch 'mlp'\.hidden: must be an integer >= 1 \(got '500'\)$"):
         build_model("mlp", hidden="500")
+
+
+def test_a_type_error_inside_a_builder_is_not_disguised_as_bad_args(monkeypatch):
+    """Bugs keep their traceback: only the arguments are checked up front, never the call."""
+    def buggy(**_):
+        raise TypeError("a bug inside the builder")
+
+    monkeypatch.setitem(REGISTRY, "mlp", buggy)
+    with pytest.raises(TypeError, match="a bug inside"):
+        build_model("mlp", hidden=500)
 
 
 def test_registering_a_name_twice_is_refused():

@@ -80,11 +80,16 @@ def load_split(split_dir: Path, subset: str) -> tuple[torch.Tensor, torch.Tensor
 
 
 def load_classes(split_dir: Path) -> list[str]:
-    """Class names recorded by the split stage in ``summary.json``."""
+    """Class names recorded by the split stage in ``summary.json`` (a non-empty list of strings)."""
+    path = Path(split_dir) / SUMMARY
     try:
-        return json.loads((Path(split_dir) / SUMMARY).read_text())["classes"]
-    except (OSError, ValueError, KeyError):
-        raise MnistlabError(f"{Path(split_dir) / SUMMARY}: missing or invalid (run the split stage)") from None
+        classes = json.loads(path.read_text())["classes"]
+    except (OSError, ValueError, KeyError, TypeError):  # TypeError: not an object, e.g. []
+        raise MnistlabError(f"{path}: missing or invalid (run the split stage)") from None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise MnistlabError(f"{path}: classes must be a non-empty list of names (got {classes!r:.80}; "
+                            "run the split stage)")
+    return classes
 
 
 def split_digest(split_dir: Path) -> str:
@@ -104,24 +109,61 @@ def write_run(model_dir: Path, run_id: str, experiment: str, tracking_uri: str) 
 def read_run_id(path: Path) -> str:
     """The run id a train stage wrote (``run.json``), for later stages to log into."""
     try:
-        return json.loads(Path(path).read_text())["run_id"]
+        run_id = json.loads(Path(path).read_text())["run_id"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise MnistlabError(f"{path}: missing or invalid MLflow run record (run the train stage)") from None
+        run_id = None
+    if not isinstance(run_id, str) or not run_id:
+        raise MnistlabError(f"{path}: missing or invalid MLflow run record (run the train stage)")
+    return run_id
 
 
 # --------------------------------------------------------------------------- metrics files
 
+# The keys readers take from each metrics file and their JSON types, checked on read:
+# a hand-edited or foreign file ("parameters": "n/a") is then one error naming the file
+# and the key, not a traceback in whichever stage first uses the value.
+# name -> (the stage that writes it, required keys, keys checked only when present)
+METRICS_FIELDS: dict[str, tuple[str, dict[str, type], dict[str, type]]] = {
+    TRAIN_METRICS: ("its train stage",
+                    {"parameters": int, "epochs": int, "train_seconds": float,
+                     "train_images_per_second": float, "best_val_accuracy": float}, {}),
+    TEST_METRICS: ("its evaluate stage",
+                   {"test_accuracy": float, "test_loss": float, "macro_f1": float},
+                   {"test_samples": int, "test_accuracy_ci_low": float, "test_accuracy_ci_high": float}),
+}
 
-def read_json(path: Path, made_by: str = "its train/evaluate stage") -> dict[str, Any]:
-    """A metrics JSON file (train.json, test.json): a user error if missing or invalid."""
+
+def _json_type_ok(value: Any, kind: type) -> bool:
+    """``int``: a JSON integer; ``float``: any JSON number (bools are neither)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if kind is int else isinstance(value, (int, float))
+
+
+def read_json(path: Path, made_by: str | None = None) -> dict[str, Any]:
+    """A JSON object file (train.json, test.json, ...): a user error if missing or invalid.
+
+    A file named in :data:`METRICS_FIELDS` must also hold its keys with their types.
+    ``made_by`` says which stage to run when it is missing or wrong.
+    """
+    path = Path(path)
+    producer, required, optional = METRICS_FIELDS.get(path.name, ("its train/evaluate stage", {}, {}))
+    made_by = made_by or producer
     try:
-        obj = json.loads(Path(path).read_text())
+        obj = json.loads(path.read_text())
     except FileNotFoundError:
         raise MnistlabError(f"{path}: missing (run {made_by})") from None
-    except ValueError:
+    except ValueError:  # UnicodeDecodeError included
         raise MnistlabError(f"{path}: not valid JSON") from None
     if not isinstance(obj, dict):
-        raise MnistlabError(f"{path}: expected a JSON object")
+        raise MnistlabError(f"{path}: expected a JSON object (got {type(obj).__name__}; re-run {made_by})")
+    for key, kind in {**required, **optional}.items():
+        if key not in obj:
+            if key in required:
+                raise MnistlabError(f"{path}: missing key {key!r} (re-run {made_by})")
+        elif not _json_type_ok(obj[key], kind):
+            what = "an integer" if kind is int else "a number"
+            raise MnistlabError(f"{path}: {key} must be {what} (got {obj[key]!r:.40}; re-run {made_by})")
     return obj
 
 

@@ -7,7 +7,8 @@ decides the trained weights: params, data, code, torch version, world size. A ru
 resumes only from a checkpoint with its own fingerprint, so a resumed run ends
 bit-identical to one that was never interrupted. Files are written and read with
 :func:`mnistlab.utils.torch_save`/:func:`~mnistlab.utils.torch_load` (atomic,
-``weights_only=True``).
+``weights_only=True``) and sealed with a SHA-256 of their payload
+(:func:`mnistlab.utils.seal`), checked before anything is resumed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from mnistlab.errors import MnistlabError, UnsafeFileError
-from mnistlab.utils import file_sha256, json_digest, torch_load, torch_save
+from mnistlab.utils import check_seal, file_sha256, json_digest, seal, torch_load, torch_save
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.mps.set_rng_state(state["mps"])
 
 
+# What a refused checkpoint's error ends with: resuming is only an optimisation, so the
+# way out is always open, but it is the user's call (the file may be evidence of tampering).
+KEEP = "not resumed; left in place for inspection: delete it to train from scratch"
+
+
 def load_resumable(path: Path, fingerprint: str) -> dict[str, Any] | None:
     """The checkpoint at ``path`` if it belongs to this exact run (same fingerprint), else None.
 
-    A checkpoint that cannot be read (another torch version, a foreign file) is
-    treated like a mismatch: a warning, and training starts from scratch. The
-    file itself is left alone; the new run's first checkpoint replaces it. One
-    carrying a pickle payload (:class:`UnsafeFileError`) is not: it stops the stage
-    with a one-line error, so a planted file is reported, never silently replaced.
+    Not resumed, with a warning (training starts from scratch and its first checkpoint
+    replaces the file): a checkpoint of other params, data or code, and one without a
+    digest, i.e. written before checkpoints were sealed (its code fingerprint cannot
+    match today's code either, so nothing unverified is ever resumed).
+
+    Refused with a one-line error that stops the stage, the file left in place: one
+    torch cannot load safely (a pickle payload, :class:`UnsafeFileError`: possibly
+    malicious), one that is empty, truncated or foreign, and one whose digest differs
+    (altered or damaged: resuming from it would end in other weights than an
+    uninterrupted run). Why refuse rather than retrain: a file that fails a check may
+    be tampering, and overwriting it would destroy the evidence; deleting it is one
+    command, which the error names.
     """
     if not path.is_file():
         return None
@@ -66,9 +79,15 @@ def load_resumable(path: Path, fingerprint: str) -> dict[str, Any] | None:
     except UnsafeFileError:
         raise
     except MnistlabError as e:
-        log.warning("%s; not resumed, training from scratch", e)
-        return None
-    if not isinstance(ckpt, dict) or ckpt.get("fingerprint") != fingerprint:
+        raise MnistlabError(f"{e}; {KEEP}") from None
+    if not check_seal(ckpt, path, KEEP):
+        if isinstance(ckpt, dict) and "fingerprint" in ckpt:
+            log.warning("%s: no integrity digest (written by an older mnistlab); not resumed, "
+                        "training from scratch", path)
+            return None
+        raise MnistlabError(f"{path}: not a checkpoint (a tensor file without mnistlab's "
+                            f"integrity digest); {KEEP}")
+    if ckpt.get("fingerprint") != fingerprint:
         log.warning("%s: made with other params, data or code (fingerprint differs); not resumed, "
                     "training from scratch", path)
         return None
@@ -76,8 +95,8 @@ def load_resumable(path: Path, fingerprint: str) -> dict[str, Any] | None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write a checkpoint atomically (a kill mid-write leaves the previous one intact)."""
-    torch_save(state, path)
+    """Write a sealed checkpoint atomically (a kill mid-write leaves the previous one intact)."""
+    torch_save(seal(state), path)
 
 
 # --------------------------------------------------------------------------- identity

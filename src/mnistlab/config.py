@@ -38,20 +38,40 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def load_params(path: str | Path = "params.yaml", what: str = "params file") -> dict[str, Any]:
-    """Load a YAML mapping such as params.yaml (a user error if missing, not YAML or not a mapping).
+# Every top-level key of params.yaml. Why a closed set: a typo such as ``hparam:`` would
+# otherwise be ignored without a word (its section's defaults, or another error, would
+# apply). A new setting is added here and to params.yaml together; dvc.yaml's
+# ``${...}`` templates and ci/profile.yaml's overrides read only keys of this set.
+PARAMS_KEYS = ("seed", "datasets", "archs", "paths", "sources", "download", "split", "train",
+               "hparams", "evaluate", "features", "compare")
 
-    ``what`` names the file in the not-found message (e.g. "CI profile").
+
+def load_params(path: str | Path = "params.yaml", what: str = "params file",
+                keys: tuple[str, ...] | None = PARAMS_KEYS) -> dict[str, Any]:
+    """Load a YAML mapping such as params.yaml (a user error if missing, unreadable, not UTF-8,
+    not YAML, not a mapping, or with a top-level key outside ``keys``).
+
+    ``what`` names the file in the not-found message (e.g. "CI profile"); ``keys=None``
+    for a file that is not params.yaml or an override of it (e.g. ci/gate.yaml).
     """
     path = Path(path)
     try:
-        params = load_yaml(path.read_text()) or {}
+        params = load_yaml(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise MnistlabError(f"{path}: {what} not found") from None
+    except UnicodeDecodeError as e:
+        raise MnistlabError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                            f"{e.start}; save it as UTF-8)") from None
+    except OSError as e:
+        raise MnistlabError(f"{path}: cannot read {what} ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise MnistlabError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(params, dict):
         raise MnistlabError(f"{path}: expected a mapping at the top level")
+    unknown = sorted(map(str, set(params) - set(keys))) if keys is not None else []
+    if unknown:
+        raise MnistlabError(f"{path}: unknown top-level key(s) {', '.join(unknown)} "
+                            f"(valid: {', '.join(keys)})")
     return params
 
 
@@ -193,6 +213,46 @@ def count(key: str, value: Any) -> int:
     return positive(key, value, int)
 
 
+def names(key: str, value: Any) -> tuple[str, ...]:
+    """A non-empty list of distinct names (``datasets``, ``archs``).
+
+    Why distinct: a name listed twice would be trained once (DVC names the stage after
+    it) but ranked twice in the leaderboard.
+    """
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(v, str) and v.strip() for v in value)):
+        raise MnistlabError(f"params.yaml: {key} must list at least one name (got {value!r})")
+    twice = sorted({v for v in value if value.count(v) > 1})
+    if twice:
+        raise MnistlabError(f"params.yaml: {key}: {', '.join(map(repr, twice))} listed more than once")
+    return tuple(value)
+
+
+# MLflow refuses a registered model name with '/' or ':' or one a path would normalise
+# (leading '.', '..'), and an alias outside [A-Za-z0-9_-] or shaped like a version (v3)
+# or "latest". We allow a clear subset for the prefix (names are <prefix>-<dataset> and
+# also appear in models:/ URIs): a letter or digit, then letters, digits, '_', '-', '.'.
+REGISTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+ALIAS_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def registry_name(key: str, value: Any) -> str:
+    """A registered-model name prefix MLflow accepts."""
+    if not isinstance(value, str) or not REGISTRY_NAME.fullmatch(value):
+        raise MnistlabError(f"params.yaml: {key} must be a letter or digit followed by letters, "
+                            f"digits, '_', '-' or '.' (an MLflow registered model name; got {value!r})")
+    return value
+
+
+def alias_name(key: str, value: Any) -> str:
+    """A registered-model alias MLflow accepts (not ``latest``, not a version such as ``v3``)."""
+    if (not isinstance(value, str) or not ALIAS_NAME.fullmatch(value) or value.lower() == "latest"
+            or re.fullmatch(r"[vV]\d+", value)):
+        raise MnistlabError(f"params.yaml: {key} must be letters, digits, '_' or '-', and neither "
+                            f"'latest' nor a version such as v3 (an MLflow model alias; got {value!r})")
+    return value
+
+
 def section(params: dict[str, Any], name: str, fields: dict[str, Callable[[str, Any], Any]]
             ) -> dict[str, Any]:
     """Validate the mapping ``params[name]``: exactly ``fields``' keys, each through its validator.
@@ -250,13 +310,11 @@ class CompareSettings:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> CompareSettings:
-        datasets, archs = get(params, "datasets"), get(params, "archs")
-        if not isinstance(datasets, list) or not isinstance(archs, list) or not datasets or not archs:
-            raise MnistlabError("params.yaml: datasets and archs must each list at least one name")
+        datasets, archs = names("datasets", get(params, "datasets")), names("archs", get(params, "archs"))
         s = section(params, "compare", {
             "rank_by": lambda k, v: choice(k, v, tuple(RANKABLE)), "register": boolean,
-            "registry_prefix": lambda _, v: str(v), "alias": lambda _, v: str(v)})
-        return cls(datasets=tuple(map(str, datasets)), archs=tuple(map(str, archs)), **s)
+            "registry_prefix": registry_name, "alias": alias_name})
+        return cls(datasets=datasets, archs=archs, **s)
 
 
 # --------------------------------------------------------------------------- download settings

@@ -19,10 +19,9 @@ class MnistlabError(Exception):
 class UnsafeFileError(MnistlabError):
     """A tensor file that would import and call code when unpickled (refused, never run).
 
-    Kept apart from other unreadable files: a resumable checkpoint that is merely
-    corrupt is replaced by a fresh run, but one carrying a pickle payload stops the
-    stage, so the planted file is reported (and left in place) rather than silently
-    overwritten.
+    Kept apart from other unreadable files so that the message (and a test) can tell a
+    planted payload, possibly malicious, from a merely damaged file. Both stop the stage
+    with the file left in place; neither is ever silently overwritten.
     """
 
 

@@ -58,7 +58,8 @@ class HParams:
         """
         if arch not in REGISTRY:
             raise MnistlabError(f"unknown arch {arch!r} (valid: {', '.join(sorted(REGISTRY))})")
-        hparams = mapping("hparams", params.get("hparams"))
+        # Only registered archs: a misspelt section (cnn_16_23) would otherwise sit unused.
+        hparams = mapping("hparams", params.get("hparams"), tuple(REGISTRY))
         section = hparams.get(arch)
         if not isinstance(section, dict):
             raise MnistlabError(f"params.yaml: no section hparams.{arch} for arch {arch!r}")
@@ -106,6 +107,8 @@ class HParams:
             if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
                 raise MnistlabError(f"params.yaml: {k}.min_steps must be an integer >= 0 (got {ms!r})")
             hp = dataclasses.replace(hp, min_steps=ms)
+        if hp.momentum >= 1:  # 1 never forgets a gradient: the step grows without bound
+            raise MnistlabError(f"params.yaml: {k}.momentum must be < 1 (got {hp.momentum})")
         if hp.label_smoothing >= 1:
             raise MnistlabError(f"params.yaml: {k}.label_smoothing must be < 1 (got {hp.label_smoothing})")
         if hp.scale >= 1:

@@ -16,21 +16,53 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_type_hints
 
+import pydantic
 import torch
+from pydantic.fields import FieldInfo
 from torch import nn
 
 from mnistlab.errors import MnistlabError
-from mnistlab.utils import torch_load, torch_save
+from mnistlab.utils import check_seal, seal, torch_load, torch_save
 
 REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+# name -> a strict pydantic schema of its builder's arguments, made by register().
+ARGS: dict[str, type[pydantic.BaseModel]] = {}
+
+# The types a builder's arguments are annotated with: each carries its range and the
+# words an error uses. Strict: YAML's "500" (a string), 5.0 or true is refused, never
+# coerced, so params.yaml means what it says; a 0 or -5 is a one-line error naming the
+# key instead of a torch traceback or, for 0, a model that silently learns nothing.
+Size = Annotated[int, pydantic.Field(strict=True, ge=1, description="an integer >= 1")]
+Probability = Annotated[float, pydantic.Field(strict=True, ge=0, lt=1,
+                                              description="a number in [0, 1)")]
+
+
+def _args_schema(fn: Callable[..., nn.Module]) -> type[pydantic.BaseModel]:
+    """A pydantic model of ``fn``'s keyword arguments, from its signature and annotations.
+
+    Every argument must have a default (a model is rebuilt from partial args) and a
+    ranged type such as :data:`Size` (an unranged ``int`` would let 0 through).
+    """
+    hints = get_type_hints(fn, include_extras=True)
+    fields: dict[str, Any] = {}
+    for p in inspect.signature(fn).parameters.values():
+        ranged = any(isinstance(m, FieldInfo) and m.description
+                     for m in getattr(hints.get(p.name), "__metadata__", ()))
+        if not ranged or p.default is inspect.Parameter.empty:
+            raise TypeError(f"arch {fn.__name__!r}: argument {p.name!r} needs a default and a "
+                            "ranged type such as Size or Probability")
+        fields[p.name] = (hints[p.name], p.default)
+    return pydantic.create_model(f"{fn.__name__}_args", __config__=pydantic.ConfigDict(extra="forbid"),
+                                 **fields)
 
 
 def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Add a builder to :data:`REGISTRY` under its function name (names must be unique)."""
     if fn.__name__ in REGISTRY:
         raise ValueError(f"arch {fn.__name__!r} registered twice")
+    ARGS[fn.__name__] = _args_schema(fn)
     REGISTRY[fn.__name__] = fn
     return fn
 
@@ -46,33 +78,42 @@ def build_model(name: str, **args: Any) -> nn.Module:
         A freshly initialised ``nn.Module`` (on the CPU, in training mode).
 
     Raises:
-        MnistlabError: ``name`` is not registered, or ``args`` names an argument the
-            builder does not take (both one line listing the valid choices).
+        MnistlabError: ``name`` is not registered, ``args`` names an argument the
+            builder does not take (both one line listing the valid choices), or a value
+            is out of its type's range.
     """
     check_args(name, args)
     return REGISTRY[name](**args)
 
 
 def check_args(name: str, args: dict[str, Any], key: str | None = None) -> None:
-    """Raise a one-line error unless ``name`` is registered and accepts every key of ``args``.
+    """Raise a one-line error unless ``name`` is registered and ``args`` fit its schema (:data:`ARGS`).
 
-    Why bind the signature instead of catching ``TypeError`` from the call: a
-    ``TypeError`` raised *inside* a builder is a bug and must keep its traceback.
+    Why validate up front instead of catching errors from the call: a ``TypeError``
+    raised *inside* a builder is a bug and must keep its traceback.
 
     Args:
         name: Architecture name.
         args: Keyword arguments meant for its builder.
-        key: The params key to name in the message (default: ``arch 'name'``).
+        key: The params key to name in the message (default: ``arch 'name'``), e.g.
+            ``params.yaml: hparams.mlp.args`` gives
+            ``params.yaml: hparams.mlp.args.hidden: must be an integer >= 1 (got -5)``.
     """
     if name not in REGISTRY:
         raise MnistlabError(f"unknown arch {name!r} (valid: {', '.join(sorted(REGISTRY))})")
-    sig = inspect.signature(REGISTRY[name])
-    unknown = sorted(set(args) - set(sig.parameters))
+    schema, where = ARGS[name], key or f"arch {name!r}"
+    unknown = sorted(map(str, set(args) - set(schema.model_fields)))
     if unknown:
         raise MnistlabError(
-            f"{key or f'arch {name!r}'}: unknown argument(s) {', '.join(unknown)} "
-            f"(valid: {', '.join(sig.parameters)})"
+            f"{where}: unknown argument(s) {', '.join(unknown)} "
+            f"(valid: {', '.join(schema.model_fields)})"
         )
+    try:
+        schema.model_validate(args)
+    except pydantic.ValidationError as e:
+        arg = e.errors()[0]["loc"][0]  # the first bad one: one line, as for every other key
+        raise MnistlabError(f"{where}.{arg}: must be {schema.model_fields[arg].description} "
+                            f"(got {args[arg]!r})") from None
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -84,7 +125,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @register
-def mlp(num_classes: int = 10, in_channels: int = 1, hidden: int = 500) -> nn.Module:
+def mlp(num_classes: Size = 10, in_channels: Size = 1, hidden: Size = 500) -> nn.Module:
     """784-500-10 feed-forward net with ReLU (yunjey/pytorch-tutorial)."""
     return nn.Sequential(
         nn.Flatten(),                          # [N,1,28,28] -> [N,784]
@@ -95,7 +136,7 @@ def mlp(num_classes: int = 10, in_channels: int = 1, hidden: int = 500) -> nn.Mo
 
 
 @register
-def cnn_16_32(num_classes: int = 10, in_channels: int = 1, c1: int = 16, c2: int = 32) -> nn.Module:
+def cnn_16_32(num_classes: Size = 10, in_channels: Size = 1, c1: Size = 16, c2: Size = 32) -> nn.Module:
     """conv16 5x5 → conv32 5x5 → linear, ReLU + 2x2 max-pool (MorvanZhou's 401_CNN)."""
     return nn.Sequential(
         nn.Conv2d(in_channels, c1, 5, stride=1, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # -> [N,16,14,14]
@@ -106,8 +147,8 @@ def cnn_16_32(num_classes: int = 10, in_channels: int = 1, c1: int = 16, c2: int
 
 
 @register
-def cnn_32_64(num_classes: int = 10, in_channels: int = 1, c1: int = 32, c2: int = 64,
-              hidden: int = 128) -> nn.Module:
+def cnn_32_64(num_classes: Size = 10, in_channels: Size = 1, c1: Size = 32, c2: Size = 64,
+              hidden: Size = 128) -> nn.Module:
     """conv32 3x3 → pool → conv64 3x3 → pool → fc128 → fc, no dropout (the SGD 0.01/0.9 tutorial).
 
     225,034 parameters at the defaults. Not pytorch/examples' conv-conv-pool-dropout-fc9216
@@ -123,8 +164,8 @@ def cnn_32_64(num_classes: int = 10, in_channels: int = 1, c1: int = 32, c2: int
 
 
 @register
-def cnn_4_8(num_classes: int = 10, in_channels: int = 1, c1: int = 4, c2: int = 8,
-            hidden: int = 512, dropout: float = 0.5) -> nn.Module:
+def cnn_4_8(num_classes: Size = 10, in_channels: Size = 1, c1: Size = 4, c2: Size = 8,
+            hidden: Size = 512, dropout: Probability = 0.5) -> nn.Module:
     """conv4 5x5 p2 → pool → conv8 5x5 p2 → pool → fc512 + dropout → fc → log-softmax.
 
     207,258 parameters at the defaults. The padding keeps 28→14→7, so the first
@@ -141,7 +182,7 @@ def cnn_4_8(num_classes: int = 10, in_channels: int = 1, c1: int = 4, c2: int = 
 
 
 @register
-def lenet5(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+def lenet5(num_classes: Size = 10, in_channels: Size = 1) -> nn.Module:
     """LeNet-5 as in d2l.ai: sigmoid, average pooling, Xavier-uniform init."""
     net = nn.Sequential(
         nn.Conv2d(in_channels, 6, 5, padding=2), nn.Sigmoid(), nn.AvgPool2d(2, 2),  # -> [N,6,14,14]
@@ -210,7 +251,7 @@ class ResNetBN(nn.Module):
 
 
 @register
-def resnet_bn(num_classes: int = 10, in_channels: int = 1, width: int = 32) -> nn.Module:
+def resnet_bn(num_classes: Size = 10, in_channels: Size = 1, width: Size = 32) -> nn.Module:
     """Ours: residual BatchNorm CNN, trained with one-cycle + on-device augmentation."""
     return ResNetBN(num_classes, in_channels, width)
 
@@ -236,8 +277,16 @@ def model_record(arch: str, args: dict[str, Any], state: dict[str, torch.Tensor]
 
 
 def save_model(path: Path, record: dict[str, Any]) -> None:
-    """Write a :func:`model_record` atomically."""
-    torch_save(record, path)
+    """Write a :func:`model_record` atomically, sealed with its SHA-256 (:func:`mnistlab.utils.seal`)."""
+    torch_save(seal(record), path)
+
+
+def _retrain_hint(path: Path) -> str:
+    """How to rewrite a model file: its train stage, when the path is ``<models>/<ds>/<arch>/``."""
+    ds, arch = path.parent.parent.name, path.parent.name
+    if ds and arch in REGISTRY:
+        return f"rerun its train stage (dvc repro -f train@{ds}-{arch})"
+    return "retrain it (dvc repro -f train@<dataset>-<arch>)"
 
 
 def load_model(path: Path, device: torch.device, arch: str | None = None
@@ -251,10 +300,20 @@ def load_model(path: Path, device: torch.device, arch: str | None = None
 
     Returns:
         The model and its record (``arch``, ``args``, ``normalize``, ``classes``, ...).
+
+    Raises:
+        MnistlabError: Not a loadable model file, one whose digest differs (altered or
+            damaged), or one without a digest. Why refuse the last: it was written before
+            model files were sealed (or not by the train stage), and in the pipeline DVC
+            retrains it anyway (the train stage's code changed since), so only a stale or
+            hand-made file gets here, and its weights cannot be vouched for.
     """
     record = torch_load(path)
     if not isinstance(record, dict) or not set(MODEL_KEYS) <= set(record):
         raise MnistlabError(f"{path}: not a model file (needs keys {', '.join(MODEL_KEYS)})")
+    if not check_seal(record, path, _retrain_hint(path)):
+        raise MnistlabError(f"{path}: no integrity digest (written by an older mnistlab, or not "
+                            f"by the train stage): its weights cannot be verified; {_retrain_hint(path)}")
     if arch is not None and record["arch"] != arch:
         raise MnistlabError(f"{path}: holds arch {record['arch']!r}, expected {arch!r}")
     model = build_model(record["arch"], **record["args"])

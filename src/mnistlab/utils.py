@@ -7,10 +7,13 @@ import hashlib
 import io
 import json
 import os
+import pickletools
 import random
 import re
+import struct
 import subprocess
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,11 +65,79 @@ def torch_save(obj: Any, path: str | os.PathLike) -> None:
         tmp.write_bytes(buf.getvalue())
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # how every file torch.save writes begins (zip format, torch >= 1.6)
+
+
+def _pickle_imports(path: Path) -> list[str] | None:
+    """What unpickling ``path`` would import (GLOBAL, INST, STACK_GLOBAL); None: not a whole pickle.
+
+    pickletools only parses the opcodes: nothing is built, imported or called.
+    STACK_GLOBAL takes module and name from the stack: the last two strings pushed
+    (a stream that hides them behind the memo shows up as a wrong name, never as none).
+    """
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    names.append(".".join(strings[-2:]) or "?")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+                elif op.name == "STOP":
+                    return names
+    except Exception:  # noqa: BLE001 - any parse error (bad opcode, cut short) means "not a pickle"
+        return None
+    return None
+
+
+def _check_container(path: Path) -> None:
+    """Refuse, before torch.load sees it, any file that is not the zip archive torch.save writes.
+
+    Why: torch.load hands anything else (a raw pickle, torch's pre-1.6 format, which we
+    never write) to its weights-only unpickler. That runs nothing, but it stops at the
+    first opcode it does not know (protocol 4's FRAME) before it sees what the stream
+    imports, so a planted ``pickle.dumps`` payload looked merely "corrupt", and a
+    corrupt checkpoint used to be replaced by a fresh run.
+    """
+    with open(path, "rb") as f:
+        head = f.read(len(ZIP_MAGIC))
+    if head == ZIP_MAGIC:
+        if not zipfile.is_zipfile(path):
+            raise MnistlabError(f"{path}: refused to load (not a plain tensor file: a damaged zip "
+                                "archive, its directory is missing: truncated?)")
+        return
+    if not head:
+        raise MnistlabError(f"{path}: refused to load (not a plain tensor file: empty, 0 bytes)")
+    imports = _pickle_imports(path)
+    if imports is None:
+        raise MnistlabError(f"{path}: refused to load (not a plain tensor file: neither the zip "
+                            "archive torch.save writes nor a pickle)")
+    if not imports:
+        raise MnistlabError(f"{path}: refused to load (not a plain tensor file: a raw pickle, not "
+                            "the zip archive torch.save writes)")
+    raise UnsafeFileError(
+        f"{path}: refused to load: not a file torch can load safely, a raw pickle (not the zip "
+        f"archive torch.save writes) that asks to import {', '.join(dict.fromkeys(imports))} "
+        "(a payload that could run code: possibly malicious). Nothing was loaded or run and "
+        "the file is left in place for inspection; delete it if you do not trust it"
+    )
+
+
 def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """Load a tensor file with ``weights_only=True``; refuse anything that needs unpickling code."""
+    """Load a tensor file with ``weights_only=True``; refuse anything that needs unpickling code.
+
+    Only the zip archive torch.save writes is handed to torch.load (:func:`_check_container`);
+    an empty, truncated or foreign file is a :class:`MnistlabError`, a pickle that imports
+    something an :class:`UnsafeFileError`. Integrity (a flipped byte in a weight, which
+    torch.load does not notice) is the caller's check: :func:`check_seal`.
+    """
     path = Path(path)
     if not path.is_file():
         raise MnistlabError(f"{path}: file not found")
+    _check_container(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types; all mean "refused"
@@ -88,6 +159,89 @@ def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise MnistlabError(
             f"{path}: refused to load (not a plain tensor file; weights_only=True): {detail}"
         ) from None
+
+
+# --------------------------------------------------------------------------- sealed files
+# Model files and checkpoints carry a SHA-256 of their own payload, checked on load.
+# torch's zip archive keeps a CRC-32 per record but torch.load never checks it: one
+# flipped byte inside a weight loads silently as a slightly different float. The digest
+# is taken over the loaded values (structure, keys, scalars, each tensor's dtype, shape
+# and bytes), not over the file's bytes, so it can live inside the file it vouches for.
+# It catches damage and edits that do not recompute it; it is not a signature (anyone
+# able to write the file can also write a matching digest).
+
+DIGEST_KEY = "sha256"  # the top-level key of a sealed file that holds the digest
+
+
+def payload_sha256(obj: Any) -> str:
+    """SHA-256 of a payload: dicts (in key order), lists, tuples, scalars and tensors' bytes.
+
+    Every item is fed as a type tag, a length and its bytes, so two different payloads
+    never feed the same stream. Raises TypeError for a type mnistlab never saves.
+    """
+    h = hashlib.sha256()
+
+    def feed(tag: bytes, data: bytes | memoryview) -> None:
+        h.update(tag + len(data).to_bytes(8, "little"))
+        h.update(data)
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            feed(b"T", f"{t.dtype}{list(t.shape)}".encode())
+            feed(b"B", memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        elif isinstance(x, dict):
+            feed(b"D", str(len(x)).encode())
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            feed(b"L" if isinstance(x, list) else b"U", str(len(x)).encode())
+            for v in x:
+                walk(v)
+        elif isinstance(x, float):
+            feed(b"f", struct.pack("<d", x))  # exact, NaN and -0.0 included
+        elif x is None or isinstance(x, (bool, int)):  # bool before int: repr tells them apart
+            feed(b"i", repr(x).encode())
+        elif isinstance(x, str):
+            feed(b"s", x.encode("utf-8", "surrogatepass"))
+        elif isinstance(x, bytes):
+            feed(b"y", x)
+        elif isinstance(x, (torch.dtype, torch.device)):
+            feed(b"r", repr(x).encode())
+        else:
+            raise TypeError(f"payload_sha256: cannot digest a {type(x).__name__}")
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def seal(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with :data:`DIGEST_KEY` (last) holding :func:`payload_sha256` of the rest."""
+    body = {k: v for k, v in record.items() if k != DIGEST_KEY}
+    return {**body, DIGEST_KEY: payload_sha256(body)}
+
+
+def check_seal(record: Any, path: str | os.PathLike, remedy: str) -> bool:
+    """Check the digest :func:`seal` stored in a loaded ``record``.
+
+    Returns:
+        True if it matches; False if ``record`` holds none (a file written before
+        digests, or not by mnistlab): the caller decides what that means.
+
+    Raises:
+        MnistlabError: The digest differs (one line naming ``path``, ending with ``remedy``).
+    """
+    if not isinstance(record, dict) or DIGEST_KEY not in record:
+        return False
+    try:
+        ok = record[DIGEST_KEY] == payload_sha256({k: v for k, v in record.items() if k != DIGEST_KEY})
+    except TypeError:  # holds a type mnistlab never writes: not what was sealed
+        ok = False
+    if not ok:
+        raise MnistlabError(f"{path}: integrity check failed (SHA-256 of the payload differs): "
+                            f"the file was altered or damaged; {remedy}")
+    return True
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -114,10 +268,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def pick_device(name: str = "auto", key: str = "train.device") -> torch.device:
+def pick_device(name: str, key: str) -> torch.device:
     """``auto`` → cuda > mps > cpu; anything else must be a device torch can use.
 
-    ``key`` is the params key named in errors (each stage has its own device setting).
+    ``key`` is the params key named in errors (each stage has its own device setting:
+    no default, so no stage can report another stage's key).
     """
     if name == "auto":
         if torch.cuda.is_available():
@@ -129,12 +284,15 @@ def pick_device(name: str = "auto", key: str = "train.device") -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise MnistlabError(
-            f"{key}: unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)"
+            f"params.yaml: {key}: unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)"
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MnistlabError(f"{key}: {name!r} requested but CUDA is not available")
+        raise MnistlabError(f"params.yaml: {key}: {name!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise MnistlabError(f"params.yaml: {key}: {name!r} requested but this machine has "
+                            f"{torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise MnistlabError(f"{key}: {name!r} requested but MPS is not available")
+        raise MnistlabError(f"params.yaml: {key}: {name!r} requested but MPS is not available")
     return dev
 
 

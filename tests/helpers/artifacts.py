@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from mnistlab.data.digits import digits_as_mnist
-from mnistlab.models import build_model
+from mnistlab.models import build_model, model_record, save_model
 from mnistlab.utils import torch_save, write_json
 
 CLASSES = [str(i) for i in range(10)]
@@ -27,7 +27,6 @@ def write_model(model_dir: Path, arch: str, seed: int = 0, **args) -> torch.nn.M
     torch.manual_seed(seed)
     args = {"num_classes": len(CLASSES), **args}
     model = build_model(arch, **args)
-    torch_save({"arch": arch, "args": args, "state_dict": model.state_dict(),
-                "normalize": {"mean": 0.1307, "std": 0.3081}, "classes": CLASSES},
-               model_dir / "model.pt")
+    save_model(model_dir / "model.pt", model_record(arch, args, model.state_dict(),
+                                                    {"mean": 0.1307, "std": 0.3081}, CLASSES))
     return model

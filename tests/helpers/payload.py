@@ -30,3 +30,20 @@ def plant_payload(path: Path, marker: Path) -> None:
     torch.load(path, weights_only=False)  # noqa: S614 - the control: this must run it
     assert marker.exists(), "the payload does not work; the test would prove nothing"
     marker.unlink()
+
+
+def plant_raw_payload(path: Path, marker: Path) -> None:
+    """A raw ``pickle.dumps`` payload (no zip archive around it) at ``path``.
+
+    torch.load's weights-only unpickler stops at protocol 4's first opcode (FRAME)
+    before it reaches the import, so this once read as a merely corrupt file.
+    Proved live first, like :func:`plant_payload`.
+    """
+    import pickle
+
+    blob = pickle.dumps({"epoch": 1, "model": {"w": [0.0, 0.0]}, "payload": Payload(marker)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(blob)
+    pickle.loads(blob)  # noqa: S301 - the control: this must run it
+    assert marker.exists(), "the payload does not work; the test would prove nothing"
+    marker.unlink()

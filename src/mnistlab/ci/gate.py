@@ -85,7 +85,7 @@ FAILING = ("REGRESSION", "MISSING", "FAILED")
 
 def load_settings(path: Path) -> dict[str, Any]:
     """The gate's settings (``ci/gate.yaml``): a mapping; each key is checked where it is used."""
-    return load_params(path, what="gate settings")
+    return load_params(path, what="gate settings", keys=None)
 
 
 def setting(settings: dict[str, Any], key: str) -> Any:
@@ -111,8 +111,8 @@ def _checked(check: Callable[..., Any], key: str, *args: Any) -> Any:
 
 
 def load_profile(path: Path) -> dict[str, Any]:
-    """The CI profile: a mapping of params.yaml overrides."""
-    return load_params(path, what="CI profile")
+    """The CI profile: a mapping of params.yaml overrides (their keys checked by profile_params)."""
+    return load_params(path, what="CI profile", keys=None)
 
 
 def profile_params(root: Path, profile: Path) -> dict[str, Any]:

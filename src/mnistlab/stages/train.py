@@ -150,7 +150,7 @@ def train(params: dict[str, Any], dataset: str, arch: str, paths: TrainPaths) ->
     dist = distributed.from_env()  # torchrun's RANK/WORLD_SIZE, or a single process
     if dist.is_main:
         tracking.check_reachable()  # before any compute is spent
-    device = distributed.init(dist, pick_device(settings.device))
+    device = distributed.init(dist, pick_device(settings.device, "train.device"))
     try:
         seed_everything(seed, settings.deterministic)
         classes = artifacts.load_classes(paths.split)
