@@ -6,8 +6,8 @@
 """
 
 from mnistlab.stages import cli
-from mnistlab.stages.compare import ComparePaths, run_compare, to_markdown
+from mnistlab.stages.compare import ComparePaths, report
 
 if __name__ == "__main__":
-    # The last thing `make run` prints: the leaderboard itself.
-    cli(run_compare, ComparePaths, __doc__, items=(), show=to_markdown)
+    # The last thing `make run` prints: the leaderboard, then where to look next.
+    cli(report, ComparePaths, __doc__, items=(), show=str)

@@ -18,7 +18,7 @@ import torch
 pytest.register_assert_rewrite("helpers")
 
 from helpers.http import Mirrors  # noqa: E402
-from helpers.repo import ROOT, SHARED, make_repo  # noqa: E402
+from helpers.repo import ROOT, SHARED, make_repo, write_committed_params  # noqa: E402
 
 # Tests are CPU-only and small; two threads match the CI machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -27,6 +27,13 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def params_file(tmp_path_factory) -> Path:
+    """The committed params.yaml, as a file outside the repo (never the working tree's, which
+    ``dvc exp run -S`` rewrites): for tests that pass ``--params`` or a params path."""
+    return write_committed_params(tmp_path_factory.mktemp("committed") / "params.yaml")
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +54,7 @@ def mnist_mini() -> Path:
 
 @pytest.fixture
 def tmp_repo(tmp_path: Path) -> Path:
-    """A git+DVC copy of the project (code and params only) in a temp dir.
+    """A git+DVC copy of the project (code and the committed params.yaml) in a temp dir.
 
     ``../shared`` is linked beside it so the ``mnist_mini`` source resolves.
     """

@@ -14,7 +14,7 @@ import torch
 import yaml
 from helpers.checks import assert_png
 from helpers.mlflow import open_run
-from helpers.repo import ROOT
+from helpers.repo import ROOT, write_committed_params
 
 from mnistlab import tracking
 from mnistlab.ci import copies, gate
@@ -85,7 +85,7 @@ def _two_datasets(root):
 def test_collect_names_the_missing_file(tmp_path):
     write_run(tmp_path, "ds", "a", 0.9)
     (tmp_path / "ds" / "a" / "test.json").unlink()
-    with pytest.raises(MnistlabError, match=r"a/test.json: missing \(run its train/evaluate stage\)"):
+    with pytest.raises(MnistlabError, match=r"a/test.json: missing \(run its evaluate stage\)"):
         compare.collect(tmp_path, ["ds"], ["a"])
 
 
@@ -118,6 +118,40 @@ def test_run_compare_writes_leaderboard_and_curves_without_registry(tmp_path):
     assert json.loads((tmp_path / "out" / "champions.json").read_text()) == {}
     with pytest.raises(MnistlabError, match="compare.rank_by: unknown value 'speed'"):
         compare.run_compare({**params, "compare": {**params["compare"], "rank_by": "speed"}}, paths)
+
+
+def test_compare_output_ends_with_where_to_look(tmp_path, monkeypatch):
+    metrics = tmp_path / "metrics"
+    for ds in ("d1", "d2"):
+        write_run(metrics, ds, "a", 0.9)
+        write_run(metrics, ds, "b", 0.8)
+    params = {"datasets": ["d1", "d2"], "archs": ["a", "b"],
+              "compare": {"rank_by": "test_accuracy", "register": False, "registry_prefix": "x",
+                          "alias": "champion"}}
+    paths = compare.ComparePaths(metrics, tmp_path / "models", tmp_path / "out", tmp_path / "curves")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    out = compare.report(params, paths)
+    board, block = out.split("\nWhere to look:\n")
+    assert board.startswith("| dataset") and "| d2 " in board
+    assert f"leaderboard  {tmp_path / 'out' / 'leaderboard.md'}" in block
+    for ds in ("d1", "d2"):  # not registered: the champion's model file
+        assert f"champion     {ds}: a (test_accuracy 0.9000) -> " \
+               f"{tmp_path / 'models' / ds / 'a' / 'model.pt'}" in block
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db\n" in block
+    assert "dvc plots show" in block
+    assert f'make predict ARGS="my-digit.png --model {tmp_path / "models/d1/a/model.pt"}"' in block
+
+    # A registered champion is named by its alias; a server with credentials is shown without them.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:s3cr3t@mlflow.example.com:5000/")
+    block = compare.where_to_look(compare.leaderboard(compare.collect(metrics, ["d1"], ["a", "b"]),
+                                                      "test_accuracy"),
+                                  paths, {"d1": {"uri": "models:/x-d1@champion"}})
+    assert "open https://mlflow.example.com:5000/  (credentials removed)" in block
+    assert "s3cr3t" not in block and "alice" not in block
+    assert "-> models:/x-d1@champion" in block and "--model models:/x-d1@champion" in block
+    pointer = compare.mlflow_pointer("postgresql://bob:pw@db.example.com/mlflow")
+    assert pointer == ("mlflow ui --backend-store-uri postgresql://db.example.com/mlflow"
+                       "  (credentials removed)")
 
 
 def test_register_champion_sets_alias_and_reuses_versions(tmp_path, mlflow_store):
@@ -391,9 +425,10 @@ def test_run_pipeline_runs_every_shard_and_names_the_failed_one(tmp_path, monkey
         assert f"code={(tmp_path / 'w' / ds / 'src').resolve()}" in out
 
 
-def test_repo_profile_and_baseline_agree():
+def test_repo_profile_and_baseline_agree(tmp_path):
     """The committed baseline belongs to the committed CI profile and covers all it runs."""
-    params = gate.profile_params(ROOT, ROOT / "ci" / "profile.yaml")
+    write_committed_params(tmp_path / "params.yaml")  # not the working tree's `dvc exp run -S` edits
+    params = gate.profile_params(tmp_path, ROOT / "ci" / "profile.yaml")
     base = gate.read_baseline(ROOT / "ci" / "baseline.json")
     assert base["profile_digest"] == json_digest(gate.load_profile(ROOT / "ci" / "profile.yaml")), \
         "ci/profile.yaml changed since ci/baseline.json was made: run `make baseline`"

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.datasets as tvd
-import yaml
 from helpers.checks import assert_one_line_error
 from helpers.data import (
     QUICK,
@@ -34,7 +33,7 @@ from helpers.data import (
     tree_digest,
     write_folder,
 )
-from helpers.repo import SHARED, run_stage
+from helpers.repo import SHARED, committed_params, run_stage
 
 from mnistlab.artifacts import load_split
 from mnistlab.config import DownloadSettings
@@ -72,8 +71,8 @@ def fetch_error(folder: Path, out: Path, **spec) -> str:
 # --------------------------------------------------------------------------- sources
 
 
-def test_params_yaml_sources_resolve(root: Path):
-    params = yaml.safe_load((root / "params.yaml").read_text())
+def test_params_yaml_sources_resolve():
+    params = committed_params()
     for name in params["sources"]:
         resolve_source(params, name)
     assert resolve_source(params, "digits").embedded == "sklearn_digits"
@@ -155,8 +154,8 @@ def test_torchvision_sources_take_official_content_md5s():
     assert Source("x", ("/m",), {"a": "b"}).content_md5 == {}
 
 
-def test_params_yaml_lists_local_folders_first(root: Path):
-    params = yaml.safe_load((root / "params.yaml").read_text())
+def test_params_yaml_lists_local_folders_first():
+    params = committed_params()
     fashion = resolve_source(params, "fashion_mnist")
     assert fashion.mirrors[:2] == ("/usr/share/datasets/fashion-mnist", "../shared/datasets/fashion-mnist")
     assert all(_is_url(m) for m in fashion.mirrors[2:]) and len(fashion.mirrors) > 2
@@ -599,7 +598,7 @@ def test_fashion_mini_is_the_first_of_the_real_fashion_mnist(root: Path, tmp_pat
     (from ../shared, as the CI gate gets them), verified as official, then split."""
     folder = shared_dataset("fashion-mnist")
     monkeypatch.chdir(root)  # the mirrors are relative to the repo root
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = committed_params()
     source = resolve_source(params, "fashion_mini")
     assert source.take == {"train": 8000, "test": 2000}
     assert source.content_md5 == OFFICIAL_CONTENT_MD5["FashionMNIST"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.repo import committed_params
 
 from mnistlab.data.digits import write_digits
 from mnistlab.data.split import split as split_dataset
@@ -43,7 +44,7 @@ def test_torchrun_two_gloo_processes_match_single_process(tmp_path: Path):
     write_digits(raw)
     split_dataset(raw, split, [str(i) for i in range(10)], 0.1, 0.2, 1234, "digits")
 
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = committed_params()
     # fp32: the comparison is about DDP's gradient averaging, not bf16 rounding.
     params["train"].update(min_steps=0, device="cpu", bf16=False)
     # No dropout or BatchNorm in the MLP: the two runs see exactly the same batches.
@@ -82,7 +83,7 @@ def test_batch_not_divisible_by_world_is_a_one_line_error(tmp_path: Path):
     raw, split = tmp_path / "raw", tmp_path / "split"
     write_digits(raw)
     split_dataset(raw, split, [str(i) for i in range(10)], 0.1, 0.2, 1234, "digits")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = committed_params()
     params["train"].update(min_steps=0, device="cpu")
     params["hparams"]["mlp"].update(epochs=1, batch_size=101)
     p = _train(tmp_path / "ddp", params, [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"])
@@ -98,7 +99,7 @@ def test_torchrun_nccl_two_gpus(tmp_path: Path):
     raw, split = tmp_path / "raw", tmp_path / "split"
     write_digits(raw)
     split_dataset(raw, split, [str(i) for i in range(10)], 0.1, 0.2, 1234, "digits")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = committed_params()
     params["train"].update(min_steps=0, device="cuda")
     params["hparams"]["resnet_bn"].update(epochs=1)
     p = _train(tmp_path / "ddp", params, [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"],

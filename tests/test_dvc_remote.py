@@ -13,7 +13,7 @@ import filecmp
 import subprocess
 
 import pytest
-from helpers.repo import edit_params, run, stage_env
+from helpers.repo import edit_params, no_step_floor, run, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 def test_push_clone_pull_then_nothing_to_reproduce(tmp_repo, tmp_path):
     def small(p: dict) -> None:
         p["datasets"], p["archs"] = ["digits"], ["mlp"]
-        p["train"]["min_steps"] = 0
+        no_step_floor(p)
         p["hparams"]["mlp"]["epochs"] = 1
 
     edit_params(tmp_repo, small)

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 from helpers.artifacts import CLASSES, write_model, write_split
-from helpers.checks import assert_png
+from helpers.checks import assert_picture
 from helpers.mlflow import open_run
 from sklearn.metrics import accuracy_score, f1_score
 
 from mnistlab import tracking
 from mnistlab.errors import MnistlabError
-from mnistlab.models import load_model
+from mnistlab.models import load_model, save_model
 from mnistlab.stages import evaluate as evaluation
 from mnistlab.stages.evaluate import EvalPaths
 from mnistlab.stats import wilson_interval
@@ -96,7 +96,7 @@ def test_load_model_errors_name_the_file(tmp_path):
     write_model(tmp_path, "mlp")
     rec = torch.load(tmp_path / "model.pt", weights_only=True)
     rec["args"]["hidden"] = 7  # weights of hidden=500 no longer fit
-    torch_save(rec, tmp_path / "model.pt")
+    save_model(tmp_path / "model.pt", rec)  # resealed: the digest check is not what fails
     with pytest.raises(MnistlabError, match="model.pt: weights do not fit arch 'mlp'"):
         load_model(tmp_path / "model.pt", torch.device("cpu"))
 
@@ -133,18 +133,58 @@ def test_run_evaluation_writes_valid_outputs_and_logs_them(tmp_path, mlflow_stor
     assert [r["class"] for r in per_class] == CLASSES
     assert sum(int(r["support"]) for r in per_class) == 50
 
-    assert_png(tmp_path / "reports" / "confusion.png", 200)
-    assert_png(tmp_path / "reports" / "misclassified.png", 100)
+    # both pictures >= 400 px each way, titled in the PNG (issue #15)
+    assert_picture(tmp_path / "reports" / "confusion.png", "digits/lenet5: test accuracy ")
+    assert_picture(tmp_path / "reports" / "misclassified.png", "digits/lenet5: ",
+                   " of 50 misclassified (most confident first)")
 
+    # MLflow: the headline metrics as metrics (exactly test.json's), the per-class ones as one table
     c = tracking.client()
     logged = c.get_run(run_id).data.metrics
-    assert logged["test_accuracy"] == pytest.approx(test["test_accuracy"])
-    assert "test_f1/0" in logged and "macro_f1" in logged
-    assert logged["test_accuracy_ci_low"] == pytest.approx(test["test_accuracy_ci_low"])
-    assert logged["test_accuracy_ci_high"] == pytest.approx(test["test_accuracy_ci_high"])
+    assert logged == pytest.approx(test)
+    assert {"test_accuracy", "test_loss", "macro_f1", "test_accuracy_ci_low",
+            "test_accuracy_ci_high"} <= set(logged)
+    assert not [k for k in logged if "/" in k or k.startswith(("test_f1", "test_precision",
+                                                                "test_recall"))]
+    assert_per_class_table(run_id, per_class)
     names = {a.path for a in c.list_artifacts(run_id, "evaluation")}
-    assert {f"evaluation/{n}" for n in ("test.json", "predictions.csv", "per_class.csv",
+    assert {f"evaluation/{n}" for n in ("test.json", "predictions.csv", "per_class.json",
                                         "confusion.png", "misclassified.png")} <= names
+
+
+def assert_per_class_table(run_id: str, per_class_csv: list[dict[str, str]]) -> None:
+    """The run's per-class table: one row per class, per_class.csv's columns and values, listed
+    as a table for the UI and readable with ``load_table`` (which finds it by that listing)."""
+    c = tracking.client()
+    exp_id = c.get_run(run_id).info.experiment_id
+    with tracking.fluent_uri(tracking.tracking_uri()):  # load_table searches with mlflow.search_runs
+        table = c.load_table(exp_id, evaluation.PER_CLASS_TABLE, run_ids=[run_id])
+    assert list(table.columns) == ["class", "precision", "recall", "f1", "support"]
+    assert table["class"].astype(str).tolist() == CLASSES
+    assert table["support"].tolist() == [int(r["support"]) for r in per_class_csv]
+    for m in ("precision", "recall", "f1"):
+        assert table[m].tolist() == pytest.approx([float(r[m]) for r in per_class_csv], abs=1e-5)
+    listed = json.loads(c.get_run(run_id).data.tags["mlflow.loggedArtifacts"])
+    assert listed.count({"path": evaluation.PER_CLASS_TABLE, "type": "table"}) == 1
+
+
+def test_rerun_evaluation_replaces_the_per_class_table(tmp_path, mlflow_store):
+    """A re-run evaluate logs into the same run (run.json): its table is replaced, not appended
+    to (as ``MlflowClient.log_table`` would), and no per-class metric appears."""
+    split, model_dir = tmp_path / "split", tmp_path / "models"
+    write_split(split, n=30)
+    write_model(model_dir, "mlp")
+    run_id = open_run(model_dir, "digits", "mlp")
+    paths = EvalPaths(split, model_dir, tmp_path / "metrics", tmp_path / "reports")
+
+    evaluation.run_evaluation(PARAMS, "digits", "mlp", paths)
+    evaluation.run_evaluation({"evaluate": {**PARAMS["evaluate"], "batch_size": 7}}, "digits",
+                              "mlp", paths)
+
+    with open(tmp_path / "metrics" / "per_class.csv") as f:
+        assert_per_class_table(run_id, list(csv.DictReader(f)))
+    test = json.loads((tmp_path / "metrics" / "test.json").read_text())
+    assert tracking.client().get_run(run_id).data.metrics == pytest.approx(test)
 
 
 def test_run_evaluation_refuses_a_model_of_another_arch(tmp_path, mlflow_store):
@@ -171,4 +211,28 @@ def test_plot_misclassified_without_mistakes_still_draws(tmp_path):
     n = evaluation.plot_misclassified(tmp_path / "m.png", torch.zeros(3, 28, 28, dtype=torch.uint8),
                                       ev, ["a", "b", "c"], 10, "none")
     assert n == 0
-    assert_png(tmp_path / "m.png")
+    assert_picture(tmp_path / "m.png", "none")
+
+
+@pytest.mark.parametrize("mistakes", [1, 2, 9, 40])
+def test_plot_misclassified_is_readable_at_any_count(tmp_path, monkeypatch, caplog, mistakes):
+    """Once 150 x 210 px for one mistake, its title cut off: now >= 400 px each way, the title
+    whole (no text past the edge) and in the PNG, each tile ``true <class>`` / ``pred <class> (p)``."""
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+               "Bag", "Ankle boot"]  # Fashion-MNIST's: the longest names we draw
+    y = torch.arange(50) % 10
+    out = torch.nn.functional.one_hot(y, 10).float() * 4
+    out[:mistakes] = out[:mistakes].roll(1, dims=1)  # image i predicted as class y+1, p ≈ 0.86
+    ev = evaluation.summarize(out, y, classes)
+    tiles = []
+    save = evaluation.plots.save
+    monkeypatch.setattr(evaluation.plots, "save", lambda fig, path, **kw: (
+        tiles.extend(ax.get_title() for ax in fig.axes), save(fig, path, **kw)))
+    title = f"fashion_mnist_mini/resnet_bn: {mistakes} of 50 misclassified (most confident first)"
+    n = evaluation.plot_misclassified(tmp_path / "m.png", torch.zeros(50, 28, 28, dtype=torch.uint8),
+                                      ev, classes, 40, title)
+    assert n == min(mistakes, 40)
+    w, _ = assert_picture(tmp_path / "m.png", title)
+    assert w >= 600  # room for the title even with one tile
+    assert f"true T-shirt/top\npred Trouser ({ev.confidence[0]:.2f})" in tiles and len(tiles) == n
+    assert not [r for r in caplog.records if "runs past" in r.message]

@@ -25,7 +25,15 @@ import pytest
 import torch
 import yaml
 from helpers.data import dataset_files, gz, md5, tree_digest
-from helpers.repo import ROOT, edit_params, make_repo, run, stage_env
+from helpers.repo import (
+    ROOT,
+    committed_params,
+    edit_params,
+    make_repo,
+    no_step_floor,
+    run,
+    stage_env,
+)
 
 from mnistlab import tracking
 from mnistlab.data.digits import write_digits
@@ -88,7 +96,7 @@ def test_kill9_mid_training_then_repro_resumes_bit_identical(tmp_path: Path):
 
     def small(p: dict) -> None:
         p["datasets"], p["archs"] = ["digits"], [ARCH]
-        p["train"]["min_steps"] = 0
+        no_step_floor(p)
         p["hparams"][ARCH]["epochs"] = EPOCHS
 
     edit_params(whole, small)
@@ -268,8 +276,8 @@ def test_two_experiments_at_once_on_one_sqlite_store(tmp_path: Path):
     split = tmp_path / "split"
     write_digits(tmp_path / "raw")
     split_dataset(tmp_path / "raw", split, list(DIGIT_CLASSES), 0.1, 0.2, 1234, "digits")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"]["min_steps"] = 0
+    params = committed_params()
+    no_step_floor(params)
     epochs = {"mlp": 12, "cnn_4_8": 4}
     for arch, n in epochs.items():
         params["hparams"][arch]["epochs"] = n

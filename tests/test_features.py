@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from helpers.artifacts import CLASSES, write_model, write_split
-from helpers.checks import assert_png
+from helpers.checks import assert_picture
 from helpers.mlflow import open_run
 from torch import nn
 
-from mnistlab import tracking
+from mnistlab import plots, tracking
 from mnistlab.config import FeatureSettings
 from mnistlab.errors import MnistlabError
 from mnistlab.models import REGISTRY, build_model
@@ -33,12 +33,17 @@ def digits_batch(n: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
     return (x[:n].unsqueeze(1).float() / 255 - 0.1307) / 0.3081, y[:n].clone()
 
 
+def no_clipped_text(caplog) -> bool:
+    """``plots.save`` logged no title or label running past a picture's edge."""
+    return not [r for r in caplog.records if r.name == "mnistlab.plots" and "runs past" in r.message]
+
+
 @pytest.mark.parametrize("arch", sorted(REGISTRY))
-def test_extract_works_for_every_registered_arch(arch, tmp_path):
+def test_extract_works_for_every_registered_arch(arch, tmp_path, caplog):
     torch.manual_seed(0)
     model = build_model(arch, num_classes=10).eval()
     x, y = digits_batch(30)
-    emb, head, written = features.extract(model, x, y, CLASSES, SETTINGS, tmp_path)
+    emb, head, written = features.extract(model, x, y, CLASSES, SETTINGS, tmp_path, f"digits/{arch}")
 
     convs = features.conv_layers(model)
     head_layer = dict(model.named_modules())[head]
@@ -51,37 +56,90 @@ def test_extract_works_for_every_registered_arch(arch, tmp_path):
     if not isinstance(list(model.modules())[-1], nn.LogSoftmax):
         assert torch.allclose(head_layer(emb), logits, atol=1e-5)
 
+    # every picture: >= 400 px each way, titled (in the PNG) with the tag, the layer and its shape
     if convs:
         assert len(written) == 2 * len(convs)
-        for k, (_, conv) in enumerate(convs, 1):
+        for k, (name, conv) in enumerate(convs, 1):
             kern = next(p for p in written if p.name.startswith(f"kernels-{k:02d}-"))
             fmap = next(p for p in written if p.name.startswith(f"fmaps-{k:02d}-"))
-            w, h = assert_png(kern)
-            rows, cols = min(conv.out_channels, 6), min(conv.in_channels, 6)
-            assert (w, h) == (2 + cols * 30, 2 + rows * 30)  # 28px cells + 2px padding
-            w, h = assert_png(fmap)
-            assert (w, h) == (2 + (1 + min(conv.out_channels, 6)) * 30, 2 + 10 * 30)  # a row per class
+            layer = (f"digits/{arch}: conv{k} {name!r} (Conv2d {conv.in_channels}→"
+                     f"{conv.out_channels}, {conv.kernel_size[0]}×{conv.kernel_size[1]})")
+            assert_picture(kern, layer, f"{conv.out_channels}")
+            assert_picture(fmap, layer, f"output {conv.out_channels}×", "one test image per class")
     else:  # the MLP: its pixel-reading layer's units as 28x28 images
         assert [p.name for p in written] == ["weights-1.png"]
-        w, h = assert_png(written[0])
-        assert (w, h) == (2 + 5 * 30, 2 + 5 * 30)  # 25 units in a 5x5 grid
+        assert_picture(written[0], f"digits/{arch}: linear '1' (Linear 784→500)",
+                       "25 of 500 units as 28×28 images")
+    # the embedding map names the layer in words: the penultimate one, and its width
+    features.embedding_map(emb.numpy(), y.numpy(), CLASSES, tmp_path / "embedding-map.png", 0, 30,
+                           30.0, f"digits/{arch}: {features.embedding_title(head, head_layer)}")
+    assert_picture(tmp_path / "embedding-map.png", f"penultimate layer, {head_layer.in_features} "
+                   f"features", f"{head!r}, Linear {head_layer.in_features}→10",
+                   "PCA (left) / t-SNE (right)")
+    assert no_clipped_text(caplog)
     # hooks are removed again
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 def test_kernel_grid_layout():
-    grid = features.kernel_grid(torch.randn(8, 3, 5, 5), max_channels=4)
-    assert grid.shape == (3, 2 + 4 * 30, 2 + 3 * 30)  # 4 rows (outputs) x 3 columns (inputs)
-    assert grid.min() >= 0 and grid.max() <= 1
+    w = torch.randn(8, 3, 5, 5)
+    grid = features.kernel_grid(w, max_channels=4)
+    assert grid.cells.shape == (12, 30, 30) and grid.ncol == 3 and grid.nrow == 4  # outputs x inputs
+    assert grid.row_labels == ["0", "1", "2", "3"] and grid.col_labels == ["0", "1", "2"]
+    assert (grid.xlabel, grid.ylabel) == ("input channel", "output channel")
+    # cell (row 1, column 2) is kernel (1, 2), each weight a 6x6 block (5x5 → 30x30, nearest)
+    assert np.array_equal(grid.cells[1 * 3 + 2][::6, ::6], w[1, 2].numpy())
+    assert np.array_equal(grid.cells[5][6:12, 0:6], np.full((6, 6), w[1, 2, 1, 0].item()))
+
+
+def test_kernel_grid_of_one_input_channel_is_square_not_a_strip():
+    # a first layer (1 input): 32 kernels were one 32x482 px column; now 16 shown 4 x 4, labelled
+    grid = features.kernel_grid(torch.randn(32, 1, 3, 3), max_channels=16)
+    assert grid.cells.shape == (16, 30, 30) and (grid.nrow, grid.ncol) == (4, 4)
+    assert grid.cell_labels == [f"k{j}" for j in range(16)] and grid.row_labels is None
+    grid = features.kernel_grid(torch.randn(6, 1, 5, 5), max_channels=16)  # lenet5's conv1
+    assert (grid.nrow, grid.ncol) == (2, 3) and grid.cell_labels[-1] == "k5"
 
 
 def test_feature_map_grid_puts_the_input_first():
     imgs = torch.zeros(2, 1, 28, 28)
     imgs[1] = 1.0
-    imgs[1, 0, 0, 0] = 0.0  # not constant, so normalisation keeps the contrast
-    grid = features.feature_map_grid(imgs, torch.rand(2, 5, 7, 7), max_channels=3)
-    assert grid.shape == (3, 2 + 2 * 30, 2 + 4 * 30)
-    assert grid[0, 32 + 10, 2 + 10] == 1.0  # row 2, column 1: the bright input image
+    maps = torch.rand(2, 5, 7, 7)
+    grid = features.feature_map_grid(imgs, maps, max_channels=3, row_labels=["a", "b"])
+    assert grid.cells.shape == (2 * 4, 28, 28) and grid.ncol == 4  # input + 3 maps per row
+    assert grid.row_labels == ["a", "b"] and grid.col_labels == ["input", "0", "1", "2"]
+    assert (grid.cells[4] == 1.0).all()  # row 2, column 1: the bright input image
+    assert np.array_equal(grid.cells[4 + 3][::4, ::4], maps[1, 2].numpy())  # 7x7 → 28x28, nearest
+
+
+def test_every_grid_is_at_least_400px_and_titled(tmp_path, caplog):
+    # the smallest grids there are: one 1x1 kernel, one unit, one probe with one channel
+    conv = nn.Conv2d(1, 1, 1)
+    plots.image_grid(features.kernel_grid(conv.weight, 16), tmp_path / "k.png",
+                     features.kernel_title(1, "c", conv, 16))
+    plots.image_grid(features.weight_images(nn.Linear(784, 1), (1, 28, 28), 16), tmp_path / "w.png",
+                     "one unit")
+    plots.image_grid(features.feature_map_grid(torch.rand(1, 1, 28, 28), torch.rand(1, 1, 3, 3), 16,
+                                               ["Ankle boot"]), tmp_path / "f.png",
+                     "a long title " * 12)  # wrapped, not cut off
+    assert assert_picture(tmp_path / "k.png", "conv1 'c' (Conv2d 1→1, 1×1): 1 kernels") == (400, 400)
+    assert_picture(tmp_path / "w.png", "one unit")
+    assert_picture(tmp_path / "f.png", "a long title a long title")
+    assert no_clipped_text(caplog)
+
+
+def test_picture_checks_can_fail(tmp_path, caplog):
+    fig = plots.figure(figsize=(5, 5), dpi=100)
+    fig.add_subplot().plot([0, 1])
+    plots.save(fig, tmp_path / "untitled.png")
+    with pytest.raises(AssertionError, match="no Title"):
+        assert_picture(tmp_path / "untitled.png")
+    fig = plots.figure(figsize=(3, 3), dpi=100)
+    fig.suptitle("a title far too long for a picture three inches wide, and not wrapped")
+    plots.save(fig, tmp_path / "small.png")
+    with pytest.raises(AssertionError, match="small.png"):
+        assert_picture(tmp_path / "small.png")  # 300 x 300 px
+    assert not no_clipped_text(caplog)  # the unwrapped title ran past both edges
 
 
 def test_pixel_linear_only_when_the_layer_reads_pixels():
@@ -129,7 +187,8 @@ def test_run_features_saves_embeddings_and_logs_pictures(tmp_path, mlflow_store)
     assert pngs == ["embedding-map.png", "fmaps-01-0.png", "fmaps-02-3.png",
                     "kernels-01-0.png", "kernels-02-3.png"]
     for p in pngs:
-        assert_png(tmp_path / "reports" / p)
+        assert_picture(tmp_path / "reports" / p, "digits/cnn_16_32: ")
+    assert_picture(tmp_path / "reports" / "embedding-map.png", "penultimate layer, 1568 features")
     logged = {a.path for a in tracking.client().list_artifacts(run_id, "features")}
     assert {f"features/{p}" for p in pngs} <= logged
 

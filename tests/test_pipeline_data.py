@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers.repo import run
+from helpers.repo import committed_params, run
 
 pytestmark = pytest.mark.slow
 
@@ -83,8 +83,8 @@ def test_repro_mnist_mini(tmp_repo: Path, mnist_mini: Path):
 # --------------------------------------------------------------------------- no network
 
 
-def _default_mnist_mirrors(root: Path) -> list[str]:
-    return yaml.safe_load((root / "params.yaml").read_text())["sources"]["mnist"]["mirrors"]
+def _default_mnist_mirrors() -> list[str]:
+    return committed_params()["sources"]["mnist"]["mirrors"]
 
 
 def _skip_if_online(mirrors: list[str]) -> None:
@@ -99,14 +99,14 @@ def _skip_if_online(mirrors: list[str]) -> None:
         pytest.skip(f"{m} resolves: this check is for machines without a network")
 
 
-def test_mnist_with_default_params_fails_fast_offline(root: Path, tmp_path: Path):
-    mirrors = _default_mnist_mirrors(root)
+def test_mnist_with_default_params_fails_fast_offline(root: Path, params_file: Path, tmp_path: Path):
+    mirrors = _default_mnist_mirrors()
     _skip_if_online(mirrors)
     # the folder mirrors (../shared/datasets/mnist) are relative to the stage's cwd: absent here
     assert not any((tmp_path / m).exists() for m in mirrors if "://" not in m)
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, str(root / "stages" / "download.py"), "--dataset", "mnist",
-                        "--out", str(tmp_path / "raw" / "mnist"), "--params", str(root / "params.yaml")],
+                        "--out", str(tmp_path / "raw" / "mnist"), "--params", str(params_file)],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert time.perf_counter() - t0 < 60
     assert p.returncode == 2 and "Traceback" not in p.stderr
@@ -118,9 +118,9 @@ def test_mnist_with_default_params_fails_fast_offline(root: Path, tmp_path: Path
     assert not (tmp_path / "raw" / "mnist").exists()
 
 
-def test_dvc_exp_run_mnist_fails_fast_offline(root: Path, tmp_repo: Path):
+def test_dvc_exp_run_mnist_fails_fast_offline(tmp_repo: Path):
     """The issue's acceptance check, verbatim: ``dvc exp run -S 'datasets=[mnist]'``."""
-    _skip_if_online(_default_mnist_mirrors(root))
+    _skip_if_online(_default_mnist_mirrors())
     # Without the MNIST files at hand: params.yaml's first mirror, ../shared/datasets/mnist,
     # is then a folder that does not exist (skipped), and the URL mirrors are unreachable.
     (tmp_repo.parent / "shared").unlink(missing_ok=True)

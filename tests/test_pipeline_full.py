@@ -16,7 +16,7 @@ import sys
 import pytest
 import yaml
 from helpers.checks import assert_png
-from helpers.repo import ROOT, run
+from helpers.repo import ROOT, no_step_floor, run
 
 from mnistlab.utils import torch_load
 
@@ -28,7 +28,7 @@ def configure(repo) -> dict:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["datasets"] = ["digits"]
     params["archs"] = ARCHS
-    params["train"]["min_steps"] = 0
+    no_step_floor(params)
     params["hparams"]["mlp"]["epochs"] = 3
     params["hparams"]["lenet5"]["epochs"] = 2
     params["features"]["tsne_max_points"] = 150
@@ -61,7 +61,14 @@ def test_pipeline_outputs_dvc_views_champion_and_gate(tmp_repo):
     configure(repo)
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "small"], repo)
-    run(["dvc", "repro"], repo, timeout=900)
+    repro = run(["dvc", "repro"], repo, timeout=900)
+    # one progress display per stage: no per-epoch lines at the default log level
+    assert "epoch 1/" not in repro.stdout + repro.stderr
+    # the last stage (compare) ends the output with where to look
+    tail = repro.stdout[repro.stdout.index("\nWhere to look:\n"):]
+    for pointer in ("reports/leaderboard.md", "champion     digits: ", "mlflow ui --backend-store-uri",
+                    "dvc plots show", 'make predict ARGS="my-digit.png --model models:/mnistlab-digits@champion"'):
+        assert pointer in tail, tail
 
     # ---- every output exists and is valid
     n_test = json.loads((repo / "data/split/digits/summary.json").read_text())["test"]["count"]

@@ -16,7 +16,7 @@ import re
 
 import pytest
 import yaml
-from helpers.repo import run
+from helpers.repo import no_step_floor, run
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def test_repro_trains_every_arch_then_nothing_then_only_the_changed_one(tmp_repo
     params_file = tmp_repo / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
     params["datasets"] = ["digits"]
-    params["train"]["min_steps"] = 0
+    no_step_floor(params)
     params["split"]["test_fraction"] = 0.8
     for section in params["hparams"].values():
         section["epochs"] = 1

@@ -31,7 +31,6 @@ from helpers.champion import (
     train_model,
     write_split,
 )
-from helpers.repo import ROOT
 from PIL import Image, ImageDraw
 
 from mnistlab import artifacts, predict, tracking
@@ -277,8 +276,8 @@ def test_a_model_logged_without_the_serving_flavor_is_named(work, mlflow_store):
         predict.load_predictor("models:/mnistlab-plain@champion")
 
 
-def test_default_model_is_the_champion_of_params_first_dataset(tmp_path):
-    assert predict.default_model(ROOT / "params.yaml") == "models:/mnistlab-digits@champion"
+def test_default_model_is_the_champion_of_params_first_dataset(params_file, tmp_path):
+    assert predict.default_model(params_file) == "models:/mnistlab-digits@champion"
     assert predict.default_model(tmp_path / "none.yaml") == "models:/mnistlab-mnist@champion"
 
 

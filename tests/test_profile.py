@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers.repo import committed_params
+
 from mnistlab import profile
 from mnistlab.config import get
 from mnistlab.errors import MnistlabError

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.repo import no_step_floor
 
 from mnistlab import tracking
 from mnistlab.artifacts import split_digest as data_digest
@@ -40,9 +41,9 @@ EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr
 
 
 @pytest.fixture(scope="module")
-def params(root):
-    p = load_params(root / "params.yaml")
-    p["train"]["min_steps"] = 0
+def params(params_file):
+    p = load_params(params_file)
+    no_step_floor(p)
     p["hparams"]["mlp"]["epochs"] = 2
     return p
 
@@ -151,6 +152,9 @@ def test_mlflow_content_read_back(params, split_dir, workdir, monkeypatch):
         for m, row in zip(points, history, strict=True):
             assert m.value == pytest.approx(float(row[name]), rel=1e-5), name
     assert run.data.metrics["best_val_accuracy"] == pytest.approx(summary["best_val_accuracy"])
+    # flat names only: a "/" opens a chart section of its own in the MLflow UI (issue #15)
+    assert {"best_val_accuracy", "final_val_accuracy", "final_train_loss"} <= set(run.data.metrics)
+    assert not [k for k in run.data.metrics if "/" in k]
     assert json.loads((p.metrics_dir / "train.json").read_text())["epochs"] == 2
 
     # batched: whole epoch rows, at most one request per epoch (rows are buffered while a
@@ -186,7 +190,7 @@ def test_mlflow_content_read_back(params, split_dir, workdir, monkeypatch):
 
     # the run id travels with the stage outputs and the checkpoint
     assert torch_load(p.checkpoint)["run_id"] == run_id
-    assert set(record) == {"arch", "args", "state_dict", "normalize", "classes"}
+    assert set(record) == {"arch", "args", "state_dict", "normalize", "classes", "sha256"}
 
 
 # --------------------------------------------------------------------------- resume and reruns
@@ -286,13 +290,13 @@ def test_unreachable_server_fails_before_training(params, split_dir, workdir, mo
     assert not p.checkpoint.exists() and not (p.model_dir / "run.json").exists()
 
 
-def test_stage_script_reports_unreachable_server_in_one_line(root, tmp_path):
+def test_stage_script_reports_unreachable_server_in_one_line(root, params_file, tmp_path):
     uri = f"http://127.0.0.1:{closed_port()}"
     env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": uri}
     cmd = [sys.executable, str(root / "stages" / "train.py"), "--dataset", "digits", "--arch", "mlp",
            "--split", str(tmp_path / "split"), "--model-dir", str(tmp_path / "m"),
            "--metrics-dir", str(tmp_path / "x"), "--checkpoint", str(tmp_path / "c" / "last.pt"),
-           "--params", str(root / "params.yaml")]
+           "--params", str(params_file)]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]

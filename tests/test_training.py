@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import io
 import logging
 import math
 from pathlib import Path
@@ -26,6 +27,7 @@ from mnistlab.hparams import HParams
 from mnistlab.inference import DeviceSplit, to_device
 from mnistlab.models import REGISTRY
 from mnistlab.training import (
+    RunProgress,
     augment,
     effective_epochs,
     epoch_generator,
@@ -42,8 +44,8 @@ SETTINGS = TrainSettings(device="cpu", min_steps=0)
 
 
 @pytest.fixture(scope="module")
-def params(root):
-    return load_params(root / "params.yaml")
+def params(params_file):
+    return load_params(params_file)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,7 @@ def digits():
 def hparams(params, arch: str, **override) -> HParams:
     """``hparams.<arch>`` from params.yaml with some keys replaced."""
     p = copy.deepcopy(params)
+    p["hparams"][arch].pop("min_steps", None)  # SETTINGS (min_steps 0) decides: exact epochs
     p["hparams"][arch].update(override)
     return HParams.from_params(p, arch)
 
@@ -172,7 +175,7 @@ def test_bad_train_settings_name_the_key(params, override, key):
 def test_min_steps_raises_epochs_for_every_arch(params):
     n_train = 1293  # the digits quickstart's training split
     for arch in REGISTRY:
-        hp = HParams.from_params(params, arch)
+        hp = hparams(params, arch)  # without an arch's own floor: train.min_steps decides
         # 0 = the tutorials' own settings
         assert effective_epochs(hp, TrainSettings(min_steps=0), n_train) == hp.epochs
         epochs = effective_epochs(hp, TrainSettings(min_steps=1500), n_train)
@@ -183,23 +186,27 @@ def test_min_steps_raises_epochs_for_every_arch(params):
 @pytest.mark.parametrize("n_train", [54_000, 60_000])
 def test_no_epoch_is_raised_on_full_size_data(params, n_train):
     """Full MNIST / Fashion-MNIST (54,000 after the validation split): the tutorials' epochs,
-    exactly, for every arch, with params.yaml's own train section (floor 1,500 steps)."""
+    exactly, for every arch, with params.yaml's own floors (train.min_steps and the arch's own)."""
     settings = TrainSettings.from_params(params)
     assert settings.min_steps > 0 and n_train >= settings.min_steps_below
     for arch in REGISTRY:
         hp = HParams.from_params(params, arch)
         assert step_floor(hp, settings, n_train) == 0
         assert effective_epochs(hp, settings, n_train) == hp.epochs, arch
-    # cnn_16_32's single epoch at batch 50 is 1,080 steps: a floor would have doubled it.
+    # cnn_16_32's single epoch at batch 50 is 1,080 steps: the thorough profile's floor
+    # (1,500), applied to full data, would have doubled it.
     hp = HParams.from_params(params, "cnn_16_32")
-    assert effective_epochs(hp, dataclasses.replace(settings, min_steps_below=10**9), 54_000) == 2
+    assert effective_epochs(hp, dataclasses.replace(settings, min_steps=1500, min_steps_below=10**9),
+                            54_000) == 2
 
 
 def test_the_floor_still_applies_below_the_threshold(params):
     settings = TrainSettings.from_params(params)
-    hp = HParams.from_params(params, "lenet5")
     n = settings.min_steps_below - 1
-    assert step_floor(hp, settings, n) == settings.min_steps
+    hp = HParams.from_params(params, "mlp")  # the shared floor
+    assert hp.min_steps is None and step_floor(hp, settings, n) == settings.min_steps
+    hp = HParams.from_params(params, "lenet5")  # its own floor
+    assert step_floor(hp, settings, n) == hp.min_steps == 1500
     assert effective_epochs(hp, settings, 1293) * steps_per_epoch(1293, hp.batch_size) >= 1500
 
 
@@ -302,6 +309,68 @@ def test_min_steps_is_applied(params, digits, tmp_path):
     assert len(r.history) == 3  # 2 steps per epoch, at least 5 steps → 3 epochs
 
 
+def test_one_progress_bar_per_run_and_no_per_epoch_info_lines(params, digits, tmp_path, caplog):
+    hp = hparams(params, "mlp", epochs=3, batch_size=32)
+    data = splits(digits, hp, n_train=96)  # 3 steps per epoch
+    out = io.StringIO()
+    with caplog.at_level(logging.INFO, logger="mnistlab.training"):
+        r = run_fit(hp, data, tmp_path / "last.pt", progress_file=out)
+    bar = out.getvalue()
+    # one bar for the whole run: total = epochs x steps, never a per-epoch bar
+    assert " 9/9 [" in bar and "/3 [" not in bar, bar
+    last = r.history[-1]
+    final = bar.rstrip().rsplit("\r", 1)[-1]
+    assert f"epoch 3/3, train_loss {last['train_loss']:.4f}, val_acc {last['val_accuracy']:.4f}" \
+        in final, final
+    # the default level shows no per-epoch lines, only the run's one-line summary
+    info = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.INFO]
+    assert not any("epoch 1/" in m or "train_acc" in m for m in info), info
+    assert len(info) == 1 and "3 epochs" in info[0] and "val_acc best" in info[0], info
+
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="mnistlab.training"):
+        run_fit(hp, data, tmp_path / "again.pt")
+    per_epoch = [rec for rec in caplog.records if "train_loss" in rec.getMessage()]
+    assert [rec.levelno for rec in per_epoch] == [logging.DEBUG] * 3
+    assert "digits-mlp epoch 1/3: train_loss" in per_epoch[0].getMessage()
+
+
+class CountingLoss:
+    """Stands in for the on-device loss sum; counts host reads (each one a sync on CUDA)."""
+
+    def __init__(self, value: float):
+        self.value, self.reads = value, 0
+
+    def __float__(self) -> float:
+        self.reads += 1
+        return self.value
+
+
+def test_progress_reads_the_device_loss_only_when_due():
+    loss = CountingLoss(6.0)
+    with RunProgress("t", epochs=2, steps=4, start_epoch=1, enabled=False) as p:
+        for step in range(4):
+            p.step(loss, 32 * (step + 1))
+    assert loss.reads == 0  # disabled: nothing read at all
+
+    out = io.StringIO()
+    with RunProgress("t", epochs=2, steps=4, start_epoch=1, enabled=True, file=out,
+                     refresh_s=3600) as p:
+        p.start_epoch(1)
+        for step in range(4):
+            p.step(loss, 32 * (step + 1))
+        assert loss.reads == 0 and p.bar.n == 4  # advanced per step, never synced
+        p.end_epoch(0.25, 0.5)
+    assert "epoch 1/2, train_loss 0.2500, val_acc 0.5000" in out.getvalue()
+
+    with RunProgress("t", epochs=2, steps=4, start_epoch=2, enabled=True, file=io.StringIO(),
+                     refresh_s=0) as p:
+        assert p.bar.n == 4 and p.bar.total == 8  # resumed after epoch 1: ETA over what is left
+        p.start_epoch(2)
+        p.step(loss, 60)
+        assert loss.reads == 1 and p.bar.postfix == "epoch 2/2, train_loss 0.1000"
+
+
 @pytest.mark.parametrize("arch, override", [
     ("cnn_4_8", {"epochs": 2}),                      # dropout
     ("resnet_bn", {"epochs": 2, "batch_size": 32}),  # BatchNorm + augmentation + onecycle
@@ -378,12 +447,13 @@ def test_mismatched_fingerprint_is_never_resumed(params, digits, tmp_path, caplo
     assert "fingerprint differs" in caplog.text and "from scratch" in caplog.text
 
 
-def test_unreadable_checkpoint_is_not_resumed(tmp_path, caplog):
+def test_unreadable_checkpoint_is_refused_and_left_in_place(tmp_path):
+    """Resuming is an optimisation, but a file that fails a check may be tampering: the
+    stage stops and says how to start over, rather than overwrite it (tests/test_integrity)."""
     path = tmp_path / "last.pt"
     path.write_bytes(b"not a checkpoint")
-    with caplog.at_level(logging.WARNING, logger="mnistlab.training"):
-        assert load_resumable(path, "fp") is None
-    assert "from scratch" in caplog.text
+    with pytest.raises(MnistlabError, match="last.pt: refused to load .*delete it to train from scratch"):
+        load_resumable(path, "fp")
     assert path.read_bytes() == b"not a checkpoint"  # left alone
     assert load_resumable(tmp_path / "missing.pt", "fp") is None
 

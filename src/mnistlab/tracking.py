@@ -278,6 +278,34 @@ def log_artifacts(run_id: str, paths: list[Path], artifact_path: str | None = No
 
 
 @retry_locked
+def log_table(run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+    """``rows`` as the run's table ``artifact_file`` (``dir/name.json``), replacing an earlier one.
+
+    The file and tag are those of ``MlflowClient.log_table`` (pandas' ``split`` JSON, and the
+    ``mlflow.loggedArtifacts`` entry that lists it in the UI's table views; ``mlflow.load_table``
+    reads it across runs). Not log_table itself: it *appends* to a table of the same name,
+    so an evaluate stage re-run into its training run (run.json) would double every row.
+    """
+    import json
+    import posixpath
+    import tempfile
+
+    import pandas as pd
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+    c = client()
+    folder, name = posixpath.split(artifact_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / name
+        pd.DataFrame(rows).to_json(local, orient="split", index=False)
+        c.log_artifact(run_id, str(local), folder or None)  # same path: overwritten
+    listed = json.loads(c.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": artifact_file, "type": "table"}
+    if entry not in listed:
+        c.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*listed, entry]))
+
+
+@retry_locked
 def set_terminated(run_id: str, status: str = "FINISHED") -> None:
     """End the run with ``status`` (FINISHED, FAILED or KILLED)."""
     client().set_terminated(run_id, status)

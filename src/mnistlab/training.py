@@ -5,7 +5,9 @@ to the device once as uint8, converted and normalised once; each epoch shuffles
 with a seeded on-device ``randperm`` and slices batches out of it; augmentation
 is one batched affine warp on the device. There is no DataLoader and no host
 sync per step: losses and hits are summed in device tensors and read once per
-epoch (which is also when the NaN guard looks at them).
+epoch (which is also when the NaN guard looks at them). The one progress bar of a
+run (:class:`RunProgress`, drawn only on a terminal) reads its running loss at
+most once a second, never per step.
 
 Reproducibility: the epoch's permutation and augmentation come from a generator
 seeded with ``(seed, epoch)``, and dropout's global RNG state is saved in every
@@ -15,6 +17,7 @@ never interrupted (deterministic algorithms are on by default on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -22,12 +25,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mnistlab.checkpoint import rng_state, save_checkpoint, set_rng_state
 from mnistlab.config import TrainSettings
@@ -45,6 +49,11 @@ log = logging.getLogger(__name__)
 # so the guard stops on this too. Legit runs stay far below (the worst seen, a
 # 10-step one-cycle warm-up of resnet_bn, averaged 28).
 DIVERGED_LOSS = 1e3
+
+# How often the progress bar's running loss is read off the device. Each read is a
+# host sync (on CUDA it waits for every queued kernel), so it is rationed by time,
+# not done per step: once a second costs a run well under 1 %, however short its steps.
+LOSS_REFRESH_S = 1.0
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -162,9 +171,75 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
 
+class RunProgress:
+    """One tqdm bar over a whole run (epochs x steps), so its ETA is the stage's.
+
+    The postfix reads ``epoch 3/10, train_loss 0.1234, val_acc 0.9612``: the loss is
+    the current epoch's running mean, the accuracy the last finished epoch's. The
+    bar advances once per step (a counter, no sync); the running loss is read from
+    the on-device sum at most every ``refresh_s`` seconds (:data:`LOSS_REFRESH_S`),
+    and the epoch's exact mean replaces it when :func:`fit` has it on the host
+    anyway. A disabled bar does nothing at all: no clock reads, no syncs.
+    """
+
+    def __init__(self, tag: str, epochs: int, steps: int, start_epoch: int, *, enabled: bool,
+                 file: TextIO | None = None, refresh_s: float = LOSS_REFRESH_S):
+        self.enabled, self.epochs, self.refresh_s = enabled, epochs, refresh_s
+        self.epoch, self.loss, self.val_acc = start_epoch, math.nan, math.nan
+        # initial: a resumed run's bar starts where the checkpoint left off, so the ETA
+        # counts only the steps still to do. leave: the finished bar stays, one line per stage.
+        self.bar = tqdm(total=epochs * steps, initial=(start_epoch - 1) * steps, desc=tag,
+                        unit="step", disable=not enabled, file=file, leave=True,
+                        dynamic_ncols=True)
+        self.last = time.perf_counter()
+
+    def __enter__(self) -> RunProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def start_epoch(self, epoch: int) -> None:
+        """Epoch ``epoch`` begins (the last epoch's loss stays shown until the first read)."""
+        self.epoch = epoch
+        self._show()
+
+    def step(self, loss_sum: torch.Tensor, seen: int) -> None:
+        """One optimiser step done; ``loss_sum`` (on device) over ``seen`` images so far this epoch."""
+        if not self.enabled:
+            return
+        self.bar.update()
+        now = time.perf_counter()
+        if now - self.last >= self.refresh_s:
+            self.last = now
+            self.loss = float(loss_sum) / seen  # the rationed host sync
+            self._show()
+
+    def end_epoch(self, train_loss: float, val_acc: float) -> None:
+        """The epoch's exact mean training loss and its validation accuracy (already on the host)."""
+        self.loss, self.val_acc = train_loss, val_acc
+        self._show(refresh=True)
+
+    def _show(self, refresh: bool = False) -> None:
+        if not self.enabled:
+            return
+        parts = [f"epoch {self.epoch}/{self.epochs}"]
+        if not math.isnan(self.loss):
+            parts.append(f"train_loss {self.loss:.4f}")
+        if not math.isnan(self.val_acc):
+            parts.append(f"val_acc {self.val_acc:.4f}")
+        self.bar.set_postfix_str(", ".join(parts), refresh=refresh)
+
+
+def _logs_to_console() -> bool:
+    """Whether the root logger prints to stdout/stderr (then log lines must go around the bar)."""
+    return any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+               for h in logging.getLogger().handlers)
+
+
 def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer,
                     sched: torch.optim.lr_scheduler.LRScheduler, data: DeviceSplit, hp: HParams,
-                    gen: torch.Generator, bf16: bool, progress: tqdm | None = None,
+                    gen: torch.Generator, bf16: bool, progress: RunProgress | None = None,
                     dist: Dist = SINGLE) -> dict[str, torch.Tensor]:
     """One pass over ``data`` in seeded random order.
 
@@ -176,7 +251,7 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer,
         hp: Batch size, augmentation and label smoothing.
         gen: The epoch's generator (shuffle, then augmentation).
         bf16: Autocast to bfloat16 on CUDA.
-        progress: A tqdm bar to advance once per step, or None.
+        progress: The run's bar, advanced once per step (its loss read is rationed), or None.
         dist: Under torchrun, this rank's place: every rank draws the same permutation
             and trains on its own contiguous slice of each global batch (the model is
             DDP-wrapped, so gradients are averaged over the global batch).
@@ -208,7 +283,7 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer,
         loss_sum += loss.detach() * len(y)
         correct += (out.argmax(1) == y).sum()
         if progress is not None:
-            progress.update()
+            progress.step(loss_sum, (step + 1) * len(y))
     return {"loss_sum": loss_sum, "correct": correct}
 
 
@@ -288,6 +363,7 @@ def fit(built: Built, train: DeviceSplit, val: DeviceSplit, *, hp: HParams,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
         extra_state: dict[str, Any] | None = None,
         dist: Dist = SINGLE,
+        progress_file: TextIO | None = None,
         ) -> TrainResult:
     """Train ``built`` on ``train`` for ``built.epochs``, validating on ``val`` after each epoch.
 
@@ -311,6 +387,10 @@ def fit(built: Built, train: DeviceSplit, val: DeviceSplit, *, hp: HParams,
         dist: Under torchrun, this process's rank: each rank trains on its slice of
             every global batch, epoch sums are all-reduced, and only rank 0 writes
             checkpoints (callers pass ``on_epoch`` on rank 0 only).
+        progress_file: Where the run's progress bar (:class:`RunProgress`) goes. None:
+            stderr, and only when it is a terminal (``dvc repro`` passes one through; a CI
+            log gets no bar); a file: always drawn there. Rank 0 only. Per-epoch lines
+            are logged at DEBUG (``MNISTLAB_LOG_LEVEL=DEBUG``).
 
     Returns:
         The final model, the per-epoch history, a summary and the best epoch's weights.
@@ -358,52 +438,62 @@ def fit(built: Built, train: DeviceSplit, val: DeviceSplit, *, hp: HParams,
             **(extra_state or {}),
         })
 
-    quiet = not sys.stderr.isatty() or not dist.is_main
     n_steps = steps_per_epoch(len(train), hp.batch_size)
     seen_per_epoch = n_steps * min(hp.batch_size, len(train))  # drop_last: full batches only
-    for epoch in range(start_epoch, epochs + 1):
-        gen = epoch_generator(seed, epoch, train.x.device)
-        lr = opt.param_groups[0]["lr"]
-        t0 = time.perf_counter()
-        with tqdm(total=n_steps, desc=f"{tag} {epoch}/{epochs}", unit="step", disable=quiet,
-                  leave=False) as bar:
-            sums = train_one_epoch(built.step_model, opt, sched, train, hp, gen, settings.bf16, bar,
-                                   dist)
-        all_reduce_sum(dist, sums["loss_sum"], sums["correct"])
-        # Host syncs happen here, twice an epoch: once to time training alone,
-        # once to read validation; never inside the step loop.
-        loss_sum, correct = float(sums["loss_sum"]), int(sums["correct"])
-        train_s = time.perf_counter() - t0
-        v = evaluate(eval_model, val, settings.eval_batch_size, settings.bf16)
-        v_loss, v_acc = float(v["loss"]), float(v["accuracy"])
-        seconds = time.perf_counter() - t0
-        # The validation loss is checked too: a diverging last step can leave NaN
-        # weights behind a finite training loss, and those must not be checkpointed.
-        # (Only for NaN/inf: a BatchNorm net's early val loss can be large but fine.)
-        if not (math.isfinite(loss_sum) and math.isfinite(v_loss)
-                and loss_sum / seen_per_epoch <= DIVERGED_LOSS):
-            kept = (f"last good checkpoint kept: {checkpoint}" if checkpoint.is_file()
-                    else "no checkpoint written")
-            raise MnistlabError(
-                f"dataset {dataset!r}, arch {hp.arch!r}: loss diverged (NaN/inf or mean "
-                f"> {DIVERGED_LOSS:g}) in epoch {epoch}; "
-                f"likely cause: learning rate too high (hparams.{hp.arch}.lr={hp.lr}) or "
-                f"unnormalised inputs (hparams.{hp.arch}.normalize); {kept}"
-            )
-        row = {"epoch": epoch, "train_loss": loss_sum / seen_per_epoch,
-               "train_accuracy": correct / seen_per_epoch,
-               "val_loss": v_loss, "val_accuracy": v_acc, "lr": lr, "epoch_seconds": seconds,
-               "train_seconds": train_s}
-        history.append(row)
-        if v_acc > best_acc:
-            best_acc = v_acc
-            best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
-        log.info("%s epoch %d/%d: train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f (%.1fs)",
-                 tag, epoch, epochs, row["train_loss"], row["train_accuracy"], v_loss, v_acc, seconds)
-        if on_epoch is not None:
-            on_epoch(row)
-        if epoch % settings.checkpoint_every == 0 or epoch == epochs:
-            save(epoch)
+    show = (dist.is_main and start_epoch <= epochs
+            and (progress_file is not None or sys.stderr.isatty()))
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(RunProgress(tag, epochs, n_steps, start_epoch, enabled=show,
+                                              file=progress_file))
+        if show and progress_file is None and _logs_to_console():
+            # Log lines printed while the bar is drawn would tear it: route them above it.
+            stack.enter_context(logging_redirect_tqdm(tqdm_class=type(bar.bar)))
+        for epoch in range(start_epoch, epochs + 1):
+            gen = epoch_generator(seed, epoch, train.x.device)
+            lr = opt.param_groups[0]["lr"]
+            t0 = time.perf_counter()
+            bar.start_epoch(epoch)
+            sums = train_one_epoch(built.step_model, opt, sched, train, hp, gen, settings.bf16,
+                                   bar, dist)
+            all_reduce_sum(dist, sums["loss_sum"], sums["correct"])
+            # Host syncs happen here, twice an epoch: once to time training alone,
+            # once to read validation; never inside the step loop.
+            loss_sum, correct = float(sums["loss_sum"]), int(sums["correct"])
+            train_s = time.perf_counter() - t0
+            v = evaluate(eval_model, val, settings.eval_batch_size, settings.bf16)
+            v_loss, v_acc = float(v["loss"]), float(v["accuracy"])
+            seconds = time.perf_counter() - t0
+            # The validation loss is checked too: a diverging last step can leave NaN
+            # weights behind a finite training loss, and those must not be checkpointed.
+            # (Only for NaN/inf: a BatchNorm net's early val loss can be large but fine.)
+            if not (math.isfinite(loss_sum) and math.isfinite(v_loss)
+                    and loss_sum / seen_per_epoch <= DIVERGED_LOSS):
+                kept = (f"last good checkpoint kept: {checkpoint}" if checkpoint.is_file()
+                        else "no checkpoint written")
+                raise MnistlabError(
+                    f"dataset {dataset!r}, arch {hp.arch!r}: loss diverged (NaN/inf or mean "
+                    f"> {DIVERGED_LOSS:g}) in epoch {epoch}; "
+                    f"likely cause: learning rate too high (hparams.{hp.arch}.lr={hp.lr}) or "
+                    f"unnormalised inputs (hparams.{hp.arch}.normalize); {kept}"
+                )
+            row = {"epoch": epoch, "train_loss": loss_sum / seen_per_epoch,
+                   "train_accuracy": correct / seen_per_epoch,
+                   "val_loss": v_loss, "val_accuracy": v_acc, "lr": lr, "epoch_seconds": seconds,
+                   "train_seconds": train_s}
+            history.append(row)
+            if v_acc > best_acc:
+                best_acc = v_acc
+                best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+            bar.end_epoch(row["train_loss"], v_acc)
+            # DEBUG: the bar shows the run's progress; a line per epoch flooded the log
+            # (785 of them on the digits quickstart). MNISTLAB_LOG_LEVEL=DEBUG brings them back.
+            log.debug("%s epoch %d/%d: train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f "
+                      "(%.1fs)", tag, epoch, epochs, row["train_loss"], row["train_accuracy"],
+                      v_loss, v_acc, seconds)
+            if on_epoch is not None:
+                on_epoch(row)
+            if epoch % settings.checkpoint_every == 0 or epoch == epochs:
+                save(epoch)
 
     # Training time only (validation excluded), summed over every epoch, including
     # those done before a resume; so images/s counts exactly the images trained on.
@@ -416,4 +506,8 @@ def fit(built: Built, train: DeviceSplit, val: DeviceSplit, *, hp: HParams,
         "train_seconds": train_seconds,
         "train_images_per_second": len(history) * seen_per_epoch / train_seconds,
     }
+    if dist.is_main:
+        log.info("%s: %d epochs, %.1fs training (%.0f images/s); val_acc best %.4f, final %.4f",
+                 tag, epochs, train_seconds, summary["train_images_per_second"], best_acc,
+                 summary["final_val_accuracy"])
     return TrainResult(model, history, summary, best_state)

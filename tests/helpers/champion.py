@@ -9,7 +9,6 @@ any re-centring of a resized image makes) so that its answers do not hang on one
 
 from __future__ import annotations
 
-import copy
 import functools
 import io
 from pathlib import Path
@@ -18,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from helpers.repo import ROOT
+from helpers.repo import committed_params
 from mnistlab import artifacts, serving, tracking
-from mnistlab.config import TrainSettings, load_params
+from mnistlab.config import TrainSettings
 from mnistlab.data.digits import digits_as_mnist
 from mnistlab.data.sources import DIGIT_CLASSES
 from mnistlab.hparams import HParams
@@ -57,7 +56,7 @@ def train_model(split_dir: Path, model_pt: Path, arch: str = "mlp", epochs: int 
     """Train ``arch`` on the split (CPU, seconds) and write its ``model.pt`` as the train stage does."""
     from helpers.training import train_fit
 
-    params = copy.deepcopy(load_params(ROOT / "params.yaml"))
+    params = committed_params()
     params["hparams"][arch]["epochs"] = epochs
     if augment:
         params["hparams"][arch]["augment"] = augment

@@ -1,4 +1,5 @@
-"""Checks of what a run left behind: the one-line error of a failed stage, a PNG that decodes."""
+"""Checks of what a run left behind: the one-line error of a failed stage, a PNG that decodes,
+a titled picture of a readable size."""
 
 from __future__ import annotations
 
@@ -27,3 +28,18 @@ def assert_png(path: Path, min_side: int = 20) -> tuple[int, int]:
         im.load()  # decodes every pixel: a truncated file fails here
         assert min(im.size) >= min_side, (path, im.size)
         return im.size
+
+
+MIN_SIDE = 400  # px: issue #15 (a 32x482 kernel strip, a 150x210 grid with its title cut off)
+
+
+def assert_picture(path: Path, *title_has: str, min_side: int = MIN_SIDE) -> tuple[int, int]:
+    """A stage's picture: a PNG at least ``min_side`` px wide and tall whose ``Title`` text
+    chunk (what ``plots.save`` writes from the figure's title) holds every ``title_has``."""
+    size = assert_png(path, min_side)
+    with Image.open(path) as im:
+        title = im.text.get("Title", "")
+    assert title.strip(), f"{path.name}: no Title in the PNG"
+    for part in title_has:
+        assert part in title, (path.name, part, title)
+    return size

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from helpers.repo import ROOT, VENV_BIN, stage_env
+from helpers.repo import ROOT, VENV_BIN, committed_params, no_step_floor, stage_env
 from mnistlab import tracking
 from mnistlab.data.digits import write_digits
 from mnistlab.data.sources import DIGIT_CLASSES
@@ -126,8 +126,8 @@ def train_workspace(work: Path, epochs: int = EPOCHS) -> list[str]:
     write_digits(work / "data" / "raw" / "digits")
     split(work / "data" / "raw" / "digits", work / "data" / "split" / "digits",
           list(DIGIT_CLASSES), 0.1, 0.2, 1234, "digits")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"]["min_steps"] = 0
+    params = committed_params()
+    no_step_floor(params)
     params["hparams"]["mlp"]["epochs"] = epochs
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     return [sys.executable, str(ROOT / "stages" / "train.py"), "--dataset", "digits", "--arch", "mlp",

@@ -2,18 +2,50 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
+
+from mnistlab.config import load_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "datasets"
 VENV_BIN = Path(sys.executable).parent
+
+
+@functools.cache
+def committed_params_text() -> str:
+    """The text of params.yaml as committed (``git show HEAD:params.yaml``); the file itself without git.
+
+    Tests never read the working tree's params.yaml: ``dvc exp run -S hparams.mlp.lr=0.01``
+    or ``-S 'datasets=[mnist]'`` rewrites it (in DVC's own YAML style), and ``make test``
+    must pass after one. Without git history (a tarball, params.yaml not yet committed)
+    the working-tree file is all there is.
+    """
+    try:
+        # ./: relative to ROOT, not to the top of whatever repository holds it
+        return subprocess.run(["git", "show", "HEAD:./params.yaml"], cwd=ROOT, check=True,
+                              capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return (ROOT / "params.yaml").read_text()
+
+
+def committed_params() -> dict[str, Any]:
+    """The committed params.yaml, parsed as the stages parse it (a fresh dict: edit it freely)."""
+    return load_yaml(committed_params_text())
+
+
+def write_committed_params(path: Path) -> Path:
+    """The committed params.yaml written at ``path`` (for commands that take ``--params``)."""
+    path.write_text(committed_params_text())
+    return path
 
 
 def stage_env(tmp: Path) -> dict[str, str]:
@@ -30,9 +62,10 @@ def make_repo(repo: Path) -> Path:
     """What :func:`tmp_repo` makes, at ``repo`` (for module-scoped copies built once)."""
     tmp_path = repo.parent
     repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore"):
+    for name in ("dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore"):
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, repo / name)
+    write_committed_params(repo / "params.yaml")  # never the user's `dvc exp run -S` edits
     for d in ("stages", "src"):
         shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
@@ -69,3 +102,13 @@ def edit_params(repo: Path, edit: Callable[[dict], object]) -> None:
     params = yaml.safe_load(path.read_text())
     edit(params)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def no_step_floor(params: dict) -> dict:
+    """``params`` with no step floor at all: ``train.min_steps: 0`` and no arch's own
+    ``hparams.<arch>.min_steps`` (params.yaml gives lenet5 and cnn_4_8 one), so every
+    arch trains exactly its ``epochs``; returns ``params`` (changed in place)."""
+    params["train"]["min_steps"] = 0
+    for section in params["hparams"].values():
+        section.pop("min_steps", None)
+    return params

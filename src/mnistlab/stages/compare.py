@@ -34,6 +34,10 @@ split) and, when champions are registered, logged to the champion's MLflow run
 Each dataset's best model is registered in the MLflow model registry as
 ``<compare.registry_prefix>-<dataset>`` and given the alias ``compare.alias``
 (``champion``), so ``models:/mnistlab-digits@champion`` always loads the current best.
+
+Being the last stage, it prints the leaderboard and then where to look
+(:func:`where_to_look`): the files, each champion, the MLflow UI command for the
+tracking URI in use (credentials removed), ``dvc plots show`` and ``make predict``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -412,3 +417,54 @@ def export_champions(board: pd.DataFrame, paths: ComparePaths) -> dict[str, Path
                  check["n"], check["max_abs_diff"])
         out[row.dataset] = onnx
     return out
+
+
+# --------------------------------------------------------------------------- what the stage prints
+
+
+def mlflow_pointer(uri: str) -> str:
+    """How to look at the runs in ``uri``, with any credentials removed (:func:`tracking.redact`).
+
+    A server (http/https/databricks) is opened as it is; a store (sqlite, file,
+    postgresql...) is served with ``mlflow ui``, which binds 127.0.0.1 by default.
+    """
+    shown = tracking.redact(uri)
+    if shown.partition(":")[0] in ("http", "https", "databricks"):
+        line = f"open {shown}"
+    else:
+        line = f"mlflow ui --backend-store-uri {shlex.quote(shown)}"
+    return line + ("  (credentials removed)" if shown != uri else "")
+
+
+def where_to_look(board: pd.DataFrame, paths: ComparePaths,
+                  champions: dict[str, dict[str, Any]]) -> str:
+    """The block that ends the pipeline's output: where its results are and what to run next.
+
+    Args:
+        board: The ranked leaderboard (rank 1 of each dataset is its champion).
+        paths: The stage's paths (leaderboard, curves, models).
+        champions: ``champions.json``'s content: each registered champion's ``uri``
+            (empty when ``compare.register`` is off: the champion's model.pt instead).
+    """
+    models = {}
+    lines = ["", "Where to look:",
+             f"  leaderboard  {paths.out / 'leaderboard.md'}  (curves: {paths.curves})"]
+    for row in board[board["rank"] == 1].itertuples():
+        models[row.dataset] = (champions.get(row.dataset, {}).get("uri")
+                               or str(paths.models / row.dataset / row.arch / artifacts.MODEL))
+        lines.append(f"  champion     {row.dataset}: {row.arch} "
+                     f"(test_accuracy {row.test_accuracy:.4f}) -> {models[row.dataset]}")
+    lines += [f"  MLflow       {mlflow_pointer(tracking.tracking_uri())}",
+              "  DVC plots    dvc plots show  (writes dvc_plots/index.html)"]
+    if models:
+        first = next(iter(models.values()))
+        lines.append(f"  predict      make predict ARGS=\"my-digit.png --model {first}\"")
+    return "\n".join(lines) + "\n"
+
+
+def report(params: dict[str, Any], paths: ComparePaths) -> str:
+    """What ``stages/compare.py`` runs and prints: :func:`run_compare`, then the
+    leaderboard and :func:`where_to_look` (compare is the last stage of ``dvc repro``)."""
+    board = run_compare(params, paths)
+    champions = artifacts.read_json(paths.out / "champions.json", "the compare stage")
+    return to_markdown(board) + where_to_look(board, paths, champions)

@@ -5,14 +5,19 @@ are found by type and read with forward hooks, so a new builder in
 :mod:`mnistlab.models` gets its pictures for free.
 
 - every ``nn.Conv2d``: its kernels as an image grid (rows = output channels,
-  columns = input channels), and its output feature maps for one test image
-  per class (rows = classes, first column = the input image);
+  columns = input channels; a one-input layer's kernels reflowed into a square
+  grid labelled ``k0``, ``k1``, ...), and its output feature maps for one test
+  image per class (rows = classes, first column = the input image);
 - a network without convolutions (the MLP): the weights of the linear layer
-  that reads the raw pixels, each unit's row shown as a 28x28 image;
+  that reads the raw pixels, each unit's row shown as a 28x28 image (``u0``, ...);
 - every network: the penultimate-layer embedding of the whole test set (the
   input of the last ``nn.Linear``), saved with the labels, and mapped to 2-D
   with scikit-learn's PCA (all points) and t-SNE (a seeded subsample), coloured
   by class.
+
+Every picture is titled (the title also goes into the PNG's ``Title`` text chunk)
+and at least :data:`mnistlab.plots.MIN_SIDE` pixels wide and tall; grids are zoomed
+by whole pixels (nearest-neighbour) and label every cell, or every row and column.
 """
 
 from __future__ import annotations
@@ -34,11 +39,11 @@ from mnistlab.config import FeatureSettings, seed_of
 from mnistlab.errors import MnistlabError
 from mnistlab.inference import predict, to_device
 from mnistlab.models import load_model
-from mnistlab.utils import atomic_path, pick_device, torch_save
+from mnistlab.utils import pick_device, torch_save
 
 log = logging.getLogger(__name__)
 
-CELL = 28  # every kernel and feature map is drawn at MNIST's own size, to line up with the input
+CELL = 28  # kernels and feature maps are zoomed to at least MNIST's size, to line up with the input
 
 
 @dataclass(frozen=True)
@@ -116,58 +121,67 @@ def capture(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor, inp
 # --------------------------------------------------------------------------- image grids
 
 
-def _cells(t: torch.Tensor) -> torch.Tensor:
-    """[N, h, w] → [N, 1, CELL, CELL] by nearest upsampling (pixels stay visible as blocks)."""
-    return F.interpolate(t.unsqueeze(1).float(), size=(CELL, CELL), mode="nearest")
+def upscale(t: torch.Tensor, size: int = CELL) -> torch.Tensor:
+    """[N, h, w] → [N, h*f, w*f], f the least whole factor reaching ``size``: nearest-neighbour,
+    so each weight or activation stays one even square block (3x3 → 30x30, 7x7 → 28x28)."""
+    f = -(-size // max(t.shape[-2:]))
+    return t.float().repeat_interleave(f, -2).repeat_interleave(f, -1)
 
 
-def kernel_grid(weight: torch.Tensor, max_channels: int) -> torch.Tensor:
-    """Conv weights [O, I, k, k] → an image grid: row o, column i is kernel (o, i).
+def describe(layer: nn.Module) -> str:
+    """A layer in words for a title: ``Conv2d 1→32, 3×3`` or ``Linear 784→500``."""
+    if isinstance(layer, nn.Conv2d):
+        return f"Conv2d {layer.in_channels}→{layer.out_channels}, {'×'.join(map(str, layer.kernel_size))}"
+    if isinstance(layer, nn.Linear):
+        return f"Linear {layer.in_features}→{layer.out_features}"
+    return type(layer).__name__
 
-    At most ``max_channels`` rows and columns; each kernel is contrast-stretched
-    on its own (``scale_each``) since kernels in one layer differ in scale.
+
+def kernel_grid(weight: torch.Tensor, max_channels: int) -> plots.Grid:
+    """Conv weights [O, I, k, k] → a grid of the first ``max_channels`` outputs x inputs.
+
+    One input channel (a first layer): the O kernels reflowed into a near-square grid,
+    each labelled ``k<o>``, rather than one O x 1 strip. Several: row o, column i is
+    kernel (o, i), rows and columns labelled by channel.
     """
-    from torchvision.utils import make_grid
-
     w = weight.detach().float().cpu()[:max_channels, :max_channels]
     o, i = w.shape[:2]
-    return make_grid(_cells(w.reshape(o * i, *w.shape[2:])), nrow=i, normalize=True,
-                     scale_each=True, padding=2, pad_value=1.0)
+    cells = upscale(w.reshape(o * i, *w.shape[2:])).numpy()
+    if i == 1:
+        return plots.Grid(cells, ncol=int(np.ceil(np.sqrt(o))), cell_labels=[f"k{j}" for j in range(o)])
+    return plots.Grid(cells, ncol=i, row_labels=[str(j) for j in range(o)],
+                      col_labels=[str(j) for j in range(i)], xlabel="input channel",
+                      ylabel="output channel")
 
 
-def feature_map_grid(images: torch.Tensor, fmaps: torch.Tensor, max_channels: int) -> torch.Tensor:
+def feature_map_grid(images: torch.Tensor, fmaps: torch.Tensor, max_channels: int,
+                     row_labels: list[str]) -> plots.Grid:
     """One row per probe image: the input, then its first ``max_channels`` feature maps.
 
     Args:
         images: [n, 1, H, W] the probe inputs (normalised model input).
         fmaps: [n, C, h, w] a layer's output for them.
+        max_channels: Feature maps per row.
+        row_labels: The probe images' class names.
     """
-    from torchvision.utils import make_grid
-
     n = len(images)
-    maps = fmaps[:, :max_channels]
+    maps = fmaps.float()[:, :max_channels]
     c = maps.shape[1]
-    cells = torch.cat([_cells(images[:, 0]).view(n, 1, CELL, CELL),
-                       _cells(maps.reshape(n * c, *maps.shape[2:])).view(n, c, CELL, CELL)], 1)
-    return make_grid(cells.reshape(n * (c + 1), 1, CELL, CELL), nrow=c + 1, normalize=True,
-                     scale_each=True, padding=2, pad_value=1.0)
+    cells = upscale(maps.reshape(n * c, *maps.shape[2:]))  # [n*c, s, s]
+    size = tuple(cells.shape[-2:])
+    # the input at the maps' cell size (28 → 30 for 5x5 or 10x10 maps): nearest, as the maps
+    inp = F.interpolate(images[:, :1].float(), size=size, mode="nearest")  # [n, 1, s, s]
+    cells = torch.cat([inp, cells.view(n, c, *size)], 1).reshape(n * (c + 1), *size)
+    return plots.Grid(cells.numpy(), ncol=c + 1, row_labels=row_labels,
+                      col_labels=["input"] + [str(j) for j in range(c)],
+                      xlabel="output channel", ylabel="one test image per class")
 
 
-def weight_images(layer: nn.Linear, shape: tuple[int, ...], max_units: int) -> torch.Tensor:
-    """A pixel-reading linear layer's weight rows [units, C*H*W] shown as images [C,H,W]."""
-    from torchvision.utils import make_grid
-
+def weight_images(layer: nn.Linear, shape: tuple[int, ...], max_units: int) -> plots.Grid:
+    """A pixel-reading linear layer's weight rows [units, C*H*W] shown as images [H, W], ``u<j>``."""
     w = layer.weight.detach().float().cpu()[:max_units]
-    return make_grid(w.reshape(len(w), *shape)[:, :1], nrow=int(np.ceil(np.sqrt(len(w)))),
-                     normalize=True, scale_each=True, padding=2, pad_value=1.0)
-
-
-def save_grid(grid: torch.Tensor, path: Path) -> None:
-    """A [3, H, W] image grid in [0, 1] as a PNG, written atomically."""
-    from torchvision.utils import save_image
-
-    with atomic_path(path) as tmp:
-        save_image(grid, tmp, format="png")
+    return plots.Grid(w.reshape(len(w), *shape)[:, 0].numpy(), ncol=int(np.ceil(np.sqrt(len(w)))),
+                      cell_labels=[f"u{j}" for j in range(len(w))])
 
 
 def probe_indices(labels: torch.Tensor, num_classes: int) -> list[int]:
@@ -226,7 +240,7 @@ def embedding_map(emb: np.ndarray, labels: np.ndarray, classes: list[str], path:
         ax.set_yticks([])
     cbar = fig.colorbar(sc, cax=fig.add_axes((0.92, 0.1, 0.015, 0.7)), ticks=range(len(classes)))
     cbar.ax.set_yticklabels(classes, fontsize=8)
-    fig.suptitle(title)
+    plots.wrapped_title(fig, title, fontsize=12)
     plots.save(fig, path, tight=False)
     return {"tsne_points": len(idx), "tsne_seconds": tsne_seconds,
             "pca_explained_variance": float(pca.explained_variance_ratio_.sum())}
@@ -235,8 +249,34 @@ def embedding_map(emb: np.ndarray, labels: np.ndarray, classes: list[str], path:
 # --------------------------------------------------------------------------- the stage
 
 
+def kernel_title(k: int, name: str, conv: nn.Conv2d, max_channels: int) -> str:
+    """``conv2 '3' (Conv2d 6→16, 5×5): 16×6 kernels (output × input channel)``, + what is cut."""
+    o, i = conv.out_channels, conv.in_channels
+    head = f"conv{k} {name!r} ({describe(conv)}): "
+    if i == 1:
+        return head + f"{o} kernels" + (f", first {max_channels} shown" if o > max_channels else "")
+    cut = f", first {min(o, max_channels)}×{min(i, max_channels)} shown" \
+        if max(o, i) > max_channels else ""
+    return head + f"{o}×{i} kernels (output × input channel){cut}"
+
+
+def fmap_title(k: int, name: str, conv: nn.Conv2d, shape: tuple[int, ...], max_channels: int) -> str:
+    """``conv1 '0' (Conv2d 1→16, 5×5): output 16×28×28, one test image per class`` + what is cut."""
+    c = shape[0]
+    return (f"conv{k} {name!r} ({describe(conv)}): output {'×'.join(map(str, shape))}, "
+            f"one test image per class" + (f", first {max_channels} of {c} channels shown"
+                                           if c > max_channels else ""))
+
+
+def embedding_title(head_name: str, head: nn.Linear) -> str:
+    """What the embedding map shows, in words: the penultimate layer and its width."""
+    return (f"penultimate layer, {head.in_features} features (the input of the classifier "
+            f"{head_name!r}, {describe(head)}): PCA (left) / t-SNE (right)")
+
+
 def extract(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, classes: list[str],
-            settings: FeatureSettings, reports: Path) -> tuple[torch.Tensor, str, list[Path]]:
+            settings: FeatureSettings, reports: Path, tag: str = ""
+            ) -> tuple[torch.Tensor, str, list[Path]]:
     """Write every picture of ``model`` into ``reports``; return the test embeddings.
 
     Args:
@@ -246,26 +286,36 @@ def extract(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, classes: li
         classes: Class names.
         settings: Sizes of the grids and the embedding batch size.
         reports: Output folder for the PNGs.
+        tag: Put before each picture's title (``digits/lenet5``).
 
     Returns:
         ``(embeddings [N, D] float32 CPU, name of the head layer, PNG paths written)``.
     """
     written: list[Path] = []
-    probe = x[probe_indices(labels, len(classes))]
+    pre = f"{tag}: " if tag else ""
+    probe_idx = probe_indices(labels, len(classes))
+    probe = x[probe_idx]
+    probe_classes = [classes[int(labels[i])] for i in probe_idx]
     convs = conv_layers(model)
     if convs:
         fmaps = capture(model, dict(convs), probe)
         for k, (name, conv) in enumerate(convs, 1):
             stem = f"{k:02d}-{_slug(name)}"
-            save_grid(kernel_grid(conv.weight, settings.max_channels),
-                      reports / f"kernels-{stem}.png")
-            save_grid(feature_map_grid(probe.cpu(), fmaps[name], settings.max_channels),
-                      reports / f"fmaps-{stem}.png")
+            plots.image_grid(kernel_grid(conv.weight, settings.max_channels),
+                             reports / f"kernels-{stem}.png",
+                             pre + kernel_title(k, name, conv, settings.max_channels))
+            plots.image_grid(feature_map_grid(probe.cpu(), fmaps[name], settings.max_channels,
+                                              probe_classes), reports / f"fmaps-{stem}.png",
+                             pre + fmap_title(k, name, conv, tuple(fmaps[name].shape[1:]),
+                                              settings.max_channels))
             written += [reports / f"kernels-{stem}.png", reports / f"fmaps-{stem}.png"]
     elif (pl := pixel_linear(model, x)) is not None:
         name, layer = pl
-        save_grid(weight_images(layer, tuple(x.shape[1:]), settings.max_units),
-                  reports / f"weights-{_slug(name)}.png")
+        shown = min(layer.out_features, settings.max_units)
+        plots.image_grid(weight_images(layer, tuple(x.shape[1:]), settings.max_units),
+                         reports / f"weights-{_slug(name)}.png",
+                         f"{pre}linear {name!r} ({describe(layer)}): the input weights of "
+                         f"{shown} of {layer.out_features} units as {x.shape[-2]}×{x.shape[-1]} images")
         written.append(reports / f"weights-{_slug(name)}.png")
     else:
         log.warning("%s has neither convolutions nor a pixel-reading linear layer: "
@@ -292,12 +342,13 @@ def run_features(params: dict[str, Any], dataset: str, arch: str, paths: Feature
     x = to_device(images, labels, norm["mean"], norm["std"], device).x
 
     paths.reports.mkdir(parents=True, exist_ok=True)
-    emb, head, written = extract(model, x, labels, classes, settings, paths.reports)
+    emb, head, written = extract(model, x, labels, classes, settings, paths.reports,
+                                 f"{dataset}/{arch}")
     torch_save({"embeddings": emb, "labels": labels.clone(), "classes": list(classes),
                 "layer": head}, paths.out / artifacts.EMBEDDINGS)
     info = embedding_map(emb.numpy(), labels.numpy(), classes, paths.reports / "embedding-map.png",
                          seed_of(params), settings.tsne_max_points, settings.tsne_perplexity,
-                         f"{dataset}/{arch}: input of {head!r}, {emb.shape[1]}-d")
+                         f"{dataset}/{arch}: {embedding_title(*last_linear(model))}")
     written.append(paths.reports / "embedding-map.png")
     log.info("%s/%s: %d pictures, embeddings %s, t-SNE of %d points in %.1fs", dataset, arch,
              len(written), tuple(emb.shape), info["tsne_points"], info["tsne_seconds"])
