@@ -58,13 +58,19 @@ class Run:
         return f"{self.dataset}-{self.arch}"
 
 
+def _pairs(path: Path, cfg: dict[str, Any], key: str, required: bool = False) -> list[list[str]]:
+    """``cfg[key]``, checked to be a list of ``[dataset, arch]`` pairs (non-empty if ``required``)."""
+    value = cfg.get(key, [])
+    if not isinstance(value, list) or (required and not value) or not all(
+            isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r) for r in value):
+        raise MnistlabError(f"{path}: {key} must list [dataset, arch] pairs")
+    return value
+
+
 def load_config(path: Path) -> dict[str, Any]:
     """``ci/reproduce.yaml``, checked: runs, published numbers and targets."""
     cfg = load_params(path, what="reproduction config", keys=None)
-    runs = cfg.get("runs")
-    if not isinstance(runs, list) or not runs or not all(
-            isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r) for r in runs):
-        raise MnistlabError(f"{path}: runs must list [dataset, arch] pairs")
+    runs, also = _pairs(path, cfg, "runs", required=True), _pairs(path, cfg, "also")
     for arch, pub in (cfg.get("published") or {}).items():
         for key in ("dataset", "accuracy", "how", "test_subset", "tolerance"):
             if key not in (pub or {}):
@@ -72,10 +78,6 @@ def load_config(path: Path) -> dict[str, Any]:
         a, b = pub["test_subset"]
         if not (isinstance(a, int) and isinstance(b, int) and 0 <= a < b):
             raise MnistlabError(f"{path}: published.{arch}.test_subset must be [start, stop)")
-    also = cfg.get("also", [])
-    if not isinstance(also, list) or not all(
-            isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r) for r in also):
-        raise MnistlabError(f"{path}: also must list [dataset, arch] pairs")
     for r in runs:
         if r[1] not in (cfg.get("published") or {}) and r[0] not in (cfg.get("targets") or {}).get(r[1], {}):
             raise MnistlabError(f"{path}: run {r} has neither a published number nor a target")
