@@ -6,7 +6,7 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 PYTEST ?= -q
 
-.PHONY: setup run test lint predict exps ci-pipeline ci-gate baseline benchmark reproduce clean
+.PHONY: setup run test lint predict exps ci-pipeline ci-gate baseline benchmark benchmark-concurrency reproduce clean
 
 # Vega, Vega-Lite and vega-embed for `dvc plots show` offline (.dvc/plots.html loads them from
 # node_modules/, pinned with integrity in package-lock.json).
@@ -89,6 +89,11 @@ reproduce: setup
 # (benchmarks/results/loops-<device>.{json,md}); run on an otherwise idle machine.
 benchmark: setup
 	PATH="$(BIN):$$PATH" $(PY) benchmarks/compare_loops.py
+
+# N = 1, 2, 4 training runs at once on the CPU, train.threads: auto vs torch's default in every
+# run (benchmarks/results/concurrency-cpu.{json,md}, issue #14); on an otherwise idle machine.
+benchmark-concurrency: setup
+	PATH="$(BIN):$$PATH" $(PY) benchmarks/concurrency.py
 
 lint: setup
 	$(BIN)/ruff check src stages tests benchmarks

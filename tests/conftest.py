@@ -7,7 +7,10 @@ The helpers behind them, and those that several test modules share, live in ``te
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +23,15 @@ pytest.register_assert_rewrite("helpers")
 from helpers.http import Mirrors  # noqa: E402
 from helpers.repo import ROOT, SHARED, make_repo, write_committed_params  # noqa: E402
 
-# Tests are CPU-only and small; two threads match the CI machine.
+# Tests are CPU-only and small; two threads match the CI machine. In the environment too, so
+# that train.threads: auto (mnistlab.threads, where OMP_NUM_THREADS wins) keeps that count when
+# a test runs the train stage, in this process or in one it starts.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
+# Without OMP_NUM_THREADS, auto counts every training run of this user on the machine; tests
+# must not depend on what else runs there: this session's runs count only each other.
+os.environ.setdefault("MNISTLAB_THREAD_SLOTS", tempfile.mkdtemp(prefix="mnistlab-test-threads-"))
+atexit.register(shutil.rmtree, os.environ["MNISTLAB_THREAD_SLOTS"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -166,6 +166,15 @@ def device_name(key: str, value: Any) -> str:
     return value
 
 
+def thread_setting(key: str, value: Any) -> int | str:
+    """A thread-count setting: ``auto`` (:mod:`mnistlab.threads` decides) or a positive integer."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise MnistlabError(f"params.yaml: {key} must be auto or a positive integer (got {value!r})")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
     """Settings shared by every train stage (``train`` in params.yaml)."""
@@ -183,6 +192,8 @@ class TrainSettings:
     # Read by dvc.yaml's train command only: "python", or e.g.
     # "torchrun --standalone --nproc_per_node 2" to train each stage with DDP.
     launcher: str = "python"
+    # Torch threads per run: "auto" (usable cores / concurrent runs; mnistlab.threads) or N.
+    threads: int | str = "auto"
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainSettings:
@@ -195,6 +206,8 @@ class TrainSettings:
         if not isinstance(s.get("launcher", "python"), str) or not s.get("launcher", "python").strip():
             raise MnistlabError("params.yaml: train.launcher must be a command such as python or "
                                 f"'torchrun --standalone --nproc_per_node 2' (got {s['launcher']!r})")
+        if "threads" in s:
+            thread_setting("train.threads", s["threads"])
         for flag in ("deterministic", "bf16", "channels_last", "compile"):
             if flag in s:
                 boolean(f"train.{flag}", s[flag])

@@ -158,7 +158,9 @@ def run_shards(shards: list[Path], jobs: int, threads: int, what: str, timed: bo
     :func:`timed_repro` (stage by stage, ``timings.json``) instead of one ``dvc repro``.
     """
     env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db", "DVC_NO_ANALYTICS": "1",
-           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           # beats train.threads too, should params.yaml pin a count (mnistlab.threads)
+           "MNISTLAB_THREADS": str(threads)}
     env.pop("DVC_EXP_NAME", None)
     dvc = _dvc(env.get("PATH"))
     command = [sys.executable, "-m", "mnistlab.ci.copies", "timed-repro"] if timed else [dvc, "repro"]
