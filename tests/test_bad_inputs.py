@@ -6,8 +6,10 @@ of stderr) naming the culprit (a file, a params key, a URL), no traceback, and e
 output an earlier successful run produced byte-for-byte as it was.
 
 The earlier outputs are made once per module (download + split of digits, a one-epoch
-mlp, and a download of ``byo``, a small synthetic dataset in a folder), with the same
-functions the stage scripts call; each case works in its own copy. The in-process
+mlp with its evaluate, features and compare outputs, and a download of ``byo``, a small
+synthetic dataset in a folder), with the same functions the stage scripts call; each case
+works in its own copy. The MLflow cases give the tracking URI a password: it must show
+nowhere, neither in what the stage prints nor in any output. The in-process
 checks of the messages live in test_data/test_split/test_training; this is the
 subprocess version, with the outputs-intact check they cannot make.
 """
@@ -15,6 +17,8 @@ subprocess version, with the outputs-intact check they cannot make.
 from __future__ import annotations
 
 import gzip
+import json
+import os
 import re
 import shlex
 import shutil
@@ -29,6 +33,7 @@ import pytest
 import yaml
 from helpers.checks import assert_one_line_error
 from helpers.data import corrupt, dataset_files, gz, tree_digest
+from helpers.http import FailingServer
 from helpers.payload import plant_payload, plant_raw_payload
 from helpers.repo import edit_params, make_repo, no_step_floor, run, stage_env
 from helpers.tamper import flip_float_bit
@@ -38,11 +43,16 @@ from mnistlab.data.download import fetch
 from mnistlab.data.idx import IMAGES, LABELS, read_pair, write_idx
 from mnistlab.data.sources import DIGIT_CLASSES, resolve_source
 from mnistlab.data.split import split
+from mnistlab.stages.compare import ComparePaths, run_compare
+from mnistlab.stages.evaluate import EvalPaths, run_evaluation
+from mnistlab.stages.features import FeaturePaths, run_features
 from mnistlab.stages.train import TrainPaths, train
 
 pytestmark = pytest.mark.slow
 
-OUTPUTS = ("data", "models", "checkpoints", "metrics")  # every stage output in the repo
+# every stage output in the repo
+OUTPUTS = ("data", "models", "checkpoints", "metrics", "reports", "features", "exports")
+SECRET = "TopS3cret"  # the password in the tracking URI of the MLflow cases
 
 
 # --------------------------------------------------------------------------- helpers
@@ -82,7 +92,8 @@ def closed_port() -> int:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """A temp repo holding a successful download/split/train of digits-mlp and a download of byo."""
+    """A temp repo holding a successful download/split/train/evaluate/features of digits-mlp,
+    compare over it, and a download of byo."""
     repo = make_repo(tmp_path_factory.mktemp("bad-inputs") / "repo")
 
     def small(p: dict) -> None:
@@ -107,12 +118,22 @@ def workspace(tmp_path_factory) -> Path:
             fetch(resolve_source(params, ds), Path("data/raw") / ds, settings)
         split(Path("data/raw/digits"), Path("data/split/digits"), list(DIGIT_CLASSES),
               0.1, 0.2, params["seed"], "digits")
-        train(params, "digits", "mlp", TrainPaths(Path("data/split/digits"), Path("models/digits/mlp"),
-                                                  Path("metrics/digits/mlp"),
+        split_dir, model_dir = Path("data/split/digits"), Path("models/digits/mlp")
+        train(params, "digits", "mlp", TrainPaths(split_dir, model_dir, Path("metrics/digits/mlp"),
                                                   Path("checkpoints/digits/mlp/last.pt")))
+        run_evaluation(params, "digits", "mlp", EvalPaths(split_dir, model_dir, Path("metrics/digits/mlp"),
+                                                          Path("reports/digits/mlp/evaluate")))
+        run_features(params, "digits", "mlp", FeaturePaths(split_dir, model_dir, Path("features/digits/mlp"),
+                                                           Path("reports/digits/mlp/features")))
+        run_compare(params, ComparePaths(Path("metrics"), Path("models"), Path("reports"),
+                                         Path("reports/curves"), Path("data/split"), Path("exports"),
+                                         Path("reports/pairwise")))
     for f in ("data/raw/byo/manifest.json", "data/split/digits/train.pt", "models/digits/mlp/model.pt",
               "models/digits/mlp/run.json", "checkpoints/digits/mlp/last.pt",
-              "metrics/digits/mlp/train.json"):
+              "metrics/digits/mlp/train.json", "metrics/digits/mlp/test.json",
+              "reports/digits/mlp/evaluate/misclassified.png", "features/digits/mlp/embeddings.pt",
+              "reports/digits/mlp/features/embedding-map.png", "reports/leaderboard.md",
+              "reports/champions.json", "exports/digits/champion.onnx"):
         assert (repo / f).is_file(), f
     return repo
 
@@ -178,7 +199,96 @@ def _dead_url(repo: Path) -> None:
 
 
 def _unreachable_server(repo: Path) -> dict[str, str]:
-    return {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed_port()}"}
+    return {"MLFLOW_TRACKING_URI": f"http://bob:{SECRET}@127.0.0.1:{closed_port()}"}
+
+
+_SERVERS: dict[str, FailingServer] = {}  # the failing_server fixture's, while the module runs
+
+
+def _failing_server(repo: Path) -> dict[str, str]:
+    """A server that is up (``/health`` answers) but fails every MLflow call with HTTP 500."""
+    return {"MLFLOW_TRACKING_URI": _SERVERS["500"].url(f"bob:{SECRET}")}
+
+
+def _read_only_db(repo: Path) -> None:
+    """mlflow.db read-only: chmod 0444; for root, whom file modes do not stop, the immutable
+    attribute (chattr +i, undone after the run). Skipped where the file stays writable."""
+    db = repo / "mlflow.db"
+    db.chmod(0o444)  # first: an immutable file's mode cannot change
+    if os.geteuid() == 0 and shutil.which("chattr"):
+        subprocess.run(["chattr", "+i", str(db)], capture_output=True, check=False)
+    try:
+        with open(db, "r+b"):
+            pass
+    except OSError:
+        return  # the control: it really cannot be written
+    _writable_again(repo)
+    pytest.skip("cannot make mlflow.db read-only here (root, and no chattr +i on this file system)")
+
+
+def _writable_again(repo: Path) -> None:
+    db = repo / "mlflow.db"
+    if shutil.which("chattr"):
+        subprocess.run(["chattr", "-i", str(db)], capture_output=True, check=False)
+    db.chmod(0o644)
+
+
+_read_only_db.undo = _writable_again  # type: ignore[attr-defined]
+
+
+def _file_in_place_of(rel: str) -> Callable[[Path], None]:
+    """The folder ``rel`` replaced by a file: writing under it fails with ENOTDIR, an OSError
+    that root cannot override (unlike EACCES or EROFS from file modes)."""
+    def mutate(repo: Path) -> None:
+        shutil.rmtree(repo / rel)
+        (repo / rel).write_text("not a folder\n")
+    return mutate
+
+
+def _full_disk_at(rel: str) -> Callable[[Path], None]:
+    """The folder ``rel`` on a nearly full file system: a tmpfs holding a copy of its files and
+    256 KiB more, so the first large write fails with ENOSPC, the real OS error. Needs
+    ``mount`` (root where the container allows it); skipped elsewhere. ``undo`` puts what the
+    stage left on the tmpfs in place of the real folder before unmounting, so the
+    byte-identical check sees the stage's doing, not the copy it was given."""
+    def paths(repo: Path) -> tuple[Path, Path, Path]:
+        return repo / rel, repo.parent / "full-disk-original", repo.parent / "full-disk-left"
+
+    def mutate(repo: Path) -> None:
+        folder, original, _ = paths(repo)
+        if os.geteuid() != 0 or not shutil.which("mount"):
+            pytest.skip("a full disk needs mount (root)")
+        shutil.copytree(folder, original)
+        used = sum(f.stat().st_size for f in original.rglob("*") if f.is_file())
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={used // 1024 + 256}k", "tmpfs",
+                            str(folder)], capture_output=True, text=True)
+        if p.returncode:
+            shutil.rmtree(original)
+            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+        shutil.copytree(original, folder, dirs_exist_ok=True)
+
+    def undo(repo: Path) -> None:
+        folder, original, left = paths(repo)
+        shutil.copytree(folder, left)
+        subprocess.run(["umount", str(folder)], check=True)
+        shutil.rmtree(folder)
+        left.rename(folder)
+        shutil.rmtree(original)
+
+    mutate.undo = undo  # type: ignore[attr-defined]
+    return mutate
+
+
+def _mlflow_db_deleted(repo: Path) -> None:
+    (repo / "mlflow.db").unlink()
+
+
+def _run_deleted(repo: Path) -> None:
+    """The digits-mlp run deleted in the MLflow UI (run.json still names it)."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((repo / "models" / "digits" / "mlp" / "run.json").read_text())["run_id"]
+    MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").delete_run(run_id)
 
 
 def _payload_at(rel: str) -> Callable[[Path], None]:
@@ -223,6 +333,11 @@ def _train_json_na(repo: Path) -> None:
 
 BYO = ("download", {"item": "byo"})
 TRAIN = ("train", {"dataset": "digits", "arch": "mlp"})
+EVALUATE = ("evaluate", {"dataset": "digits", "arch": "mlp"})
+FEATURES = ("features", {"dataset": "digits", "arch": "mlp"})
+COMPARE = ("compare", {})
+UNREACHABLE = ["MLflow tracking server http://127.0.0.1:", "unreachable"]
+FAILING = ["MLflow tracking store http://127.0.0.1:", "too many 500 error responses"]
 SPLIT = ("split", {"item": "digits"})
 IMG = "byo-src/train-images-idx3-ubyte.gz"
 LAB = "byo-src/train-labels-idx1-ubyte.gz"
@@ -275,8 +390,32 @@ CASES = {
     # ---- runs
     "NaN loss": (*TRAIN, _hparam(lr=1e6, batch_size=32, epochs=2),
                  ["dataset 'digits', arch 'mlp': loss diverged", "epoch 1", "hparams.mlp.lr=1000000.0"]),
-    "tracking server unreachable": (*TRAIN, _unreachable_server,
-                                    ["MLflow tracking server http://127.0.0.1:", "unreachable"]),
+    "tracking server unreachable": (*TRAIN, _unreachable_server, UNREACHABLE),
+    # ---- the MLflow store, every stage that uses it (issue #10: the password was printed,
+    # after minutes of retries, beside outputs already rewritten)
+    "evaluate: server unreachable": (*EVALUATE, _unreachable_server, UNREACHABLE),
+    "features: server unreachable": (*FEATURES, _unreachable_server, UNREACHABLE),
+    "compare: server unreachable": (*COMPARE, _unreachable_server, UNREACHABLE),
+    "evaluate: server answers 500": (*EVALUATE, _failing_server, FAILING),
+    "features: server answers 500": (*FEATURES, _failing_server, FAILING),
+    "compare: server answers 500": (*COMPARE, _failing_server, FAILING),
+    "evaluate: read-only mlflow.db": (*EVALUATE, _read_only_db,
+                                      ["MLflow tracking store sqlite:///", "/mlflow.db: attempt to write "
+                                       "a readonly database"]),
+    "train: read-only mlflow.db": (*TRAIN, _read_only_db,
+                                   ["MLflow tracking store sqlite:///", "/mlflow.db: attempt to write "
+                                    "a readonly database"]),
+    "evaluate: mlflow.db deleted": (*EVALUATE, _mlflow_db_deleted,
+                                    ["models/digits/mlp/run.json: MLflow run ", "is not in tracking store "
+                                     "sqlite:///", "rerun `dvc repro -f train@digits-mlp`"]),
+    "features: run deleted in MLflow": (*FEATURES, _run_deleted,
+                                        ["models/digits/mlp/run.json: MLflow run ", "was deleted from "
+                                         "tracking store", "rerun `dvc repro -f train@digits-mlp`"]),
+    # ---- the file system
+    "train: disk full under models/": (*TRAIN, _full_disk_at("models/digits/mlp"),
+                                       ["models/digits/mlp", "No space left on device"]),
+    "evaluate: output folder is a file": (*EVALUATE, _file_in_place_of("reports/digits/mlp"),
+                                          ["reports/digits/mlp/evaluate: Not a directory"]),
     "pickle payload in last.pt": (*TRAIN, _payload_at("checkpoints/digits/mlp/last.pt"),
                                   ["checkpoints/digits/mlp/last.pt: refused to load", "posix.system",
                                    "weights_only=True"]),
@@ -309,6 +448,7 @@ class Outcome:
     before: dict[str, str]  # outputs_digest just before the failing run
     after: dict[str, str]
     payload_ran: bool
+    leaked: list[str]  # output files that hold the password
 
 
 def attempt(workspace: Path, case_dir: Path, kind: str) -> Outcome:
@@ -319,12 +459,27 @@ def attempt(workspace: Path, case_dir: Path, kind: str) -> Outcome:
     cmd = stage_cmd(repo, stage, **item)  # from the unbroken params.yaml (a case may make it unreadable)
     env = {**stage_env(repo), **(mutate(repo) or {})}
     before = outputs_digest(repo)
-    p = run(cmd, repo, check=False, env=env, timeout=300)
-    return Outcome(p, before, outputs_digest(repo), (case_dir / "PAYLOAD_RAN").exists())
+    try:
+        p = run(cmd, repo, check=False, env=env, timeout=300)
+    finally:
+        getattr(mutate, "undo", lambda repo: None)(repo)
+    leaked = [str(f.relative_to(repo)) for d in OUTPUTS if (repo / d).exists()
+              for f in (repo / d).rglob("*") if f.is_file() and SECRET.encode() in f.read_bytes()]
+    return Outcome(p, before, outputs_digest(repo), (case_dir / "PAYLOAD_RAN").exists(), leaked)
 
 
 @pytest.fixture(scope="module")
-def outcomes(workspace: Path, tmp_path_factory, request) -> Iterator[dict[str, Future]]:
+def failing_server() -> Iterator[FailingServer]:
+    """The server of the "answers 500" cases, up while this module's cases run."""
+    _SERVERS["500"] = server = FailingServer()
+    yield server
+    _SERVERS.clear()
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def outcomes(workspace: Path, failing_server: FailingServer, tmp_path_factory, request
+             ) -> Iterator[dict[str, Future]]:
     """The selected cases, run two at a time (each is one short, mostly single-threaded
     process: two CPU cores halve the wall time); each test waits for its own."""
     kinds = [item.callspec.params["kind"] for item in request.session.items
@@ -341,12 +496,15 @@ def test_bad_input_is_one_line_and_loses_nothing(outcomes: dict[str, Future], ki
     assert out.before, "no earlier outputs to protect"
     assert out.after == out.before, f"{kind}: an earlier output changed"
     assert not out.payload_ran, "the pickle payload ran"
+    assert SECRET not in out.process.stdout + out.process.stderr, "the password was printed"
+    assert not out.leaked, f"the password is in {out.leaked}"
 
 
 def test_the_cases_cover_the_issue():
     """At least 15 kinds, and each stage script that reads user input is exercised."""
     assert len(CASES) >= 15
-    assert {c[0] for c in CASES.values()} >= {"download", "split", "train", "evaluate"}
+    assert {c[0] for c in CASES.values()} >= {"download", "split", "train", "evaluate", "features",
+                                               "compare"}
 
 
 def test_the_unbroken_path_succeeds(workspace: Path, tmp_path: Path):

@@ -1,7 +1,8 @@
-"""Faults a real run meets: ``kill -9`` mid-training and mid-download, two experiments
-writing one MLflow sqlite store at once.
+"""Faults a real run meets: ``kill -9`` mid-training, after the last epoch and
+mid-download, SIGTERM mid-training, a failed ``dvc repro`` that deleted the stage's
+outputs, two experiments writing one MLflow sqlite store at once.
 
-All of them drive real processes (``dvc repro``, the stage scripts) and kill them
+All of them drive real processes (``dvc repro``, the stage scripts). Most kill them
 with SIGKILL, the one signal nothing can catch or clean up after: whatever state a
 rerun finds is exactly what a power cut would leave.
 """
@@ -24,7 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.checks import assert_one_line_error
 from helpers.data import dataset_files, gz, md5, tree_digest
+from helpers.mlflow import free_port, train_workspace
 from helpers.repo import (
     ROOT,
     committed_params,
@@ -152,6 +155,235 @@ def test_kill9_mid_training_then_repro_resumes_bit_identical(tmp_path: Path):
     assert runs[0].info.run_id == json.loads((cut / "models/digits" / ARCH / "run.json").read_text())["run_id"]
     steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_accuracy"))
     assert steps == list(range(1, EPOCHS + 1))
+
+
+# --------------------------------------------------------------------------- SIGTERM, kill -9 after the last epoch
+
+# The train stage of helpers.mlflow.train_workspace (mlp on digits, run as dvc.yaml runs it)
+CKPT = Path("checkpoints/digits/mlp/last.pt")
+MODEL_DIR = Path("models/digits/mlp")
+
+
+def pinned_env(work: Path) -> dict[str, str]:
+    """The stage environment with one torch thread: CPU weights are bit-identical only at
+    one thread count, and two runs compared must not depend on what else is running."""
+    return {**stage_env(work), "OMP_NUM_THREADS": "1", "MNISTLAB_THREADS": "1"}
+
+
+def start_stage(cmd: list[str], work: Path, name: str) -> tuple[subprocess.Popen, Path, Path]:
+    """Start a stage script in its own process group, stdout and stderr to two files."""
+    out, err = work.parent / f"{name}.out", work.parent / f"{name}.err"
+    proc = subprocess.Popen(cmd, cwd=work, env=pinned_env(work), stdout=out.open("w"),
+                            stderr=err.open("w"), start_new_session=True)
+    return proc, out, err
+
+
+def wait_for(cond, proc: subprocess.Popen, err: Path, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, f"exited {proc.returncode} before {what}:\n{err.read_text()}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s:\n{err.read_text()}"
+        time.sleep(0.02)
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch of the checkpoint at ``path``; 0 if there is none yet."""
+    return torch_load(path)["epoch"] if path.is_file() else 0
+
+
+def rerun_stage(cmd: list[str], work: Path) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=work, env=pinned_env(work), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr
+    return p
+
+
+def runs_in(work: Path, dataset: str = "digits") -> tuple:
+    """(client, every run of the dataset's experiment) in ``work``'s own store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(tracking.experiment_name(dataset))
+    return client, client.search_runs([exp.experiment_id])
+
+
+def assert_one_finished_run(work: Path, run_id: str) -> list:
+    """``run_id`` is the one FINISHED run of digits x mlp, none is RUNNING, run.json names it;
+    returns every run of the experiment."""
+    _, runs = runs_in(work)
+    status = {r.info.run_id: r.info.status for r in runs}
+    assert [i for i, s in status.items() if s == "FINISHED"] == [run_id], status
+    assert "RUNNING" not in status.values(), status
+    assert json.loads((work / MODEL_DIR / "run.json").read_text())["run_id"] == run_id
+    return runs
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch_load(path)["state_dict"]
+
+
+def test_a_stop_signal_is_one_error_line_and_exit_128_plus_its_number(capsys):
+    """Any stage: SIGTERM raises (so clean-ups run) and ends as ``error: stopped by SIGTERM``,
+    exit 143 as a shell reports it; the process's own handlers are put back afterwards."""
+    from mnistlab.errors import run_stage
+
+    before = signal.getsignal(signal.SIGTERM)
+    cleaned = []
+
+    def main() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # never reached: the handler raises at once
+        finally:
+            cleaned.append(True)
+
+    with pytest.raises(SystemExit) as e:
+        run_stage(main)
+    assert e.value.code == 128 + signal.SIGTERM and cleaned == [True]
+    assert capsys.readouterr().err.splitlines()[-1] == "error: stopped by SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.slow
+def test_sigterm_mid_training_is_one_line_a_killed_run_and_a_bit_identical_resume(tmp_path: Path):
+    """SIGTERM (a CI timeout, docker stop, a scheduler): one error line naming what to rerun,
+    exit 143, the MLflow run KILLED (not RUNNING forever); the rerun resumes in that run
+    and ends with the weights of a run that was never stopped."""
+    epochs = 40  # ~0.1-0.2 s each: the signal lands well inside training
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    cmd = train_workspace(cut, epochs)
+    train_workspace(whole, epochs)
+
+    proc, out, err = start_stage(cmd, cut, "stopped")
+    try:
+        wait_for(lambda: (cut / CKPT).is_file(), proc, err, "checkpoint")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    stopped = subprocess.CompletedProcess(cmd, proc.returncode, out.read_text(), err.read_text())
+    assert_one_line_error(stopped, "stopped by SIGTERM during train@digits-mlp",
+                          f"rerun `dvc repro` to resume from {CKPT}", code=128 + signal.SIGTERM)
+    done = checkpoint_epoch(cut / CKPT)
+    assert 1 <= done < epochs, f"stopped too late to test a resume (epoch {done} of {epochs})"
+    run_id = torch_load(cut / CKPT)["run_id"]
+    client, runs = runs_in(cut)
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "KILLED")]
+    assert not (cut / MODEL_DIR / "run.json").exists()
+
+    rerun = rerun_stage(cmd, cut)
+    assert f"resuming from {CKPT} after epoch {done}/{epochs}" in rerun.stderr, rerun.stderr
+    assert_one_finished_run(cut, run_id)
+    assert len(runs_in(cut)[1]) == 1
+    steps = {m.step for m in client.get_metric_history(run_id, "val_accuracy")}
+    assert steps == set(range(1, epochs + 1))
+
+    rerun_stage(cmd, whole)  # the reference: never stopped
+    for name in ("model.pt", "best.pt"):
+        a, b = weights(whole / MODEL_DIR / name), weights(cut / MODEL_DIR / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}: {k} differs"
+    assert _history(cut / "metrics/digits/mlp/history.csv") == \
+        _history(whole / "metrics/digits/mlp/history.csv")
+
+
+@pytest.mark.slow
+def test_kill9_after_the_last_epoch_then_rerun_leaves_one_finished_run(tmp_path: Path):
+    """kill -9 once the last epoch's checkpoint is written (while the models are saved and
+    logged: the ~4 s before the run ends). The rerun reuses the finished checkpoint *and its
+    run*: one FINISHED run, none RUNNING, no logged model left PENDING. A run that another
+    killed process left RUNNING (its process gone) is marked KILLED, with the reason."""
+    from mlflow.entities import LoggedModelStatus
+
+    epochs = 3
+    work = tmp_path / "work"
+    cmd = train_workspace(work, epochs)
+    proc, _, err = start_stage(cmd, work, "killed")
+    try:
+        wait_for(lambda: checkpoint_epoch(work / CKPT) == epochs, proc, err, "last checkpoint")
+    finally:
+        kill9(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (work / MODEL_DIR / "run.json").exists(), "killed too late: the run had ended"
+    run_id = torch_load(work / CKPT)["run_id"]
+    client, runs = runs_in(work)
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "RUNNING")]
+
+    # Another leftover: a process that opened a run of digits x mlp and died without ending it.
+    subprocess.run([sys.executable, "-c", "import os; from mnistlab import tracking; "
+                    "tracking.start_run('digits', 'mlp', {}, {}); os._exit(9)"],
+                   cwd=work, env=pinned_env(work), capture_output=True, timeout=300)
+    orphan = [r.info.run_id for r in runs_in(work)[1] if r.info.run_id != run_id]
+    assert len(orphan) == 1
+
+    rerun = rerun_stage(cmd, work)
+    assert "is a finished run with these exact params, data and code; reusing it" in rerun.stderr
+    runs = assert_one_finished_run(work, run_id)
+    assert len(runs) == 2
+    ended = client.get_run(orphan[0])
+    assert ended.info.status == "KILLED"
+    assert "killed" in ended.data.tags[tracking.ENDED_TAG]
+    assert run_id in ended.data.tags[tracking.ENDED_TAG]
+    models = client.search_logged_models([ended.info.experiment_id],
+                                         f"source_run_id = '{run_id}'")
+    assert LoggedModelStatus.READY in {m.status for m in models}
+    assert LoggedModelStatus.PENDING not in {m.status for m in models}
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "val_accuracy"))
+    assert steps == list(range(1, epochs + 1))
+
+
+# --------------------------------------------------------------------------- outputs deleted by dvc repro
+
+
+@pytest.mark.slow
+def test_outputs_a_failed_repro_deleted_come_back_from_the_checkpoint(tmp_path: Path):
+    """``dvc repro`` deletes a stage's outputs (all but ``persist``) before its command runs;
+    a command that then fails leaves them gone. The rerun rebuilds them from the finished
+    checkpoint (persist: kept): nothing retrained, the same MLflow run, bit-identical files."""
+    repo = make_repo(tmp_path / "repo")
+    stage = "train@digits-mlp"
+
+    def small(p: dict) -> None:
+        p["datasets"], p["archs"] = ["digits"], ["mlp"]
+        no_step_floor(p)
+        p["hparams"]["mlp"]["epochs"] = 3
+
+    edit_params(repo, small)
+    env = pinned_env(repo)
+    run(["dvc", "repro", stage], repo, env=env)
+    metrics = repo / "metrics" / "digits" / "mlp"
+    before = {name: (repo / MODEL_DIR / name).read_bytes() for name in ("model.pt", "best.pt",
+                                                                         "run.json")}
+    ckpt_bytes = (repo / CKPT).read_bytes()
+    summary, history = _summary(metrics / "train.json"), _history(metrics / "history.csv")
+    seconds = json.loads((metrics / "train.json").read_text())["train_seconds"]
+    run_id = json.loads(before["run.json"])["run_id"]
+
+    # A change DVC re-runs the stage for (eval_batch_size is not in the checkpoint's
+    # fingerprint), with the tracking server down: the command fails.
+    edit_params(repo, lambda p: p["train"].__setitem__("eval_batch_size", 100))
+    down = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    failed = run(["dvc", "repro", stage], repo, check=False, env=down)
+    assert failed.returncode != 0 and "unreachable" in failed.stdout + failed.stderr
+    # What DVC removed before running it: the model folder and both metrics files.
+    assert not (repo / MODEL_DIR).exists()
+    assert not (metrics / "train.json").exists() and not (metrics / "history.csv").exists()
+    assert (repo / CKPT).read_bytes() == ckpt_bytes  # persist: kept
+
+    again = run(["dvc", "repro", stage], repo, env=env)
+    log = again.stdout + again.stderr
+    assert "reusing it" in log and "resuming" not in log, log
+    for name, blob in before.items():
+        assert (repo / MODEL_DIR / name).read_bytes() == blob, name
+    assert _summary(metrics / "train.json") == summary
+    # train_seconds sums the checkpoint's epochs: the same to the bit, so nothing was retrained
+    assert json.loads((metrics / "train.json").read_text())["train_seconds"] == seconds
+    assert _history(metrics / "history.csv") == history
+    assert (repo / CKPT).read_bytes() == ckpt_bytes
+    _, runs = runs_in(repo)
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]
 
 
 # --------------------------------------------------------------------------- kill -9 while downloading

@@ -238,10 +238,17 @@ def test_reruns_reuse_finished_checkpoints_and_restart_on_changed_params(params,
     first_id = run_id_of(p)
 
     # A setting outside the fingerprint changed (DVC re-runs the stage): the finished
-    # checkpoint is reused, nothing retrained, and the new run still holds every
-    # epoch's metrics and the model.
+    # checkpoint is reused, nothing retrained, and its own run (the checkpoint names it)
+    # is completed again, not duplicated: it still holds every epoch's metrics, once, and
+    # the model.
     other_eval = copy.deepcopy(params)
     other_eval["train"]["eval_batch_size"] = 100
+    exp_id = client.get_run(first_id).info.experiment_id
+
+    def run_ids() -> set[str]:
+        return {r.info.run_id for r in client.search_runs([exp_id])}
+
+    runs_before = run_ids()
     with caplog.at_level(logging.INFO, logger="mnistlab"):
         again = train(other_eval, "digits", "mlp", p)
     assert "reusing it" in caplog.text
@@ -249,7 +256,8 @@ def test_reruns_reuse_finished_checkpoints_and_restart_on_changed_params(params,
     assert {k: v for k, v in again.items() if k != "tracking_seconds"} == \
         {k: v for k, v in first.items() if k != "tracking_seconds"}
     reuse_id = run_id_of(p)
-    assert reuse_id != first_id and client.get_run(reuse_id).info.status == "FINISHED"
+    assert reuse_id == first_id and client.get_run(reuse_id).info.status == "FINISHED"
+    assert run_ids() == runs_before  # no new run
     for name in EPOCH_METRICS:
         assert steps(client, reuse_id, name) == [1, 2], name
     assert {a.path for a in client.list_artifacts(reuse_id, "checkpoints")} == {
@@ -272,6 +280,47 @@ def test_reruns_reuse_finished_checkpoints_and_restart_on_changed_params(params,
     a, b = torch_load(p.model_dir / "model.pt"), torch_load(fresh.model_dir / "model.pt")
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+
+
+def test_a_run_left_running_is_ended_when_a_new_run_replaces_it(params, split_dir, workdir):
+    """A run an older crash left RUNNING (no owner recorded: made before runs had one), named
+    by a checkpoint the new params do not resume, is marked KILLED when the new run replaces
+    it, tagged with why. A RUNNING run whose process is alive (this one) is left alone:
+    parallel experiments share a store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking.tracking_uri())
+    p = paths_in(workdir, split_dir)
+    train(params, "digits", "mlp", p)
+    old = run_id_of(p)
+    client.update_run(old, status="RUNNING")
+    client.delete_tag(old, tracking.OWNER_TAG)
+    live = tracking.start_run("digits", "mlp", {}, {"dvc_stage": "test"})  # held by this process
+
+    new_lr = copy.deepcopy(params)
+    new_lr["hparams"]["mlp"]["lr"] = 0.002
+    train(new_lr, "digits", "mlp", p)
+    new = run_id_of(p)
+    assert new != old and client.get_run(new).info.status == "FINISHED"
+    ended = client.get_run(old)
+    assert ended.info.status == "KILLED"
+    assert f"replaced by run {new}" in ended.data.tags[tracking.ENDED_TAG]
+    assert client.get_run(live).info.status == "RUNNING"
+    tracking.set_terminated(live, "KILLED")
+
+
+def test_a_runs_owner_is_gone_only_when_that_is_sure():
+    host = socket.gethostname()
+    assert not tracking.owner_gone(tracking.owner())  # this process
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    pid = int(ended.stdout)
+    assert tracking.owner_gone(f"{host}:{pid}:")
+    assert not tracking.owner_gone(f"another-{host}:{pid}:")  # another machine: cannot tell
+    assert not tracking.owner_gone("no owner") and not tracking.owner_gone(f"{host}:x:1")
+    if Path("/proc/self/stat").is_file():  # a live pid that started at another time: reused
+        me = tracking.owner().rsplit(":", 1)[0]
+        assert tracking.owner_gone(f"{me}:1")
 
 
 # --------------------------------------------------------------------------- failures

@@ -94,6 +94,17 @@ def load_resumable(path: Path, fingerprint: str) -> dict[str, Any] | None:
     return ckpt
 
 
+def recorded_run_id(path: Path) -> str | None:
+    """The MLflow run id a checkpoint names, whatever its fingerprint; None if it names
+    none or cannot be read. Never raises: it only says which run a new one replaces."""
+    try:
+        ckpt = torch_load(path) if path.is_file() else None
+    except Exception:  # noqa: BLE001 - load_resumable has already judged the file
+        return None
+    run_id = ckpt.get("run_id") if isinstance(ckpt, dict) else None
+    return run_id if isinstance(run_id, str) and run_id else None
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write a sealed checkpoint atomically (a kill mid-write leaves the previous one intact)."""
     torch_save(seal(state), path)

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import os
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -124,6 +125,8 @@ def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
     _no_url_printing(uri)
+    _fail_fast()
+    _no_logged_tracebacks()
     with _schema_lock(uri):
         return MlflowClient(uri)  # opens the store: a fresh sqlite file gets its schema here
 
@@ -170,6 +173,42 @@ def _no_url_printing(uri: str) -> None:
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
+# MLflow's HTTP client, as a stage uses it when the user has not tuned it: 3 retries, after
+# 0, 2 and 4 s (+ up to 1 s of jitter each), and 30 s of silence before a request fails.
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def _fail_fast() -> None:
+    """Give MLflow's HTTP client the :data:`FAIL_FAST` settings the user has not set.
+
+    Why: its defaults (7 retries, backoff factor 2, 120 s timeout) are made to ride out
+    minutes of rate limiting; a stage talking to a dead or failing server spent 259-342 s
+    retrying before its error. A server that is down when a stage starts is caught by
+    :func:`check_reachable` at once; one that dies or fails later now costs ~8 s. MLflow
+    reads these variables on every request, so setting them once is enough.
+    """
+    for name, value in FAIL_FAST.items():
+        os.environ.setdefault(name, value)
+
+
+def _no_logged_tracebacks() -> None:
+    """Keep MLflow's database store (sqlite) from logging, traceback and SQL included, each
+    database error it then raises (~90 lines before the one that says what happened).
+
+    The error itself still reaches :func:`mnistlab.errors.run_stage`, which says it in one
+    line naming mlflow.db and the cause ("attempt to write a readonly database"); with
+    ``MNISTLAB_DEBUG=1`` both are kept.
+    """
+    store_log = logging.getLogger("mlflow.store.db.utils")
+    if os.environ.get("MNISTLAB_DEBUG", "") in ("", "0") and _drop_tracebacks not in store_log.filters:
+        store_log.addFilter(_drop_tracebacks)
+
+
+def _drop_tracebacks(record: logging.LogRecord) -> bool:
+    return record.exc_info is None  # "SQLAlchemy database error. The following exception ..."
+
+
 @retry_locked
 def _experiment_id(c, name: str) -> str:
     """Id of experiment ``name``, created if missing (race-safe between parallel stages)."""
@@ -195,6 +234,29 @@ def dvc_tags(stage: str) -> dict[str, str]:
     return tags
 
 
+def require_run(run_id: str, run_file: Path, stage: str) -> None:
+    """Stop before any compute if ``run_id`` (named by ``run_file``) is not an active run of the
+    store: deleted in the UI, or the store is another one (``mlflow.db`` deleted or moved,
+    another ``MLFLOW_TRACKING_URI``). One line naming the file, the run, the store and the fix
+    (``stage``: the train stage that makes a new run), where MLflow's own answer to the first
+    write would be "Run with id=... not found" after the stage's work was done.
+    """
+    from mlflow.exceptions import MlflowException
+
+    store = redact(tracking_uri())
+    try:
+        run = retry_locked(client().get_run)(run_id)
+    except MlflowException as e:
+        if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise  # the store itself failed: errors.run_stage says how, in one line
+        run = None
+    if run is None or run.info.lifecycle_stage != "active":
+        state = "was deleted from" if run is not None else "is not in"
+        raise MnistlabError(f"{run_file}: MLflow run {run_id} {state} tracking store {store} "
+                            f"(mlflow.db deleted or another MLFLOW_TRACKING_URI?); rerun "
+                            f"`dvc repro -f {stage}` to train into a new run")
+
+
 def reopen_run(run_id: str) -> bool:
     """Mark an existing, not deleted run as RUNNING again; False if it is gone."""
     c = client()
@@ -208,7 +270,115 @@ def reopen_run(run_id: str) -> bool:
         log.warning("MLflow run %s was deleted; starting a new run", run_id)
         return False
     retry_locked(c.update_run)(run_id, status="RUNNING")
+    retry_locked(c.set_tag)(run_id, OWNER_TAG, owner())  # now held by this process
     return True
+
+
+# --------------------------------------------------------------------------- RUNNING runs
+
+# Which process holds a run RUNNING ("host:pid:start", start: when that process began,
+# where the OS tells), so that a later train stage can tell a run whose process was
+# killed (kill -9, a power cut: nothing could close it) from one still training.
+OWNER_TAG = "mnistlab.owner"
+# Why a run was ended by another process than its own (shown in the MLflow UI).
+ENDED_TAG = "mnistlab.ended"
+
+
+def _process_start(pid: int) -> str:
+    """When process ``pid`` started (Linux: clock ticks after boot, from /proc); "" if
+    unknown; "Z" for a zombie (dead, not yet waited for by its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat.rpartition(")")[2].split()  # after "(comm)", which may hold spaces
+    if len(fields) <= 19:
+        return ""
+    return "Z" if fields[0] == "Z" else fields[19]  # field 3: state; field 22: starttime
+
+
+def owner() -> str:
+    """This process, as :data:`OWNER_TAG` records it."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+
+
+def owner_gone(tag: str) -> bool:
+    """True only when sure that the process :func:`owner` described no longer runs: it ran
+    on this host, and no process has its pid, or the one that has it started at another time."""
+    parts = tag.rsplit(":", 2)
+    if len(parts) != 3 or os.name == "nt":  # Windows: os.kill(pid, 0) would end the process
+        return False
+    host, pid_text, start = parts
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists (another user's) or cannot tell
+        pass
+    now = _process_start(int(pid_text))
+    return bool(start and now) and now != start
+
+
+def end_stale_runs(dataset: str, arch: str, keep: str, replaced: str | None = None) -> list[str]:
+    """Mark KILLED, tagged with why (:data:`ENDED_TAG`), every run of ``dataset`` x ``arch``
+    left RUNNING by a train stage that no longer runs; return their ids.
+
+    Stale: its :data:`OWNER_TAG` names a process of this host that is gone; or it is
+    ``replaced`` (the run of the checkpoint this stage does not resume) and was not
+    started on this host (or before runs had owners). A run still training, here or
+    (as far as anyone can tell) elsewhere, is left alone: parallel experiments share a store.
+
+    Args:
+        dataset: The dataset (its experiment is searched).
+        arch: The architecture.
+        keep: This stage's own run, never touched.
+        replaced: The run id of a checkpoint that this stage does not resume, if any.
+    """
+    c = client()
+    exp = retry_locked(c.get_experiment_by_name)(experiment_name(dataset))
+    if exp is None:
+        return []
+    # Tags compared here, not in the filter: dataset names need no quoting rules then.
+    runs = retry_locked(c.search_runs)([exp.experiment_id], "attributes.status = 'RUNNING'",
+                                       max_results=1000)
+    ended = []
+    for r in runs:
+        tags, run_id = r.data.tags, r.info.run_id
+        if run_id == keep or tags.get("dataset") != dataset or tags.get("arch") != arch:
+            continue
+        held_by = tags.get(OWNER_TAG)
+        here = held_by is not None and held_by.rsplit(":", 2)[0] == socket.gethostname()
+        if held_by is not None and here and owner_gone(held_by):
+            pid = held_by.rsplit(":", 2)[1]
+            why = (f"left RUNNING by train process {pid} on this host, which was killed "
+                   f"before it could end the run; marked KILLED by run {keep}")
+        elif run_id == replaced and not here:
+            why = (f"left RUNNING by an interrupted train stage whose checkpoint was not "
+                   f"resumed (other params, data or code); replaced by run {keep}")
+        else:
+            continue
+        retry_locked(c.set_tag)(run_id, ENDED_TAG, why)
+        retry_locked(c.set_terminated)(run_id, "KILLED")
+        log.warning("MLflow run %s: %s", run_id, why)
+        ended.append(run_id)
+    return ended
+
+
+def fail_pending_models(run_id: str) -> list[str]:
+    """Mark FAILED the run's logged models still PENDING (a log_model cut short by a kill);
+    return their ids. Their files may be partial: nothing should load them as READY."""
+    from mlflow.entities import LoggedModelStatus
+
+    c = client()
+    exp_id = retry_locked(c.get_run)(run_id).info.experiment_id
+    models = retry_locked(c.search_logged_models)([exp_id], f"source_run_id = '{run_id}'")
+    pending = [m.model_id for m in models if m.status == LoggedModelStatus.PENDING]
+    for model_id in pending:
+        retry_locked(c.finalize_logged_model)(model_id, LoggedModelStatus.FAILED)
+    return pending
 
 
 def start_run(dataset: str, arch: str, params: dict[str, Any], tags: dict[str, str]) -> str:
@@ -218,7 +388,7 @@ def start_run(dataset: str, arch: str, params: dict[str, Any], tags: dict[str, s
         dataset: Dataset name (selects the experiment ``mnistlab/<dataset>``).
         arch: Architecture name.
         params: Logged as run params in one batch (values as strings).
-        tags: Run tags; ``dataset`` and ``arch`` are added.
+        tags: Run tags; ``dataset``, ``arch`` and :data:`OWNER_TAG` are added.
     """
     from mlflow.entities import Param
 
@@ -227,7 +397,8 @@ def start_run(dataset: str, arch: str, params: dict[str, Any], tags: dict[str, s
     c = client()
     exp_id = _experiment_id(c, experiment_name(dataset))
     run = retry_locked(c.create_run)(exp_id, run_name=f"{dataset}-{arch}",
-                                     tags={"dataset": dataset, "arch": arch, **tags})
+                                     tags={"dataset": dataset, "arch": arch, **tags,
+                                           OWNER_TAG: owner()})
     retry_locked(c.log_batch)(run.info.run_id, params=[Param(k, str(v)[:6000])
                                                        for k, v in sorted(params.items())])
     return run.info.run_id
@@ -397,6 +568,7 @@ def fluent_uri(uri: str) -> Iterator[None]:
     saved_global = mlflow_tracking_utils._tracking_uri
     saved_env = os.environ.get("MLFLOW_TRACKING_URI")
     _no_url_printing(uri)
+    _fail_fast()
     mlflow.set_tracking_uri(uri)
     try:
         yield

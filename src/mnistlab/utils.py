@@ -10,6 +10,7 @@ import os
 import pickletools
 import random
 import re
+import shutil
 import struct
 import subprocess
 import tempfile
@@ -42,8 +43,67 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        # A writer that reports a full disk without the file (torch.save, zipfile, json.dump:
+        # "[Errno 28] No space left on device") gets it here, so the one error line names it.
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class Staging:
+    """Outputs written to a temp folder under their final names, put in place all at once.
+
+    :meth:`path` and :meth:`folder` give the stand-in of a final file or folder; :func:`staged`
+    publishes every file written there only when the whole stage has succeeded.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.folders: dict[Path, Path] = {}  # final folder -> its stand-in
+
+    def folder(self, final: str | os.PathLike) -> Path:
+        """The (empty, at first) stand-in of the folder ``final``."""
+        final = Path(final)
+        if final not in self.folders:
+            self.folders[final] = self.root / str(len(self.folders))
+            self.folders[final].mkdir()
+        return self.folders[final]
+
+    def path(self, final: str | os.PathLike) -> Path:
+        """The stand-in of the file ``final`` (same name: MLflow names artifacts after files)."""
+        return self.folder(Path(final).parent) / Path(final).name
+
+    def publish(self) -> list[Path]:
+        """Copy every staged file over its final path; none is replaced unless all copies
+        are complete (each goes through :func:`atomic_path`). Returns the final paths."""
+        done = []
+        with contextlib.ExitStack() as renames:  # on exit, without error: every rename
+            for final, stand_in in self.folders.items():
+                final.mkdir(parents=True, exist_ok=True)  # a DVC output folder, even if empty
+                for src in sorted(stand_in.rglob("*")):
+                    if src.is_file():
+                        dst = final / src.relative_to(stand_in)
+                        shutil.copyfile(src, renames.enter_context(atomic_path(dst)))
+                        done.append(dst)
+        return done
+
+
+@contextlib.contextmanager
+def staged() -> Iterator[Staging]:
+    """A :class:`Staging` whose files replace the stage's outputs only if the block succeeds.
+
+    Why: a stage either completes all its outputs or leaves those of its last successful
+    run byte-identical. One that logs its outputs to MLflow writes them first (here), logs
+    them, and publishes them last: a failure anywhere (a dead tracking server, a read-only
+    mlflow.db, a full disk) leaves no new picture beside stale metrics.
+    """
+    with tempfile.TemporaryDirectory(prefix="mnistlab-staged-") as tmp:
+        staging = Staging(Path(tmp))
+        yield staging
+        staging.publish()
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -9,9 +9,10 @@ from pathlib import Path
 from PIL import Image
 
 
-def assert_one_line_error(p: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Exit 2, no traceback, exactly one ``error:`` line on stderr (the last), holding ``fragments``."""
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+def assert_one_line_error(p: subprocess.CompletedProcess, *fragments: str, code: int = 2) -> str:
+    """Exit ``code`` (2: a user error; 128 + N: stopped by signal N), no traceback, exactly one
+    ``error:`` line on stderr (the last), holding ``fragments``."""
+    assert p.returncode == code, (p.returncode, p.stdout, p.stderr)
     assert "Traceback" not in p.stderr, p.stderr
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and p.stderr.rstrip().splitlines()[-1] == errors[0], p.stderr

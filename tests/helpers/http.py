@@ -1,4 +1,5 @@
-"""A real HTTP server on 127.0.0.1 serving gzipped IDX files under one path prefix per "mirror".
+"""A real HTTP server on 127.0.0.1 serving gzipped IDX files under one path prefix per "mirror"
+(and :class:`FailingServer`, an MLflow server that answers HTTP 500).
 
 It can misbehave on request (404, 500, a connection dropped mid-file, a stall) and
 records every request. The ``mirrors`` fixture (in conftest.py) starts one per test.
@@ -81,3 +82,39 @@ class Mirrors:
     def count(self, prefix: str = "/") -> int:
         with self.lock:
             return sum(r.startswith(prefix) for r in self.requests)
+
+
+class FailingServer:
+    """An "MLflow server" on 127.0.0.1 whose every API call answers HTTP 500 (its database
+    broken, say) while ``/health`` answers 200: the stages' reachability probe passes, and
+    MLflow's own client meets the failure, with whatever URI (credentials too) it was given."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                if self.path.split("?")[0].rstrip("/").endswith("/health"):
+                    self.send_response(200)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"OK")
+                else:
+                    self.send_error(500)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = answer  # noqa: N815
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.handle_error = lambda request, address: None
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def url(self, userinfo: str = "") -> str:
+        """``http://[userinfo@]127.0.0.1:<port>``."""
+        return f"http://{userinfo + '@' if userinfo else ''}127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -57,7 +57,7 @@ from mnistlab import artifacts, plots, tracking
 from mnistlab.config import RANKABLE, CompareSettings
 from mnistlab.errors import MnistlabError
 from mnistlab.stats import holm, mcnemar
-from mnistlab.utils import atomic_path, write_json
+from mnistlab.utils import Staging, staged, write_json
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +301,11 @@ def _logged_model_uri(c, run_id: str) -> str:
     return f"models:/{models[0].model_id}"
 
 
+def _missing(e: Exception) -> bool:
+    """Whether MLflow answered "no such thing" (its RESOURCE_DOES_NOT_EXIST), rather than failed."""
+    return getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
 @tracking.retry_locked
 def register_champion(name: str, run_id: str, alias: str, tags: dict[str, str]) -> str:
     """Register ``run_id``'s model under ``name`` (reusing a version from that run) and alias it.
@@ -311,12 +316,16 @@ def register_champion(name: str, run_id: str, alias: str, tags: dict[str, str]) 
     c = tracking.client()
     try:
         c.get_run(run_id)
-    except Exception:  # noqa: BLE001 - MLflow raises its own types for a missing run
+    except Exception as e:  # noqa: BLE001 - MLflow raises its own types for a missing run
+        if not _missing(e):  # a server down or failing is not a missing run: run_stage says which
+            raise
         raise MnistlabError(f"MLflow run {run_id} not found in {tracking.redact(tracking.tracking_uri())} "
                             "(was it trained with another MLFLOW_TRACKING_URI?)") from None
     try:
         c.get_registered_model(name)
-    except Exception:  # noqa: BLE001 - not registered yet
+    except Exception as e:  # noqa: BLE001 - not registered yet
+        if not _missing(e):
+            raise
         c.create_registered_model(name, description="Best mnistlab model for one dataset; "
                                                     "the alias marks the current champion.")
     existing = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
@@ -365,55 +374,65 @@ def run_compare(params: dict[str, Any], paths: ComparePaths) -> pd.DataFrame:
     Reads ``datasets``, ``archs`` and the ``compare`` section of params.yaml.
     """
     s = CompareSettings.from_params(params)
+    if s.register:
+        tracking.check_reachable()  # before any compute is spent
     correct = {ds: read_correct(paths.metrics, ds, list(s.archs)) for ds in s.datasets}
     board = leaderboard(collect(paths.metrics, list(s.datasets), list(s.archs)), s.rank_by, correct)
 
-    with atomic_path(paths.out / "leaderboard.csv") as tmp:
-        board.to_csv(tmp, index=False, float_format="%.6g", quoting=csv.QUOTE_MINIMAL)
-    with atomic_path(paths.out / "leaderboard.md") as tmp:
-        tmp.write_text(f"# Leaderboard (ranked by {s.rank_by} within each dataset)\n\n"
-                       + to_markdown(board))
-    if paths.pairwise is not None:
-        paths.pairwise.mkdir(parents=True, exist_ok=True)  # the DVC output exists even if empty
-    for ds in s.datasets:
-        plot_curves(paths.metrics, ds, list(s.archs), paths.curves / f"val-curves-{ds}.png")
-        ranked = board.loc[board["dataset"] == ds, "arch"].tolist()
-        if len(correct[ds]) < 2:
-            continue
-        pairs = pairwise(correct[ds], ranked)
-        plot_pairwise(pairs, ranked, ds, paths.curves / f"pairwise-{ds}.png")
+    # Every file is written to a staging folder and put in place at the end, champions.json
+    # included, only when the registry and MLflow have taken everything: a failure anywhere
+    # leaves the previous leaderboard, champions and exports as they were (not a new
+    # leaderboard beside stale champions).
+    with staged() as stage:
+        board.to_csv(stage.path(paths.out / "leaderboard.csv"), index=False, float_format="%.6g",
+                     quoting=csv.QUOTE_MINIMAL)
+        stage.path(paths.out / "leaderboard.md").write_text(
+            f"# Leaderboard (ranked by {s.rank_by} within each dataset)\n\n" + to_markdown(board))
         if paths.pairwise is not None:
-            with atomic_path(paths.pairwise / f"{ds}.csv") as tmp:
-                pairs.to_csv(tmp, index=False, float_format="%.6g")
+            stage.folder(paths.pairwise)  # the DVC output exists even if empty
+        for ds in s.datasets:
+            plot_curves(paths.metrics, ds, list(s.archs),
+                        stage.path(paths.curves / f"val-curves-{ds}.png"))
+            ranked = board.loc[board["dataset"] == ds, "arch"].tolist()
+            if len(correct[ds]) < 2:
+                continue
+            pairs = pairwise(correct[ds], ranked)
+            plot_pairwise(pairs, ranked, ds, stage.path(paths.curves / f"pairwise-{ds}.png"))
+            if paths.pairwise is not None:
+                pairs.to_csv(stage.path(paths.pairwise / f"{ds}.csv"), index=False,
+                             float_format="%.6g")
 
-    # ONNX first: an export that fails its check stops the stage before the registry changes.
-    exported = export_champions(board, paths) if paths.exports is not None else {}
-    champions: dict[str, Any] = {}
-    if s.register:
-        champions = register_champions(board, paths.models, s.registry_prefix, s.alias)
-    for ds, onnx in exported.items():
-        if ds in champions:
-            tracking.log_artifacts(champions[ds]["run_id"], [onnx, onnx.with_suffix(".json")], "onnx")
-            champions[ds]["onnx"] = str(onnx)
-    write_json(paths.out / "champions.json", champions)
+        # ONNX first: an export that fails its check stops the stage before the registry changes.
+        exported = export_champions(board, paths, stage) if paths.exports is not None else {}
+        champions: dict[str, Any] = {}
+        if s.register:
+            champions = register_champions(board, paths.models, s.registry_prefix, s.alias)
+        for ds, onnx in exported.items():
+            if ds in champions:
+                tracking.log_artifacts(champions[ds]["run_id"], [onnx, onnx.with_suffix(".json")],
+                                       "onnx")
+                champions[ds]["onnx"] = str(paths.exports / ds / onnx.name)
+        write_json(stage.path(paths.out / "champions.json"), champions)
     return board
 
 
-def export_champions(board: pd.DataFrame, paths: ComparePaths) -> dict[str, Path]:
+def export_champions(board: pd.DataFrame, paths: ComparePaths, stage: Staging
+                     ) -> dict[str, Path]:
     """Each dataset's rank-1 model → ``exports/<ds>/champion.onnx`` (+ ``.json``), checked
-    against PyTorch on its test split; returns ``{dataset: onnx file}``."""
+    against PyTorch on its test split, written to ``stage``; returns ``{dataset: staged file}``."""
     from mnistlab.export import export_onnx
 
     if paths.split is None or paths.exports is None:
         raise MnistlabError("compare: the ONNX export needs the split and exports folders")
-    paths.exports.mkdir(parents=True, exist_ok=True)  # the DVC output exists even if empty
+    stage.folder(paths.exports)  # the DVC output exists even if empty
     out = {}
     for row in board[board["rank"] == 1].itertuples():
-        onnx = paths.exports / row.dataset / "champion.onnx"
+        final = paths.exports / row.dataset / "champion.onnx"
+        onnx = stage.path(final)
         check = export_onnx(paths.models / row.dataset / row.arch / artifacts.MODEL, onnx,
                             paths.split / row.dataset)["check"]
         log.info("%s: %s exported to %s (same class as PyTorch on %.2f%% of %d test images, "
-                 "max |dp| %.1e)", row.dataset, row.arch, onnx, 100 * check["argmax_agreement"],
+                 "max |dp| %.1e)", row.dataset, row.arch, final, 100 * check["argmax_agreement"],
                  check["n"], check["max_abs_diff"])
         out[row.dataset] = onnx
     return out

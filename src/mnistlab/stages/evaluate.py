@@ -33,7 +33,7 @@ from mnistlab.errors import MnistlabError
 from mnistlab.inference import scores
 from mnistlab.models import load_model
 from mnistlab.stats import wilson_interval
-from mnistlab.utils import pick_device, write_json
+from mnistlab.utils import pick_device, staged, write_json
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,9 @@ def run_evaluation(params: dict[str, Any], dataset: str, arch: str, paths: EvalP
     """
     settings = EvaluateSettings.from_params(params)
     device = pick_device(settings.device, "evaluate.device")
+    tracking.check_reachable()  # before any compute is spent
     run_id = artifacts.read_run_id(paths.model_dir / artifacts.RUN)
+    tracking.require_run(run_id, paths.model_dir / artifacts.RUN, f"train@{dataset}-{arch}")
 
     model_file = paths.model_dir / artifacts.MODEL
     model, record = load_model(model_file, device, arch)
@@ -217,25 +219,28 @@ def run_evaluation(params: dict[str, Any], dataset: str, arch: str, paths: EvalP
     ev = summarize(out, y, classes)
 
     tag = f"{dataset}/{arch}"
-    test_json = paths.metrics_dir / artifacts.TEST_METRICS
-    per_class_csv = paths.metrics_dir / artifacts.PER_CLASS
-    predictions_csv = paths.metrics_dir / artifacts.PREDICTIONS
-    write_json(test_json, ev.metrics)
-    write_per_class(per_class_csv, ev)
-    write_predictions(predictions_csv, ev, classes)
-    plot_confusion(paths.reports / "confusion.png", ev, classes,
-                   f"{tag}: test accuracy {ev.metrics['test_accuracy']:.4f}")
-    shown = plot_misclassified(paths.reports / "misclassified.png", images, ev, classes,
-                               settings.max_misclassified,
-                               f"{tag}: {int((ev.y_true != ev.y_pred).sum())} of "
-                               f"{len(ev.y_true)} misclassified (most confident first)")
+    # Written under their final names to a staging folder, logged to MLflow from there, and
+    # put in place last: a failed MLflow call leaves the previous outputs as they were.
+    with staged() as stage:
+        test_json = stage.path(paths.metrics_dir / artifacts.TEST_METRICS)
+        predictions_csv = stage.path(paths.metrics_dir / artifacts.PREDICTIONS)
+        confusion_png = stage.path(paths.reports / "confusion.png")
+        misclassified_png = stage.path(paths.reports / "misclassified.png")
+        write_json(test_json, ev.metrics)
+        write_per_class(stage.path(paths.metrics_dir / artifacts.PER_CLASS), ev)
+        write_predictions(predictions_csv, ev, classes)
+        plot_confusion(confusion_png, ev, classes,
+                       f"{tag}: test accuracy {ev.metrics['test_accuracy']:.4f}")
+        shown = plot_misclassified(misclassified_png, images, ev, classes,
+                                   settings.max_misclassified,
+                                   f"{tag}: {int((ev.y_true != ev.y_pred).sum())} of "
+                                   f"{len(ev.y_true)} misclassified (most confident first)")
+
+        tracking.log_metrics(run_id, ev.metrics)
+        tracking.log_table(run_id, ev.per_class, PER_CLASS_TABLE)
+        # per_class.csv is not logged again: the table above holds the same rows.
+        tracking.log_artifacts(run_id, [test_json, predictions_csv, confusion_png,
+                                        misclassified_png], "evaluation")
     log.info("%s: test_accuracy %.4f test_loss %.4f macro_f1 %.4f (%d mistakes shown)", tag,
              ev.metrics["test_accuracy"], ev.metrics["test_loss"], ev.metrics["macro_f1"], shown)
-
-    tracking.log_metrics(run_id, ev.metrics)
-    tracking.log_table(run_id, ev.per_class, PER_CLASS_TABLE)
-    # per_class.csv is not logged again: the table above holds the same rows.
-    tracking.log_artifacts(run_id, [test_json, predictions_csv,
-                                    paths.reports / "confusion.png",
-                                    paths.reports / "misclassified.png"], "evaluation")
     return ev.metrics

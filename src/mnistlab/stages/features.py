@@ -39,7 +39,7 @@ from mnistlab.config import FeatureSettings, seed_of
 from mnistlab.errors import MnistlabError
 from mnistlab.inference import predict, to_device
 from mnistlab.models import load_model
-from mnistlab.utils import pick_device, torch_save
+from mnistlab.utils import pick_device, staged, torch_save
 
 log = logging.getLogger(__name__)
 
@@ -334,24 +334,28 @@ def run_features(params: dict[str, Any], dataset: str, arch: str, paths: Feature
     """
     settings = FeatureSettings.from_params(params)
     device = pick_device(settings.device, "features.device")
+    tracking.check_reachable()  # before any compute is spent
     run_id = artifacts.read_run_id(paths.model_dir / artifacts.RUN)
+    tracking.require_run(run_id, paths.model_dir / artifacts.RUN, f"train@{dataset}-{arch}")
     model, record = load_model(paths.model_dir / artifacts.MODEL, device, arch)
     classes = artifacts.load_classes(paths.split)
     images, labels = artifacts.load_split(paths.split, "test")
     norm = record["normalize"]
     x = to_device(images, labels, norm["mean"], norm["std"], device).x
 
-    paths.reports.mkdir(parents=True, exist_ok=True)
-    emb, head, written = extract(model, x, labels, classes, settings, paths.reports,
-                                 f"{dataset}/{arch}")
-    torch_save({"embeddings": emb, "labels": labels.clone(), "classes": list(classes),
-                "layer": head}, paths.out / artifacts.EMBEDDINGS)
-    info = embedding_map(emb.numpy(), labels.numpy(), classes, paths.reports / "embedding-map.png",
-                         seed_of(params), settings.tsne_max_points, settings.tsne_perplexity,
-                         f"{dataset}/{arch}: {embedding_title(*last_linear(model))}")
-    written.append(paths.reports / "embedding-map.png")
+    # Pictures and embeddings go to a staging folder, the pictures to MLflow from there, and
+    # all of them in place last: a failed MLflow call leaves the previous outputs as they were.
+    with staged() as stage:
+        reports = stage.folder(paths.reports)
+        emb, head, written = extract(model, x, labels, classes, settings, reports,
+                                     f"{dataset}/{arch}")
+        torch_save({"embeddings": emb, "labels": labels.clone(), "classes": list(classes),
+                    "layer": head}, stage.path(paths.out / artifacts.EMBEDDINGS))
+        info = embedding_map(emb.numpy(), labels.numpy(), classes, reports / "embedding-map.png",
+                             seed_of(params), settings.tsne_max_points, settings.tsne_perplexity,
+                             f"{dataset}/{arch}: {embedding_title(*last_linear(model))}")
+        written.append(reports / "embedding-map.png")
+        tracking.log_artifacts(run_id, [reports], "features")
     log.info("%s/%s: %d pictures, embeddings %s, t-SNE of %d points in %.1fs", dataset, arch,
              len(written), tuple(emb.shape), info["tsne_points"], info["tsne_seconds"])
-
-    tracking.log_artifacts(run_id, [paths.reports], "features")
     return {"pictures": len(written), "embedding_shape": list(emb.shape), "head": head, **info}

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from mnistlab import artifacts, distributed, serving, tracking
-from mnistlab.checkpoint import code_digest, load_resumable
+from mnistlab import artifacts, distributed, serving, threads, tracking
+from mnistlab.checkpoint import code_digest, load_resumable, recorded_run_id, save_checkpoint
 from mnistlab.config import TrainSettings, seed_of
-from mnistlab.errors import MnistlabError
+from mnistlab.errors import MnistlabError, Stopped, describe, redact_text
 from mnistlab.hparams import HParams
 from mnistlab.inference import DeviceSplit, native_bf16, to_device
 from mnistlab.models import count_parameters, model_record, save_model
@@ -89,7 +89,16 @@ class EpochLogger:
         if not self.buffer:
             return
         t = time.perf_counter()
-        tracking.log_history(self.run_id, self.buffer)
+        try:
+            tracking.log_history(self.run_id, self.buffer)
+        except Exception as e:  # noqa: BLE001 - MLflow raises many types
+            # Said in one line (credentials removed) with what it means for the training: it
+            # stops here, and the epochs it has done are in the checkpoint.
+            line = describe(e)
+            if line is None:
+                raise
+            raise MnistlabError(f"{line} (while logging epoch {int(self.buffer[-1]['epoch'])}: "
+                                "training stopped; rerun to resume from the last checkpoint)") from e
         self.buffer = []
         self.last = time.perf_counter()
         self.cost = self.last - t
@@ -97,35 +106,63 @@ class EpochLogger:
 
 
 def open_run(dataset: str, arch: str, params: dict[str, Any], tags: dict[str, str],
-             resume: dict[str, Any] | None) -> str:
-    """The MLflow run for this stage: the interrupted run when resuming it, else a new one.
+             resume: dict[str, Any] | None, replaced: str | None = None) -> str:
+    """The MLflow run for this stage: the checkpoint's own run when there is one, else a new one.
 
-    A new run that starts from a checkpoint (a finished one, or one whose run was
-    deleted) first gets the checkpoint's per-epoch history, so every run holds
-    the full curves. Store errors become one line naming the (redacted) URI.
+    A checkpoint of these exact params, data and code names the run that made it, and
+    that run goes on: resumed mid-training, or completed from a finished checkpoint (a
+    rerun after a kill between the last epoch and the end of the run, after DVC deleted
+    the outputs, or after a change to tracking.py or serving.py only). So however a run
+    is interrupted, its rerun leaves one run per dataset x arch, not a second one. A new
+    run is opened only without such a checkpoint or when its run is gone (deleted, or in
+    another store); it first gets the checkpoint's per-epoch history, so every run
+    holds the full curves. Then runs of this dataset x arch left RUNNING by a killed
+    stage (``replaced``: the run of a checkpoint that is not resumed) are marked KILLED
+    (:func:`mnistlab.tracking.end_stale_runs`). Store errors become one line naming the
+    (redacted) URI.
     """
     raw_uri = tracking.tracking_uri()
     uri = tracking.redact(raw_uri)
     try:
         old = (resume or {}).get("run_id")
         history = (resume or {}).get("history", [])
-        if resume is not None and old and resume["epoch"] < resume["epochs"] \
-                and tracking.reopen_run(old):
+        if resume is not None and old and tracking.reopen_run(old):
             # Epochs still buffered when the run was killed are in the checkpoint.
             done = tracking.logged_steps(old, "train_loss")
             missing = [row for row in history if int(row["epoch"]) not in done]
             if missing:
                 tracking.log_history(old, missing)
-            return old
-        run_id = tracking.start_run(dataset, arch, params, tags)
-        if history:
-            tracking.log_history(run_id, history)
+            run_id = old
+            _tidy(tracking.fail_pending_models, run_id)  # a log_model cut short by a kill
+        else:
+            run_id = tracking.start_run(dataset, arch, params, tags)
+            if history:
+                tracking.log_history(run_id, history)
+        _tidy(tracking.end_stale_runs, dataset, arch, keep=run_id, replaced=replaced)
         return run_id
     except MnistlabError:
         raise
     except Exception as e:  # noqa: BLE001 - MLflow raises many types; all mean "store unusable"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(raw_uri, uri)
-        raise MnistlabError(f"MLflow tracking store {uri}: {first}") from None
+        # errors.describe finds the real cause deep in the chain ("attempt to write a readonly
+        # database" under SQLAlchemy's "Query-invoked autoflush" wrapper), credentials removed.
+        # An OSError (the store's folder cannot be made) is described by its file alone: say
+        # whose file it is.
+        line = describe(e) or redact_text(
+            (str(e).strip().splitlines() or [type(e).__name__])[0].replace(raw_uri, uri))
+        if not line.startswith("MLflow tracking store "):
+            line = f"MLflow tracking store {uri}: {line}"
+        raise MnistlabError(line) from None
+
+
+def _tidy(fn: Any, *args: Any, **kwargs: Any) -> None:
+    """Run a clean-up of what killed runs left behind; a failure is a warning, never a stop."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - e.g. a server without logged-model search
+        # redact_text, not tracking.redact: MLflow's messages embed the URI, user:pass@ and all.
+        log.warning("MLflow clean-up %s skipped: %s", fn.__name__,
+                    redact_text(str(e).strip().splitlines()[0] if str(e).strip() else
+                                type(e).__name__))
 
 
 def train(params: dict[str, Any], dataset: str, arch: str, paths: TrainPaths) -> dict[str, float]:
@@ -143,6 +180,8 @@ def train(params: dict[str, Any], dataset: str, arch: str, paths: TrainPaths) ->
     Raises:
         MnistlabError: Bad params, unreachable tracking server, unreadable split,
             or a diverging run (NaN/inf); always one line.
+        Stopped: A stop signal (SIGTERM, SIGINT, SIGHUP): the MLflow run is marked
+            KILLED, and the exception says what to rerun and what it resumes from.
     """
     hp = HParams.from_params(params, arch)
     settings = TrainSettings.from_params(params)
@@ -150,7 +189,11 @@ def train(params: dict[str, Any], dataset: str, arch: str, paths: TrainPaths) ->
     dist = distributed.from_env()  # torchrun's RANK/WORLD_SIZE, or a single process
     if dist.is_main:
         tracking.check_reachable()  # before any compute is spent
+    started = time.time_ns()
+    resume = None
     device = distributed.init(dist, pick_device(settings.device, "train.device"))
+    # A slot from now until the end of training: runs starting beside this one count it.
+    lease = threads.Lease()
     try:
         seed_everything(seed, settings.deterministic)
         classes = artifacts.load_classes(paths.split)
@@ -160,6 +203,9 @@ def train(params: dict[str, Any], dataset: str, arch: str, paths: TrainPaths) ->
         digest = artifacts.split_digest(paths.split)
         fingerprint = fingerprint_of(hp, settings, seed, digest, device, dist.world, n_train)
         resume = load_resumable(paths.checkpoint, fingerprint)
+        # Counted now, after the data is read, so that runs launched together see each other;
+        # fixed for the run (see mnistlab.threads).
+        n_threads = lease.apply(settings.threads, "train.threads", f"{dataset}-{arch}")
         train_d, val_d = (to_device(*xy, hp.mean, hp.std, device, settings.channels_last)
                           for xy in (train_xy, val_xy))
         built = build(hp, settings, num_classes=len(classes), n_train=n_train, device=device,
@@ -174,10 +220,18 @@ def train(params: dict[str, Any], dataset: str, arch: str, paths: TrainPaths) ->
                          "deterministic": settings.deterministic,
                          "bf16": settings.bf16 and native_bf16(device),
                          "channels_last": settings.channels_last, "compile": settings.compile,
-                         "n_train": n_train, "n_val": len(val_xy[1]), "world_size": dist.world}
-        run_id = open_run(dataset, arch, mlflow_params,
-                          tracking.dvc_tags(f"train@{dataset}-{arch}"), resume)
+                         "n_train": n_train, "n_val": len(val_xy[1]), "world_size": dist.world,
+                         "threads": n_threads}
+        # A checkpoint not resumed (other params, data or code) names the run it replaces.
+        replaced = recorded_run_id(paths.checkpoint) if resume is None else None
+        run_id = None
         try:
+            run_id = open_run(dataset, arch, mlflow_params,
+                              tracking.dvc_tags(f"train@{dataset}-{arch}"), resume, replaced)
+            if resume is not None and resume.get("run_id") != run_id:
+                # Its run was gone: the checkpoint now names the new one, so that a kill
+                # before the next checkpoint (or any rerun of a finished one) goes on in it.
+                save_checkpoint(paths.checkpoint, {**resume, "run_id": run_id})
             summary = _fit_and_write(built, train_d, val_d, run, run_id, classes, paths,
                                      train_xy[0][:2])
             # Only now: until the new model.pt exists, run.json must keep naming the run of
@@ -185,17 +239,34 @@ def train(params: dict[str, Any], dataset: str, arch: str, paths: TrainPaths) ->
             # a resume finds its run id in the checkpoint).
             artifacts.write_run(paths.model_dir, run_id, tracking.experiment_name(dataset),
                                 tracking.redact(tracking.tracking_uri()))
+            tracking.set_terminated(run_id, "FINISHED")
         except BaseException as e:
             # Close the run so the MLflow UI does not show it running forever; a later
             # resume re-opens it. Never let a tracking failure hide the real error.
-            with contextlib.suppress(Exception):
-                tracking.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt)
-                                        else "FAILED")
+            if run_id is not None:
+                with contextlib.suppress(Exception):
+                    tracking.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt)
+                                            else "FAILED")
             raise
-        tracking.set_terminated(run_id, "FINISHED")
         return summary
+    except Stopped as e:
+        e.where = _stopped_where(f"train@{dataset}-{arch}", paths.checkpoint, started,
+                                 resume is not None)
+        raise
     finally:
+        lease.release()
         distributed.shutdown(dist)
+
+
+def _stopped_where(stage: str, checkpoint: Path, started_ns: int, resumed: bool) -> str:
+    """What a stop signal's one line adds: the stage, and what its rerun starts from."""
+    try:
+        saved = resumed or checkpoint.stat().st_mtime_ns >= started_ns
+    except OSError:
+        saved = False
+    if saved:
+        return f"during {stage}; rerun `dvc repro` to resume from {checkpoint}"
+    return f"during {stage}, before its first checkpoint; rerun `dvc repro` to start it again"
 
 
 def _fit_and_write(built: Built, train_d: DeviceSplit, val_d: DeviceSplit, run: dict[str, Any],
@@ -208,7 +279,7 @@ def _fit_and_write(built: Built, train_d: DeviceSplit, val_d: DeviceSplit, run: 
     logger.flush()
 
     summary = {**result.summary, "parameters": count_parameters(result.model),
-               "tracking_seconds": logger.seconds}
+               "tracking_seconds": logger.seconds, "threads": torch.get_num_threads()}
     normalize = {"mean": hp.mean, "std": hp.std}
     save_model(paths.model_dir / artifacts.MODEL,
                model_record(hp.arch, built.args, result.model.state_dict(), normalize, classes))
@@ -219,8 +290,10 @@ def _fit_and_write(built: Built, train_d: DeviceSplit, val_d: DeviceSplit, run: 
 
     # Summary names that would clash with per-epoch metrics (train_seconds) get a
     # final_ prefix; best_/final_ ones keep theirs.
+    # (threads is a param of the run, logged as one: not a metric.)
     tracking.log_metrics(run_id, {k if k.startswith(("best", "final")) else f"final_{k}": v
-                                  for k, v in summary.items()}, step=int(summary["epochs"]))
+                                  for k, v in summary.items() if k != "threads"},
+                         step=int(summary["epochs"]))
     tracking.log_artifacts(run_id, [paths.model_dir / artifacts.MODEL,
                                     paths.model_dir / artifacts.BEST,
                                     paths.metrics_dir / artifacts.HISTORY], "checkpoints")
