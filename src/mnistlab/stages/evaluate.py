@@ -206,7 +206,6 @@ def run_evaluation(params: dict[str, Any], dataset: str, arch: str, paths: EvalP
     device = pick_device(settings.device, "evaluate.device")
     tracking.check_reachable()  # before any compute is spent
     run_id = artifacts.read_run_id(paths.model_dir / artifacts.RUN)
-    tracking.require_run(run_id, paths.model_dir / artifacts.RUN, f"train@{dataset}-{arch}")
 
     model_file = paths.model_dir / artifacts.MODEL
     model, record = load_model(model_file, device, arch)
@@ -214,6 +213,8 @@ def run_evaluation(params: dict[str, Any], dataset: str, arch: str, paths: EvalP
     if list(record["classes"]) != list(classes):
         raise MnistlabError(f"{model_file}: trained on classes {record['classes']}, "
                             f"but {paths.split / artifacts.SUMMARY} has {classes} (re-run train)")
+    # After the local checks (a wrong model file is the likelier culprit), before the scoring.
+    tracking.require_run(run_id, paths.model_dir / artifacts.RUN, f"train@{dataset}-{arch}")
     images, labels = artifacts.load_split(paths.split, "test")
     out, y = scores(model, images, labels, record["normalize"], device, settings.batch_size)
     ev = summarize(out, y, classes)

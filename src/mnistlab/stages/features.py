@@ -336,8 +336,8 @@ def run_features(params: dict[str, Any], dataset: str, arch: str, paths: Feature
     device = pick_device(settings.device, "features.device")
     tracking.check_reachable()  # before any compute is spent
     run_id = artifacts.read_run_id(paths.model_dir / artifacts.RUN)
-    tracking.require_run(run_id, paths.model_dir / artifacts.RUN, f"train@{dataset}-{arch}")
     model, record = load_model(paths.model_dir / artifacts.MODEL, device, arch)
+    tracking.require_run(run_id, paths.model_dir / artifacts.RUN, f"train@{dataset}-{arch}")
     classes = artifacts.load_classes(paths.split)
     images, labels = artifacts.load_split(paths.split, "test")
     norm = record["normalize"]
