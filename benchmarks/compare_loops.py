@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import json
 import math
-import platform
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchlib import cpu, unpack_idx
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
@@ -54,15 +52,7 @@ TARGET_EACH, TARGET_GEOMEAN = 1.5, 2.5  # issue #14, on a 2-core CPU
 
 def torchvision_root(src: Path, dest: Path) -> Path:
     """Lay the IDX files out as ``datasets.MNIST`` expects them: <root>/MNIST/raw/<name> (uncompressed)."""
-    raw = dest / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        if (src / f"{name}.gz").is_file():
-            with gzip.open(src / f"{name}.gz", "rb") as r, open(raw / name, "wb") as w:
-                shutil.copyfileobj(r, w)
-        else:
-            shutil.copyfile(src / name, raw / name)
+    unpack_idx(src, dest / "MNIST" / "raw")
     return dest
 
 
@@ -130,30 +120,6 @@ def ours(hp: HParams, settings: TrainSettings, root: Path, device: torch.device,
             "test_accuracy": r.history[-1]["val_accuracy"]}
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def cpu_flags() -> str:
-    """The vector extensions that decide CPU kernel speed (AVX2, AVX512*, AMX), from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return " ".join(sorted(f for f in flags if f.startswith(("avx", "amx"))))
-    except OSError:
-        pass
-    return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
@@ -201,8 +167,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
     geomean = math.exp(sum(math.log(r["ratio"]) for r in rows) / len(rows))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
-    flags = cpu_flags() if device.type == "cpu" else ""
+    model, simd = cpu()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else model
+    flags = (" ".join(simd) or "unknown") if device.type == "cpu" else ""
     met = all(r["ratio"] >= TARGET_EACH for r in rows) and geomean >= TARGET_GEOMEAN
     result = {"device": device.type, "device_name": name, "cpu_flags": flags, "torch": torch.__version__,
               "mnistlab_bf16_autocast": settings.bf16 and native_bf16(device),

@@ -31,17 +31,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import json
 import os
-import platform
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchlib import IDX_NAMES, cpu, unpack_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -56,19 +55,9 @@ THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MNISTLAB_THREADS")
 
 def _idx_folder(src: Path, tmp: Path) -> Path:
     """``src`` if it holds uncompressed IDX files, else a folder of them decompressed from ``.gz``."""
-    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-    if all((src / n).is_file() for n in names[:2]):
+    if all((src / n).is_file() for n in IDX_NAMES[:2]):
         return src
-    out = tmp / "raw"
-    out.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        if (src / f"{n}.gz").is_file():
-            with gzip.open(src / f"{n}.gz", "rb") as r, open(out / n, "wb") as w:
-                shutil.copyfileobj(r, w)
-        elif (src / n).is_file():
-            shutil.copyfile(src / n, out / n)
-    return out
+    return unpack_idx(src, tmp / "raw")
 
 
 def prepare_data(data: str, take: int, val: int, tmp: Path) -> tuple[Path, dict[str, Any]]:
@@ -239,17 +228,7 @@ def cpu_info() -> dict[str, Any]:
 
     from mnistlab import threads
 
-    model, flags = platform.processor() or "cpu", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("cpu", platform.processor()):
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    simd = sorted(f for f in flags if f.startswith(("avx", "amx")))
+    model, simd = cpu()
     limit = threads.cgroup_cpu_limit()
     return {"model": model, "simd": simd, "os_cpu_count": os.cpu_count(),
             "affinity": threads.affinity_cores(), "cgroup_cpu_limit": limit,

@@ -19,7 +19,7 @@ from helpers.repo import ROOT, committed_params
 from mnistlab import threads
 from mnistlab.config import TrainSettings, load_params
 from mnistlab.errors import MnistlabError
-from mnistlab.threads import Lease, Slots, cgroup_cpu_limit, choose, resolve_threads, share
+from mnistlab.threads import Lease, Slots, cgroup_cpu_limit, choose, share
 
 
 def one_line(e: pytest.ExceptionInfo) -> str:
@@ -46,8 +46,8 @@ def one_line(e: pytest.ExceptionInfo) -> str:
     (2, {"MNISTLAB_THREADS": "1"}, 2, 1, 1),                # a harness's override beats all
     ("auto", {"MNISTLAB_THREADS": "3", "OMP_NUM_THREADS": "1"}, 2, 1, 3),
 ])
-def test_resolve_threads(setting, env, cores, runs, want):
-    assert resolve_threads(setting, env, cores=cores, runs=runs) == want
+def test_choose_threads(setting, env, cores, runs, want):
+    assert choose(setting, env, cores=cores, runs=runs).threads == want
 
 
 def test_the_cores_are_shared_without_loss_or_excess():
@@ -71,7 +71,7 @@ def test_the_choice_says_where_it_came_from():
 @pytest.mark.parametrize("bad", ["0", "-2", "two"])
 def test_a_bad_override_is_one_line(bad):
     with pytest.raises(MnistlabError) as e:
-        resolve_threads("auto", {"MNISTLAB_THREADS": bad}, cores=2)
+        choose("auto", {"MNISTLAB_THREADS": bad}, cores=2)
     assert one_line(e) == f"MNISTLAB_THREADS must be a positive integer (got {bad!r})"
 
 

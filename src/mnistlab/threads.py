@@ -212,12 +212,6 @@ def choose(setting: int | str, env: Mapping[str, str], *, cores: int, runs: int 
     return Choice(n, f"{key}=auto: {cores} usable core(s) shared by {runs} concurrent training runs")
 
 
-def resolve_threads(setting: int | str, env: Mapping[str, str], *, cores: int, runs: int = 1,
-                    rank: int = 0) -> int:
-    """:func:`choose`'s count alone."""
-    return choose(setting, env, cores=cores, runs=runs, rank=rank).threads
-
-
 # --------------------------------------------------------------------------- slots
 
 

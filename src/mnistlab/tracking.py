@@ -234,6 +234,12 @@ def dvc_tags(stage: str) -> dict[str, str]:
     return tags
 
 
+def missing(e: BaseException) -> bool:
+    """Whether MLflow answered "no such thing" (its RESOURCE_DOES_NOT_EXIST), rather than failed:
+    a server down or failing is not a missing run, and :func:`mnistlab.errors.run_stage` says which."""
+    return getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
 def require_run(run_id: str, run_file: Path, stage: str) -> None:
     """Stop before any compute if ``run_id`` (named by ``run_file``) is not an active run of the
     store: deleted in the UI, or the store is another one (``mlflow.db`` deleted or moved,
@@ -247,7 +253,7 @@ def require_run(run_id: str, run_file: Path, stage: str) -> None:
     try:
         run = retry_locked(client().get_run)(run_id)
     except MlflowException as e:
-        if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+        if not missing(e):
             raise  # the store itself failed: errors.run_stage says how, in one line
         run = None
     if run is None or run.info.lifecycle_stage != "active":

@@ -301,11 +301,6 @@ def _logged_model_uri(c, run_id: str) -> str:
     return f"models:/{models[0].model_id}"
 
 
-def _missing(e: Exception) -> bool:
-    """Whether MLflow answered "no such thing" (its RESOURCE_DOES_NOT_EXIST), rather than failed."""
-    return getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
-
-
 @tracking.retry_locked
 def register_champion(name: str, run_id: str, alias: str, tags: dict[str, str]) -> str:
     """Register ``run_id``'s model under ``name`` (reusing a version from that run) and alias it.
@@ -317,14 +312,14 @@ def register_champion(name: str, run_id: str, alias: str, tags: dict[str, str]) 
     try:
         c.get_run(run_id)
     except Exception as e:  # noqa: BLE001 - MLflow raises its own types for a missing run
-        if not _missing(e):  # a server down or failing is not a missing run: run_stage says which
+        if not tracking.missing(e):
             raise
         raise MnistlabError(f"MLflow run {run_id} not found in {tracking.redact(tracking.tracking_uri())} "
                             "(was it trained with another MLFLOW_TRACKING_URI?)") from None
     try:
         c.get_registered_model(name)
     except Exception as e:  # noqa: BLE001 - not registered yet
-        if not _missing(e):
+        if not tracking.missing(e):
             raise
         c.create_registered_model(name, description="Best mnistlab model for one dataset; "
                                                     "the alias marks the current champion.")
