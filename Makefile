@@ -6,7 +6,7 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 PYTEST ?= -q
 
-.PHONY: setup run test lint predict exps ci-pipeline ci-gate baseline benchmark benchmark-concurrency reproduce clean
+.PHONY: setup run test lint predict exps ci-pipeline ci-gate baseline benchmark benchmark-pipeline benchmark-gpu benchmark-concurrency reproduce clean
 
 # Vega, Vega-Lite and vega-embed for `dvc plots show` offline (.dvc/plots.html loads them from
 # node_modules/, pinned with integrity in package-lock.json).
@@ -85,10 +85,20 @@ baseline: ci-pipeline
 reproduce: setup
 	PATH="$(BIN):$$PATH" $(PY) -m mnistlab.ci.reproduce run
 
-# Classic DataLoader loop vs mnistlab's training function on ../shared/datasets/mnist-mini
-# (benchmarks/results/loops-<device>.{json,md}); run on an otherwise idle machine.
+# Classic DataLoader loop vs mnistlab's training function on full MNIST, 1 epoch each
+# (../shared/datasets/mnist; benchmarks/results/loops-<device>.{json,md}); on an idle machine.
 benchmark: setup
 	PATH="$(BIN):$$PATH" $(PY) benchmarks/compare_loops.py
+
+# One `dvc repro` over every arch on full MNIST in build/pipeline/, its wall time split
+# (benchmarks/results/pipeline-<device>.{json,md}). Hours on a 2-core CPU.
+benchmark-pipeline: setup
+	PATH="$(BIN):$$PATH" $(PY) benchmarks/pipeline.py
+
+# On a GPU machine: the CUDA tests, benchmark, benchmark-pipeline and the loops with
+# train.compile: reduce-overhead, each with its own time limit (benchmarks/gpu.sh).
+benchmark-gpu: setup
+	PATH="$(BIN):$$PATH" PYTHON=$(PY) sh benchmarks/gpu.sh
 
 # N = 1, 2, 4 training runs at once on the CPU, train.threads: auto vs torch's default in every
 # run (benchmarks/results/concurrency-cpu.{json,md}, issue #14); on an otherwise idle machine.

@@ -42,3 +42,67 @@ def test_compare_loops_writes_ratios_flags_and_verdict(tmp_path: Path):
     assert "| mlp | 1 | 100 |" in md and "| cnn_16_32 | 1 | 50 |" in md
     assert ("Targets (every arch >= 1.5x, geometric mean >= 2.5x): "
             + ("met" if result["targets_met"] else "NOT met")) in md
+
+
+def _pipeline_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import pipeline
+    finally:
+        sys.path.pop(0)
+    return pipeline
+
+
+def test_stagetimer_records_start_up_work_and_the_exit_code(tmp_path: Path):
+    """benchmarks/stagetimer.py runs the stage unchanged (its one-line error and exit 2 too)
+    and appends when the process began, when the stage's main was entered, and when it ended."""
+    times = tmp_path / "times.jsonl"
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "stagetimer.py"), "stages/download.py",
+         "--dataset", "no_such_dataset", "--out", str(tmp_path / "raw")],
+        cwd=ROOT, env={**os.environ, "MNISTLAB_STAGE_TIMES": str(times)}, capture_output=True,
+        text=True, timeout=300)
+    assert out.returncode == 2 and out.stderr.startswith("error: "), out.stderr
+    assert "Traceback" not in out.stderr
+    (row,) = [json.loads(line) for line in times.read_text().splitlines()]
+    assert row["argv"][:3] == ["stages/download.py", "--dataset", "no_such_dataset"]
+    assert row["exit"] == 2
+    assert row["start"] < row["main"] <= row["end"]
+    pipeline = _pipeline_module()
+    assert pipeline.stage_name(row["argv"]) == ("download", "download@no_such_dataset")
+    assert pipeline.stage_name(["stages/train.py", "--dataset", "d", "--arch", "mlp", "--split", "x"]) \
+        == ("train", "train@d-mlp")
+
+
+def test_pipeline_summary_splits_the_wall_time(tmp_path: Path):
+    """Training = the loops' epoch_seconds, evaluation = evaluate's work after start-up, DVC =
+    the wall time outside every stage process; an unfinished run says so and reports its stages."""
+    pipeline = _pipeline_module()
+    rows = [("stages/download.py", ["--dataset", "d"], 0, 2, 3),
+            ("stages/split.py", ["--dataset", "d"], 4, 6, 8),
+            ("stages/train.py", ["--dataset", "d", "--arch", "mlp"], 9, 12, 30),
+            ("stages/evaluate.py", ["--dataset", "d", "--arch", "mlp"], 31, 34, 39)]
+    (tmp_path / "stage-times.jsonl").write_text("".join(
+        json.dumps({"argv": [script, *args], "start": a, "main": b, "end": c, "exit": 0}) + "\n"
+        for script, args, a, b, c in rows))
+    metrics = tmp_path / "metrics" / "d" / "mlp"
+    metrics.mkdir(parents=True)
+    (metrics / "history.csv").write_text("epoch,epoch_seconds\n1,5.0\n2,5.0\n")
+    (metrics / "train.json").write_text(json.dumps({"epochs": 2, "tracking_seconds": 0.5}))
+    params = {"archs": ["mlp"], "paths": {"metrics": "metrics"}}
+    result, lines = pipeline.summarize(tmp_path, params, "d", 50.0, "cpu (test)", True)
+    assert result["split_seconds"] == pytest.approx({
+        "training": 10.0, "evaluation": 5.0, "stage start-up": 2 + 2 + 3 + 3,
+        "other stage work": 3 + 4 + 21 + 8 - 10 - 10 - 5, "DVC and stages/run.sh": 50 - 3 - 4 - 21 - 8})
+    assert sum(result["split_seconds"].values()) == pytest.approx(50.0)
+    assert result["overhead_share"] == pytest.approx(35 / 50)
+    assert result["targets_met"] is False and "wall_seconds" not in result["targets"]
+    assert "**Wall time: 50.0 s**" in lines
+    assert "| mlp | 2 | 10.0 | 21.0 |" in lines
+    # a run stopped before evaluate: only what finished, a lower bound, never "met"
+    (tmp_path / "stage-times.jsonl").write_text(
+        "\n".join((tmp_path / "stage-times.jsonl").read_text().splitlines()[:3]) + "\n")
+    result, lines = pipeline.summarize(tmp_path, params, "d", 40.0, "cuda (test GPU)", False)
+    assert result["finished"] is False and result["targets_met"] is False
+    assert result["targets"]["wall_seconds"] == 60.0
+    assert any(line.startswith("**Not finished: `dvc repro` stopped at its limit of 40 s**") for line in lines)

@@ -298,3 +298,30 @@ def test_an_unknown_split_key_stops_the_split_script(tmp_path, monkeypatch, caps
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
         "error: params.yaml: split: unknown key(s) val_frac (valid: val_fraction, test_fraction)")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("value", "mode"), [
+    (False, None), (True, None), ("default", "default"), ("reduce-overhead", "reduce-overhead"),
+    ("max-autotune", "max-autotune")])
+def test_train_compile_takes_a_flag_or_a_torch_compile_mode(value, mode, monkeypatch):
+    params = fresh_params()
+    params["train"]["compile"] = value
+    settings = TrainSettings.from_params(params)
+    assert settings.compile == value
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: seen.append(mode) or model)
+    from mnistlab.training import build
+    build(HParams.from_params(params, "mlp"), settings, num_classes=10, n_train=100,
+          device=torch.device("cpu"), seed=0)
+    assert seen == ([] if value is False else [mode])
+
+
+@pytest.mark.parametrize(("value", "fragment"), [
+    ("fast", "train.compile: unknown value 'fast' (valid: default, reduce-overhead, max-autotune,"),
+    (1, "train.compile must be true or false (got 1)")])
+def test_bad_train_compile_names_the_key_and_the_modes(value, fragment):
+    params = fresh_params()
+    params["train"]["compile"] = value
+    with pytest.raises(MnistlabError) as e:
+        TrainSettings.from_params(params)
+    assert fragment in one_line(e)

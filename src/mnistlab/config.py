@@ -175,6 +175,10 @@ def thread_setting(key: str, value: Any) -> int | str:
     return value
 
 
+# torch.compile's modes (train.compile may also be true/false).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
     """Settings shared by every train stage (``train`` in params.yaml)."""
@@ -186,7 +190,9 @@ class TrainSettings:
     min_steps_below: int = 50_000
     bf16: bool = True
     channels_last: bool = False
-    compile: bool = False
+    # torch.compile the step model: false, true (= "default"), or a mode ("reduce-overhead":
+    # CUDA graphs, for the small nets whose GPU steps are launch-bound; "max-autotune", ...).
+    compile: bool | str = False
     eval_batch_size: int = 2000
     checkpoint_every: int = 1
     # Read by dvc.yaml's train command only: "python", or e.g.
@@ -208,9 +214,13 @@ class TrainSettings:
                                 f"'torchrun --standalone --nproc_per_node 2' (got {s['launcher']!r})")
         if "threads" in s:
             thread_setting("train.threads", s["threads"])
-        for flag in ("deterministic", "bf16", "channels_last", "compile"):
+        for flag in ("deterministic", "bf16", "channels_last"):
             if flag in s:
                 boolean(f"train.{flag}", s[flag])
+        if isinstance(s.get("compile"), str):
+            choice("train.compile", s["compile"], COMPILE_MODES)
+        elif "compile" in s:
+            boolean("train.compile", s["compile"])
         for count in ("eval_batch_size", "checkpoint_every", "min_steps_below"):
             if count in s:
                 s[count] = positive(f"train.{count}", s[count], int)

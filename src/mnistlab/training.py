@@ -343,7 +343,10 @@ def build(hp: HParams, settings: TrainSettings, *, num_classes: int, n_train: in
         step_model = DistributedDataParallel(model, device_ids=[device.index]
                                              if device.type == "cuda" else None)
     if settings.compile:
-        step_model = torch.compile(step_model)
+        # true: torch.compile's default mode (fused kernels); "reduce-overhead" also replays
+        # the step as CUDA graphs, which is what pays for nets this small, launch-bound on a GPU.
+        mode = None if settings.compile is True else settings.compile
+        step_model = torch.compile(step_model, mode=mode)
     return Built(model, step_model, opt, sched, epochs, args)
 
 
