@@ -344,7 +344,9 @@ def build(hp: HParams, settings: TrainSettings, *, num_classes: int, n_train: in
                                              if device.type == "cuda" else None)
     if settings.compile:
         # true: torch.compile's default mode (fused kernels); "reduce-overhead" also replays
-        # the step as CUDA graphs, which is what pays for nets this small, launch-bound on a GPU.
+        # the forward and backward as CUDA graphs, the lever for nets this small, whose GPU
+        # steps are launch-bound. Compile time is part of the first epoch: on a one-epoch run
+        # it did not pay (README, Performance: GPU).
         mode = None if settings.compile is True else settings.compile
         step_model = torch.compile(step_model, mode=mode)
     return Built(model, step_model, opt, sched, epochs, args)
