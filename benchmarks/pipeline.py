@@ -120,8 +120,10 @@ def summarize(work: Path, params: dict, dataset: str, wall: float, device: str,
         kind, label = stage_name(r["argv"])
         main_at = r["main"] if r["main"] is not None else r["end"]
         stages.append({"stage": label, "kind": kind, "seconds": r["end"] - r["start"],
-                       "startup": main_at - r["start"], "work": r["end"] - main_at})
-    trained = {s["stage"].split("@", 1)[1] for s in stages if s["kind"] == "train"}
+                       "startup": main_at - r["start"], "work": r["end"] - main_at,
+                       "exit": r["exit"]})
+    # a train stage stopped by --timeout has no history.csv: only finished ones count
+    trained = {s["stage"].split("@", 1)[1] for s in stages if s["kind"] == "train" and s["exit"] in (0, None)}
     loops = loop_seconds(work, {**params, "archs": [a for a in params["archs"] if f"{dataset}-{a}" in trained]},
                          dataset)
     training = sum(v["loop"] for v in loops.values())

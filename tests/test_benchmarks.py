@@ -100,9 +100,15 @@ def test_pipeline_summary_splits_the_wall_time(tmp_path: Path):
     assert "**Wall time: 50.0 s**" in lines
     assert "| mlp | 2 | 10.0 | 21.0 |" in lines
     # a run stopped before evaluate: only what finished, a lower bound, never "met"
+    # (a train stage stopped mid-run has no history.csv and is not counted as trained)
+    killed = {"argv": ["stages/train.py", "--dataset", "d", "--arch", "cnn"], "start": 31, "main": 33,
+              "end": 40, "exit": 143}
     (tmp_path / "stage-times.jsonl").write_text(
-        "\n".join((tmp_path / "stage-times.jsonl").read_text().splitlines()[:3]) + "\n")
-    result, lines = pipeline.summarize(tmp_path, params, "d", 40.0, "cuda (test GPU)", False)
+        "\n".join((tmp_path / "stage-times.jsonl").read_text().splitlines()[:3]) + "\n"
+        + json.dumps(killed) + "\n")
+    result, lines = pipeline.summarize(tmp_path, {**params, "archs": ["mlp", "cnn"]}, "d", 40.0,
+                                       "cuda (test GPU)", False)
+    assert list(result["training_loops"]) == ["mlp"]
     assert result["finished"] is False and result["targets_met"] is False
     assert result["targets"]["wall_seconds"] == 60.0
     assert any(line.startswith("**Not finished: `dvc repro` stopped at its limit of 40 s**") for line in lines)
