@@ -71,19 +71,31 @@ class MlflowServer:
         self.start_seconds = time.monotonic() - t0
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Stop the server and its workers (SIGKILL if SIGTERM is not enough in 20 s)."""
+        """Stop the server and its workers (SIGKILL if SIGTERM is not enough in 20 s).
+
+        Returns once nothing accepts connections on the port: the leader's exit is not
+        enough, because a worker killed with it can hold the listening socket a moment
+        longer, and a request then is reset instead of refused (a flaky "server down").
+        """
         if self.proc is None or self.proc.poll() is not None:
             return
         for s, wait in ((sig, 20), (signal.SIGKILL, 20)):
             try:
                 os.killpg(self.proc.pid, s)
             except ProcessLookupError:
-                return
+                break
             try:
                 self.proc.wait(timeout=wait)
-                return
+                break
             except subprocess.TimeoutExpired:
                 continue
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            except OSError:
+                return
+            time.sleep(0.05)
 
     # ------------------------------------------------------------------ REST
 
