@@ -20,14 +20,18 @@ mkdir -p "$out" "$logs"
 export PYTHONUNBUFFERED=1
 status=0
 
-step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit, log to $logs/NAME.log
-    name=$1 limit=$2
-    shift 2
-    if [ -n "${DEADLINE:-}" ]; then
-        left=$(( DEADLINE - $(date +%s) ))
-        [ "$left" -lt "$limit" ] && limit=$left
-        if [ "$limit" -lt 10 ]; then echo "== $name: skipped (deadline)"; status=1; return; fi
+clamp() {  # clamp SECONDS: SECONDS, or the time left before $DEADLINE if that is less
+    if [ -n "${DEADLINE:-}" ] && [ $(( DEADLINE - $(date +%s) )) -lt "$1" ]; then
+        echo $(( DEADLINE - $(date +%s) ))
+    else
+        echo "$1"
     fi
+}
+
+step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit, log to $logs/NAME.log
+    name=$1 limit=$(clamp "$2")
+    shift 2
+    if [ "$limit" -lt 10 ]; then echo "== $name: skipped (deadline)"; status=1; return; fi
     echo "== $name (limit ${limit}s): $*"
     start=$(date +%s)
     timeout "$limit" "$@" >"$logs/$name.log" 2>&1
@@ -42,10 +46,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 step cuda-tests "${TESTS_LIMIT:-240}" "$py" -m pytest -q -p no:cacheprovider -m gpu tests
 step loops "${LOOPS_LIMIT:-180}" "$py" benchmarks/compare_loops.py --data "$mnist" --out "$out" ${LOOPS_ARGS:-}
 # pipeline.py stops dvc repro itself (--timeout) so that it still reports the stages done
-plimit=${PIPELINE_LIMIT:-300}
-if [ -n "${DEADLINE:-}" ] && [ $(( DEADLINE - $(date +%s) )) -lt "$plimit" ]; then
-    plimit=$(( DEADLINE - $(date +%s) ))
-fi
+plimit=$(clamp "${PIPELINE_LIMIT:-300}")
 step pipeline "$plimit" "$py" benchmarks/pipeline.py --data "$mnist" --out "$out" \
     --timeout $(( plimit > 60 ? plimit - 30 : plimit / 2 )) ${PIPELINE_ARGS:-}
 step loops-compiled "${COMPILED_LIMIT:-240}" "$py" benchmarks/compare_loops.py --data "$mnist" --out "$out" \
