@@ -316,6 +316,37 @@ def test_train_compile_takes_a_flag_or_a_torch_compile_mode(value, mode, monkeyp
     assert seen == ([] if value is False else [mode])
 
 
+def test_deterministic_eager_leaves_inductor_unloaded_and_compile_sets_its_flag(tmp_path):
+    """seed_everything skips the Inductor import (3-4 s a train stage) that
+    torch.use_deterministic_algorithms makes; a compiled run still gets Inductor's flag."""
+    code = """if True:
+        import sys, torch
+        from mnistlab.config import TrainSettings, load_params
+        from mnistlab.hparams import HParams
+        from mnistlab.training import build
+        from mnistlab.utils import seed_everything
+        seed_everything(0, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert "torch._inductor" not in sys.modules, "Inductor imported"
+        params = load_params(sys.argv[1])
+        params["train"]["compile"] = True
+        torch.compile = lambda model, mode=None: model
+        build(HParams.from_params(params, "mlp"), TrainSettings.from_params(params),
+              num_classes=10, n_train=100, device=torch.device("cpu"), seed=0)
+        import torch._inductor.config as inductor
+        assert inductor.deterministic is True and torch.are_deterministic_algorithms_enabled()
+        seed_everything(0, deterministic=False)  # Inductor loaded: both flags follow
+        assert inductor.deterministic is False and not torch.are_deterministic_algorithms_enabled()
+    """
+    import subprocess
+
+    params = tmp_path / "params.yaml"
+    params.write_text(committed_params_text())
+    done = subprocess.run([sys.executable, "-c", code, str(params)], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize(("value", "fragment"), [
     ("fast", "train.compile: unknown value 'fast' (valid: default, reduce-overhead, max-autotune,"),
     (1, "train.compile must be true or false (got 1)")])

@@ -105,6 +105,7 @@ def closed_port() -> int:
 
 
 def test_mlflow_content_read_back(params, split_dir, workdir, monkeypatch):
+    import mlflow.pyfunc
     import mlflow.pytorch
     from mlflow.models import get_model_info
     from mlflow.tracking import MlflowClient
@@ -119,8 +120,20 @@ def test_mlflow_content_read_back(params, split_dir, workdir, monkeypatch):
         return real_log_batch(self, run_id, metrics, *args, **kwargs)
 
     monkeypatch.setattr(MlflowClient, "log_batch", counting_log_batch)
+    # MLflow's requirements check (a scan of every installed distribution, ~3 s) is
+    # skipped while the model is logged: our pins are this environment's own versions
+    from mlflow.utils import environment, requirements_utils
+
+    checked: list[str] = []
+    real_check = requirements_utils._check_requirement_satisfied
+    monkeypatch.setattr(requirements_utils, "_check_requirement_satisfied",
+                        lambda req: checked.append(req) or real_check(req))
+    warn = requirements_utils.warn_dependency_requirement_mismatches
     p = paths_in(workdir, split_dir)
     summary = train(params, "digits", "mlp", p)
+    assert checked == []
+    for module in (environment, mlflow.pyfunc):  # both checks are back in place
+        assert module.warn_dependency_requirement_mismatches is warn
 
     run_id = run_id_of(p)
     client = MlflowClient(tracking.tracking_uri())
@@ -177,6 +190,8 @@ def test_mlflow_content_read_back(params, split_dir, workdir, monkeypatch):
     with tracking.fluent_uri(tracking.tracking_uri()):
         info = get_model_info(f"runs:/{run_id}/model")
         logged_model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+        requirements = Path(mlflow.pyfunc.get_model_dependencies(f"runs:/{run_id}/model"))
+    assert set(requirements.read_text().split()) >= set(tracking.model_requirements())
     shape = info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]
     assert list(shape) == [-1, 1, 28, 28]
     record = torch_load(p.model_dir / "model.pt")

@@ -526,7 +526,7 @@ def log_pytorch_model(run_id: str, model, example, log_model: Callable[..., Any]
     from mlflow.models import infer_signature
 
     model = copy.deepcopy(model).cpu().eval()
-    with fluent_uri(tracking_uri()), mlflow.start_run(run_id=run_id):
+    with fluent_uri(tracking_uri()), mlflow.start_run(run_id=run_id), _no_requirement_scan():
         if log_model is not None:
             log_model(model, example, model_requirements())
             return
@@ -534,6 +534,32 @@ def log_pytorch_model(run_id: str, model, example, log_model: Callable[..., Any]
             out = model(torch.from_numpy(example)).numpy()
         mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example, out),
                                  input_example=example, pip_requirements=model_requirements())
+
+
+@contextlib.contextmanager
+def _no_requirement_scan() -> Iterator[None]:
+    """Skip MLflow's checks, while logging a model, that this environment meets its requirements.
+
+    Why: :func:`model_requirements` pins the running interpreter's own versions, so the
+    checks can only pass, and to make them MLflow maps every installed distribution to its
+    modules (``importlib_metadata.packages_distributions``, reading each one's file list):
+    2.5-3 s of every train stage on these CPUs. ``Model.log`` checks twice: when it writes
+    the environment files (``mlflow.utils.environment``), and when it reloads the model to
+    validate the input example (``mlflow.pyfunc.load_model``). Where MLflow has no such
+    check, nothing is skipped.
+    """
+    import mlflow.pyfunc
+    from mlflow.utils import environment
+
+    name = "warn_dependency_requirement_mismatches"
+    saved = [(m, getattr(m, name)) for m in (environment, mlflow.pyfunc) if hasattr(m, name)]
+    for module, _ in saved:
+        setattr(module, name, lambda requirements: None)
+    try:
+        yield
+    finally:
+        for module, check in saved:
+            setattr(module, name, check)
 
 
 def load_pyfunc(uri: str):

@@ -348,6 +348,9 @@ def build(hp: HParams, settings: TrainSettings, *, num_classes: int, n_train: in
         # steps are launch-bound. Compile time is part of the first epoch: on a one-epoch run
         # it did not pay (README, Performance: GPU).
         mode = None if settings.compile is True else settings.compile
+        # Inductor reads its own deterministic flag, which seed_everything leaves alone
+        # (utils.set_deterministic): the public call sets both.
+        torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled())
         step_model = torch.compile(step_model, mode=mode)
     return Built(model, step_model, opt, sched, epochs, args)
 

@@ -13,6 +13,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -321,11 +322,27 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed Python and torch; with ``deterministic`` ask torch for bit-reproducible kernels."""
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    set_deterministic(deterministic)
     if deterministic:
         # cuBLAS needs this workspace setting to be deterministic; harmless on CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
+
+
+def set_deterministic(mode: bool) -> None:
+    """``torch.use_deterministic_algorithms(mode)`` for eager code, without importing Inductor.
+
+    Why: the public call also sets ``torch._inductor.config.deterministic``, and importing
+    that config imports Inductor and Dynamo: 3-4 s of every train stage on a 2-core CPU, for
+    a flag only torch.compile reads. :func:`mnistlab.training.build` makes the public call
+    when it compiles (Inductor is imported then anyway), and so does this function whenever
+    Inductor is already loaded or torch lacks the private setter.
+    """
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(mode, warn_only=False)
+    else:
+        setter(mode, warn_only=False)
 
 
 def pick_device(name: str, key: str) -> torch.device:
