@@ -22,7 +22,8 @@ time of the one ``dvc repro`` splits into:
   dvc.lock; run.sh's check that the interpreter imports mnistlab).
 
 Targets (issue #14): everything but training and evaluation under 10 % of the wall time;
-on one H100 the whole run within 60 s. Writes ``benchmarks/results/pipeline-<device>.{json,md}``.
+on one H100 the whole run within 60 s. Writes ``benchmarks/results/pipeline-<device>.{json,md}``
+(``pipeline-<device>-<dataset>.*`` for another dataset).
 """
 
 from __future__ import annotations
@@ -210,7 +211,9 @@ def main() -> int:
 
     result, lines = summarize(work, params, args.dataset, wall, device, finished)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"pipeline-{device.split()[0]}"
+    # full MNIST keeps the plain name; another dataset's run must not overwrite it
+    suffix = "" if args.dataset == "mnist" else f"-{args.dataset}"
+    stem = args.out / f"pipeline-{device.split()[0]}{suffix}"
     write_json(stem.with_suffix(".json"), result)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
