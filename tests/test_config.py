@@ -317,7 +317,7 @@ def test_train_compile_takes_a_flag_or_a_torch_compile_mode(value, mode, monkeyp
 
 
 def test_deterministic_eager_leaves_inductor_unloaded_and_compile_sets_its_flag(tmp_path):
-    """seed_everything skips the Inductor import (3-4 s a train stage) that
+    """seed_everything skips the Inductor import (~1.5 s a train stage) that
     torch.use_deterministic_algorithms makes; a compiled run still gets Inductor's flag."""
     code = """if True:
         import sys, torch

@@ -120,7 +120,7 @@ def test_mlflow_content_read_back(params, split_dir, workdir, monkeypatch):
         return real_log_batch(self, run_id, metrics, *args, **kwargs)
 
     monkeypatch.setattr(MlflowClient, "log_batch", counting_log_batch)
-    # MLflow's requirements check (a scan of every installed distribution, ~3 s) is
+    # MLflow's requirements check (a scan of every installed distribution, seconds) is
     # skipped while the model is logged: our pins are this environment's own versions
     from mlflow.utils import environment, requirements_utils
 

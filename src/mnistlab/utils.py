@@ -333,8 +333,9 @@ def set_deterministic(mode: bool) -> None:
     """``torch.use_deterministic_algorithms(mode)`` for eager code, without importing Inductor.
 
     Why: the public call also sets ``torch._inductor.config.deterministic``, and importing
-    that config imports Inductor and Dynamo: 3-4 s of every train stage on a 2-core CPU, for
-    a flag only torch.compile reads. :func:`mnistlab.training.build` makes the public call
+    that config imports Inductor, for a flag only torch.compile reads: ~1.5 s of a train
+    stage under cProfile on a 2-core CPU (Dynamo, which it also imports, the optimizer
+    loads anyway). :func:`mnistlab.training.build` makes the public call
     when it compiles (Inductor is imported then anyway), and so does this function whenever
     Inductor is already loaded or torch lacks the private setter.
     """
