@@ -21,11 +21,8 @@ export PYTHONUNBUFFERED=1
 status=0
 
 clamp() {  # clamp SECONDS: SECONDS, or the time left before $DEADLINE if that is less
-    if [ -n "${DEADLINE:-}" ] && [ $(( DEADLINE - $(date +%s) )) -lt "$1" ]; then
-        echo $(( DEADLINE - $(date +%s) ))
-    else
-        echo "$1"
-    fi
+    left=$(( ${DEADLINE:-0} - $(date +%s) ))  # one clock reading: compared and returned alike
+    if [ -n "${DEADLINE:-}" ] && [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
 }
 
 step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit, log to $logs/NAME.log
