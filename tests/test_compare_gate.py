@@ -409,20 +409,47 @@ def test_run_pipeline_runs_every_shard_and_names_the_failed_one(tmp_path, monkey
     bin_dir.mkdir()
     (bin_dir / "dvc").write_text("#!/bin/sh\necho \"threads=$OMP_NUM_THREADS uri=$MLFLOW_TRACKING_URI\"\n"
                                  "echo \"code=$PYTHONPATH\"\n"
+                                 "echo \"args=$*\"\n"
                                  "[ \"$(basename $PWD)\" != bad ]\n")
     (bin_dir / "dvc").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     for ds in ("good", "bad", "fine"):
         (tmp_path / "w" / ds).mkdir(parents=True)
-    params, settings = {"datasets": ["good", "bad", "fine"]}, {"jobs": 2, "threads": 1}
+    params = {"datasets": ["good", "bad", "fine"]}
+    settings = {"jobs": 2, "threads": 1, "targets": ["compare"]}
     with pytest.raises(MnistlabError, match=r"failed in \S*/w/bad \(exit 1\); its output is above"):
         gate.run_pipeline(tmp_path / "w", params, settings)
     out = capsys.readouterr().out
     assert out.count("threads=1 uri=sqlite:///mlflow.db") == 3  # every shard ran, pinned
+    assert out.count("args=repro compare\n") == 3  # only the stages the gate reads
     for ds in ("good", "bad", "fine"):
         assert f"----- [{ds}] dvc repro exited" in out
         # each copy runs its own synced code, not the working tree's editable install
         assert f"code={(tmp_path / 'w' / ds / 'src').resolve()}" in out
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({}, []), ({"targets": None}, []), ({"targets": []}, []), ({"targets": ["compare"]}, ["compare"]),
+    ({"targets": ["train@digits-mlp", "compare"]}, ["train@digits-mlp", "compare"])])
+def test_repro_targets_name_stages_or_mean_every_stage(settings, expected):
+    assert gate.repro_targets(settings) == expected
+
+
+@pytest.mark.parametrize("targets", ["compare", [""], [3], {"compare": 1}])
+def test_bad_repro_targets_are_one_line_naming_the_file(targets):
+    with pytest.raises(MnistlabError, match=r"^ci/gate.yaml: targets must be a list of stage names"):
+        gate.repro_targets({"targets": targets})
+
+
+def test_the_gate_reproduces_every_stage_its_verdict_reads():
+    """ci/gate.yaml's targets reach every train and evaluate stage of dvc.yaml: compare depends on
+    the whole metrics/ and models/ trees, so a gate that skipped one could not judge it."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    targets = gate.repro_targets(gate.load_settings(ROOT / gate.CONFIG))
+    assert targets == ["compare"]
+    deps = dvc["compare"]["deps"]
+    assert {"${paths.metrics}", "${paths.models}", "${paths.split}"} <= set(deps)
+    assert "${paths.features}" not in deps  # features feeds nothing the gate reads
 
 
 def test_repo_profile_and_baseline_agree(tmp_path):

@@ -144,8 +144,10 @@ def timed_repro(shard: Path) -> int:
     return 0
 
 
-def run_shards(shards: list[Path], jobs: int, threads: int, what: str, timed: bool = False) -> None:
-    """``dvc repro`` in every copy of ``shards``, ``jobs`` at a time; each one's log is printed whole.
+def run_shards(shards: list[Path], jobs: int, threads: int, what: str, timed: bool = False,
+               targets: list[str] | None = None) -> None:
+    """``dvc repro [targets]`` in every copy of ``shards``, ``jobs`` at a time; each one's log is
+    printed whole. ``targets``: stage names (with everything upstream of them); none: every stage.
 
     Every shard runs with ``threads`` torch/OpenMP threads, whatever the machine:
     CPU kernels may split their reductions by thread count, and a baseline must not
@@ -163,7 +165,10 @@ def run_shards(shards: list[Path], jobs: int, threads: int, what: str, timed: bo
            "MNISTLAB_THREADS": str(threads)}
     env.pop("DVC_EXP_NAME", None)
     dvc = _dvc(env.get("PATH"))
-    command = [sys.executable, "-m", "mnistlab.ci.copies", "timed-repro"] if timed else [dvc, "repro"]
+    if timed and targets:
+        raise ValueError("timed runs time every stage: no targets")
+    command = ([sys.executable, "-m", "mnistlab.ci.copies", "timed-repro"] if timed
+               else [dvc, "repro", *(targets or [])])
     pending = list(shards)
     running: list[tuple[Path, subprocess.Popen, Any, float]] = []
     failed = []
@@ -171,7 +176,8 @@ def run_shards(shards: list[Path], jobs: int, threads: int, what: str, timed: bo
         while pending and len(running) < jobs:
             shard = pending.pop(0)
             out = open(shard / "repro.log", "w")  # noqa: SIM115 - closed when the process ends
-            print(f"[{shard.name}] dvc repro (log: {shard / 'repro.log'})", flush=True)
+            print(f"[{shard.name}] {' '.join(['dvc', *command[1:]]) if not timed else 'dvc repro'} "
+                  f"(log: {shard / 'repro.log'})", flush=True)
             shard_env = {**env, "PYTHONPATH": os.pathsep.join(
                 filter(None, [str((shard / "src").resolve()), env.get("PYTHONPATH")]))}
             running.append((shard, subprocess.Popen(command, cwd=shard, env=shard_env,

@@ -160,12 +160,26 @@ def prepare(root: Path, workdir: Path, profile: Path) -> dict[str, Any]:
     return params
 
 
+def repro_targets(settings: dict[str, Any]) -> list[str]:
+    """``targets`` of ci/gate.yaml: the stages each shard reproduces (with all they depend on).
+
+    Absent or empty: every stage. A list of stage names otherwise, e.g. ``[compare]``.
+    """
+    targets = settings.get("targets") if isinstance(settings, dict) else None
+    if targets is None:
+        return []
+    if not (isinstance(targets, list) and all(isinstance(t, str) and t.strip() for t in targets)):
+        raise MnistlabError(f"{CONFIG}: targets must be a list of stage names, got {targets!r}")
+    return targets
+
+
 def run_pipeline(workdir: Path, params: dict[str, Any], settings: dict[str, Any]) -> None:
-    """``dvc repro`` in every shard of ``params``' datasets, ``jobs`` at a time, ``threads`` threads each."""
+    """``dvc repro [targets]`` in every shard of ``params``' datasets, ``jobs`` at a time,
+    ``threads`` threads each."""
     jobs = _checked(positive, "jobs", setting(settings, "jobs"), int)
     threads = _checked(positive, "threads", setting(settings, "threads"), int)
     run_shards([shard_dir(workdir, ds) for ds in get(params, "datasets")], jobs, threads,
-               "the CI pipeline")
+               "the CI pipeline", targets=repro_targets(settings))
 
 
 # --------------------------------------------------------------------------- comparing
