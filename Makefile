@@ -74,8 +74,9 @@ exps: setup
 # comparison with ci/baseline.json.
 GATE := PATH="$(BIN):$$PATH" $(PY) -m mnistlab.ci.gate
 
+# GATE_JOBS=N: copies at once, over ci/gate.yaml's jobs (.ci/run: 1, beside the test suite).
 ci-pipeline: setup
-	$(GATE) pipeline
+	$(GATE) pipeline $(if $(GATE_JOBS),--jobs $(GATE_JOBS))
 
 # Markdown table on stdout (and in $$GITHUB_STEP_SUMMARY when set); exits 1 on a regression.
 ci-gate: ci-pipeline

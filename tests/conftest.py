@@ -25,12 +25,16 @@ from helpers.repo import ROOT, SHARED, make_repo, write_committed_params  # noqa
 
 # Tests are CPU-only and small; two threads match the CI machine, shared among pytest-xdist's
 # workers (`pytest -n 2`: one each; most of a test's time is single-threaded Python, so two
-# workers finish the suite sooner than one worker with two threads). In the environment too,
-# so that train.threads: auto (mnistlab.threads, where OMP_NUM_THREADS wins) keeps that count
-# when a test runs the train stage, in this process or in one it starts.
-THREADS = max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+# workers finish the suite sooner than one worker with two threads). MNISTLAB_TEST_THREADS
+# sets the count outright (.ci/run: 1, while the CI gate runs on the other core). In the
+# environment too (overwritten: an xdist worker inherits its controller's), so that
+# train.threads: auto (mnistlab.threads, where OMP_NUM_THREADS wins) keeps that count when a
+# test runs the train stage, in this process or in one it starts.
+_explicit = os.environ.get("MNISTLAB_TEST_THREADS", "")
+THREADS = int(_explicit) if _explicit.isdigit() and int(_explicit) > 0 else max(
+    1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 torch.set_num_threads(THREADS)
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 # Without OMP_NUM_THREADS, auto counts every training run of this user on the machine; tests
 # must not depend on what else runs there: this session's runs count only each other.
 os.environ.setdefault("MNISTLAB_THREAD_SLOTS", tempfile.mkdtemp(prefix="mnistlab-test-threads-"))

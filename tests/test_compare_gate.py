@@ -428,6 +428,27 @@ def test_run_pipeline_runs_every_shard_and_names_the_failed_one(tmp_path, monkey
         assert f"code={(tmp_path / 'w' / ds / 'src').resolve()}" in out
 
 
+@pytest.mark.parametrize("argv, jobs", [([], 2), (["--jobs", "1"], 1), (["--jobs", "0"], None)])
+def test_pipeline_jobs_from_the_command_line_over_gate_yaml(tmp_path, monkeypatch, capsys, argv, jobs):
+    """`make ci-gate GATE_JOBS=1` (.ci/run, beside the tests): --jobs beats ci/gate.yaml's jobs,
+    and is checked like it."""
+    seen = {}
+    monkeypatch.setattr(gate, "prepare", lambda root, workdir, profile: None)
+    write_committed_params(tmp_path / "params.yaml")  # what prepare would have written
+    monkeypatch.setattr(gate, "run_shards", lambda shards, j, threads, what, targets=None:
+                        seen.update(jobs=j, threads=threads, targets=targets))
+    call = ["pipeline", "--root", str(ROOT), "--workdir", str(tmp_path), *argv]
+    if jobs is None:
+        with pytest.raises(SystemExit) as e:
+            gate.main(call)
+        assert e.value.code == 2 and not seen
+        assert "argument --jobs: must be a positive integer, got '0'" in capsys.readouterr().err
+    else:
+        assert gate.main(call) == 0
+        assert seen == {"jobs": jobs, "threads": 1, "targets": ["compare"]}
+        assert gate.load_settings(ROOT / gate.CONFIG)["jobs"] == 2  # the file's, for the default
+
+
 @pytest.mark.parametrize("settings, expected", [
     ({}, []), ({"targets": None}, []), ({"targets": []}, []), ({"targets": ["compare"]}, ["compare"]),
     ({"targets": ["train@digits-mlp", "compare"]}, ["train@digits-mlp", "compare"])])

@@ -528,6 +528,12 @@ def accept(root: Path, workdir: Path, profile: Path, baseline_path: Path,
 # --------------------------------------------------------------------------- command line
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code (1: the gate failed)."""
     ap = argparse.ArgumentParser(prog="python -m mnistlab.ci.gate",
@@ -545,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", type=Path, default=None, help=f"default: baseline of {CONFIG}")
     ap.add_argument("--summary", type=Path, default=None,
                     help="also append the report here (e.g. $GITHUB_STEP_SUMMARY)")
+    ap.add_argument("--jobs", type=_positive_int, default=None,
+                    help=f"pipeline: copies run at once (default: jobs of {CONFIG}); results do "
+                         "not depend on it, only the wall time")
     args = ap.parse_args(argv)
 
     root = args.root.resolve()
@@ -556,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("prepare", "pipeline"):
         prepare(root, workdir, profile)
         if args.command == "pipeline":
+            if args.jobs is not None:
+                settings = {**settings, "jobs": args.jobs}  # checked in run_pipeline like the file's
             run_pipeline(workdir, load_params(workdir / "params.yaml"), settings)
         return 0
     if args.command == "accept":
