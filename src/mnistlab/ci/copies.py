@@ -169,6 +169,7 @@ def run_shards(shards: list[Path], jobs: int, threads: int, what: str, timed: bo
         raise ValueError("timed runs time every stage: no targets")
     command = ([sys.executable, "-m", "mnistlab.ci.copies", "timed-repro"] if timed
                else [dvc, "repro", *(targets or [])])
+    shown = " ".join(["dvc", "repro", *(targets or [])])  # what each copy runs, for its log line
     pending = list(shards)
     running: list[tuple[Path, subprocess.Popen, Any, float]] = []
     failed = []
@@ -176,8 +177,7 @@ def run_shards(shards: list[Path], jobs: int, threads: int, what: str, timed: bo
         while pending and len(running) < jobs:
             shard = pending.pop(0)
             out = open(shard / "repro.log", "w")  # noqa: SIM115 - closed when the process ends
-            print(f"[{shard.name}] {' '.join(['dvc', *command[1:]]) if not timed else 'dvc repro'} "
-                  f"(log: {shard / 'repro.log'})", flush=True)
+            print(f"[{shard.name}] {shown} (log: {shard / 'repro.log'})", flush=True)
             shard_env = {**env, "PYTHONPATH": os.pathsep.join(
                 filter(None, [str((shard / "src").resolve()), env.get("PYTHONPATH")]))}
             running.append((shard, subprocess.Popen(command, cwd=shard, env=shard_env,
