@@ -165,7 +165,7 @@ def repro_targets(settings: dict[str, Any]) -> list[str]:
 
     Absent or empty: every stage. A list of stage names otherwise, e.g. ``[compare]``.
     """
-    targets = settings.get("targets") if isinstance(settings, dict) else None
+    targets = settings.get("targets")
     if targets is None:
         return []
     if not (isinstance(targets, list) and all(isinstance(t, str) and t.strip() for t in targets)):
@@ -566,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare(root, workdir, profile)
         if args.command == "pipeline":
             if args.jobs is not None:
-                settings = {**settings, "jobs": args.jobs}  # checked in run_pipeline like the file's
+                settings = {**settings, "jobs": args.jobs}  # argparse checked it (_positive_int)
             run_pipeline(workdir, load_params(workdir / "params.yaml"), settings)
         return 0
     if args.command == "accept":
