@@ -36,13 +36,15 @@ $(VEGA): package.json package-lock.json
 	  touch $@; \
 	else echo "warning: npm ci failed: dvc plots show will lack its Vega scripts" >&2; fi
 
+# make run: `dvc repro`, its independent stage chains (one per dataset x arch) on one worker
+# per core, then a plain `dvc repro` for compare (src/mnistlab/repro.py); JOBS=1: `dvc repro`.
 # make run PROFILE=thorough: profiles/thorough.yaml's overrides as a DVC experiment
 # (dvc exp run -S key=value ...; python -m mnistlab.profile prints them).
 run: setup
 ifdef PROFILE
 	args=$$($(PY) -m mnistlab.profile $(PROFILE)) && PATH="$(BIN):$$PATH" eval dvc exp run $$args
 else
-	PATH="$(BIN):$$PATH" dvc repro
+	PATH="$(BIN):$$PATH" $(PY) -m mnistlab.repro $(if $(JOBS),--jobs $(JOBS))
 endif
 
 test: setup

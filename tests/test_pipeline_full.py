@@ -1,5 +1,6 @@
-"""End to end in a temp copy: train → evaluate → features → compare with DVC, what DVC shows
-of it, the MLflow champion, and the regression gate catching a planted bad learning rate.
+"""End to end in a temp copy: train → evaluate → features → compare with DVC, run as `make run`
+runs it (mnistlab.repro, two workers), what DVC shows of it, the MLflow champion, and the
+regression gate catching a planted bad learning rate.
 
 One pipeline run serves every check (two stage runs per arch would double the
 minutes). Two archs keep it short while covering both kinds of feature pictures:
@@ -61,7 +62,13 @@ def test_pipeline_outputs_dvc_views_champion_and_gate(tmp_repo):
     configure(repo)
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "small"], repo)
-    repro = run(["dvc", "repro"], repo, timeout=900)
+    # as `make run` runs it: each arch's train -> evaluate -> features chain on its own worker
+    repro = run([sys.executable, "-m", "mnistlab.repro", "--jobs", "2"], repo, timeout=900)
+    assert "dvc repro on 2 workers" in repro.stdout, repro.stdout
+    for arch in ARCHS:
+        assert f"digits-{arch} done in" in repro.stdout, repro.stdout
+        assert "Running stage 'features@digits-" + arch in (repo / "build/run" / f"digits-{arch}.log").read_text()
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}  # the lock file dvc repro writes
     # one progress display per stage: no per-epoch lines at the default log level
     assert "epoch 1/" not in repro.stdout + repro.stderr
     # the last stage (compare) ends the output with where to look

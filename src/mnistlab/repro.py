@@ -1,0 +1,249 @@
+"""``make run``: ``dvc repro`` with the pipeline's independent parts on parallel workers.
+
+::
+
+    python -m mnistlab.repro              # one worker per usable core
+    python -m mnistlab.repro --jobs 1     # exactly `dvc repro`
+
+Why: ``dvc repro`` runs one stage at a time, and on the digits quickstart most of a stage is
+single-threaded start-up, not training: the interpreter, torch, MLflow and its store, DVC's
+lock file (benchmarks/results/pipeline-cpu-digits.md: 63 % of the wall time). One stage at a
+time leaves the second core of a 2-core machine idle for most of the run.
+
+How: DVC names every stage of a ``foreach``/``matrix`` ``<group>@<key>``. The stages that share
+a key form a *chain* (``download@digits`` -> ``split@digits``; ``train@digits-mlp`` ->
+``evaluate@digits-mlp`` -> ``features@digits-mlp``), run in DVC's order by one
+``dvc repro --single-item`` process. A chain starts once every chain that its stages depend on
+has finished, on the next idle worker, in DVC's own stage order. That is safe because DVC holds
+its repository lock only around a stage's bookkeeping, not while the stage's command runs (the
+"manually parallel" ``dvc repro`` its per-path read/write locks exist for), ``--wait-for-lock``
+makes a worker wait for that lock rather than fail, and chains never write the same path. What
+no chain holds (``compare``, which reads every chain's results) runs last, in the foreground
+(``dvc repro --single-item compare``), so its output, ending with compare's pointers, is what
+the user sees last. The lock file and the
+results are the ones ``dvc repro`` writes: ``dvc status`` is clean afterwards.
+
+Threads: a stage's torch thread count changes its weights' last bits (threads.py), so a count
+that depended on which stages happened to overlap would make reruns differ. Each worker's
+stages get ``cores // workers`` threads (``OMP_NUM_THREADS``, unless already set; an explicit
+``train.threads`` still wins), the same on every run on the same machine.
+
+A chain's output goes to ``<logs>/<key>.log``; the terminal gets one line as each chain starts
+and ends. When a chain fails, no new one starts, the running ones finish, and the command exits
+1 naming the chain, its log and the error lines in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from mnistlab.errors import MnistlabError, run_stage
+from mnistlab.threads import usable_cores
+
+LOGS = Path("build/run")
+# What the stages and DVC print when something goes wrong: shown when a chain fails.
+ERROR_PREFIXES = ("error:", "ERROR:", "Traceback")
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """Stages sharing one foreach/matrix key, in DVC's order, and the chains they wait for."""
+
+    key: str
+    stages: tuple[str, ...]
+    needs: frozenset[str]
+
+
+def key_of(stage: str) -> str | None:
+    """``train@digits-mlp`` -> ``digits-mlp``; None for a stage outside any foreach/matrix."""
+    name = stage.rpartition(":")[2]  # sub/dvc.yaml:train@x names a stage of another dvc.yaml
+    return name.partition("@")[2] or None
+
+
+def plan(order: Sequence[str], edges: Iterable[tuple[str, str]]) -> tuple[list[Chain], list[str]]:
+    """The chains of a pipeline, and the stages left to the final ``dvc repro``.
+
+    ``order``: every stage, dependencies first (DVC's order); ``edges``: ``(stage, upstream)``
+    pairs. A stage outside any foreach/matrix is a chain of its own when some chain needs it
+    (a shared ``prepare`` stage upstream of every ``train@...``), and otherwise left to the end.
+    Pure.
+    """
+    ups: dict[str, set[str]] = {s: set() for s in order}
+    downs: dict[str, set[str]] = {s: set() for s in order}
+    for stage, upstream in edges:
+        ups[stage].add(upstream)
+        downs[upstream].add(stage)
+    keyed = {s for s in order if key_of(s)}
+    feeds_keyed: set[str] = set()  # unkeyed stages upstream of some keyed stage
+    for s in reversed(order):
+        if s not in keyed and any(d in keyed or d in feeds_keyed for d in downs[s]):
+            feeds_keyed.add(s)
+    group = {s: key_of(s) or s for s in keyed | feeds_keyed}
+    members: dict[str, list[str]] = {}
+    for s in order:
+        if s in group:
+            members.setdefault(group[s], []).append(s)
+    chains = [Chain(key, tuple(stages),
+                    frozenset(group[u] for s in stages for u in ups[s] if group[u] != key))
+              for key, stages in members.items()]
+    return chains, [s for s in order if s not in group]
+
+
+@dataclasses.dataclass
+class Running:
+    chain: Chain
+    proc: subprocess.Popen
+    log: Path
+    started: float
+
+
+def error_lines(log: Path, limit: int = 5) -> list[str]:
+    """The lines of a failed chain's log worth showing: its error lines, else its last lines."""
+    try:
+        lines = [line.rstrip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return []
+    errors = [line for line in lines if line.lstrip().startswith(ERROR_PREFIXES)]
+    return (errors or lines)[-limit:]
+
+
+def stages_ran(log: Path) -> int:
+    """How many stages DVC says it ran (the others were up to date)."""
+    try:
+        return log.read_text(errors="replace").count("Running stage '")
+    except OSError:
+        return 0
+
+
+def schedule(chains: Sequence[Chain], jobs: int, start: Callable[[Chain], Running],
+             say: Callable[[str], None], poll: float = 0.2) -> list[str]:
+    """Run ``chains`` on ``jobs`` workers, each when the chains it needs have succeeded.
+
+    ``start`` launches one chain. Returns the keys of the chains that failed (empty: all ran).
+    After a failure nothing new starts; the running chains finish. Ready chains start in
+    ``chains``' order.
+    """
+    t0 = time.monotonic()
+    pending = list(chains)
+    running: list[Running] = []
+    done: set[str] = set()
+    failed: list[str] = []
+    try:
+        while pending or running:
+            while not failed and len(running) < jobs:
+                ready = next((c for c in pending if c.needs <= done), None)
+                if ready is None:
+                    break
+                pending.remove(ready)
+                running.append(start(ready))
+                say(f"[{time.monotonic() - t0:6.1f} s] {ready.key}: {', '.join(ready.stages)}")
+            if not running:
+                break  # after a failure: what is pending never starts
+            time.sleep(poll)
+            for r in [r for r in running if r.proc.poll() is not None]:
+                running.remove(r)
+                took = time.monotonic() - r.started
+                if r.proc.returncode == 0:
+                    done.add(r.chain.key)
+                    ran = stages_ran(r.log)
+                    say(f"[{time.monotonic() - t0:6.1f} s] {r.chain.key} done in {took:.1f} s "
+                        f"({ran} ran, {len(r.chain.stages) - ran} up to date)")
+                else:
+                    failed.append(r.chain.key)
+                    say(f"[{time.monotonic() - t0:6.1f} s] {r.chain.key} FAILED (exit {r.proc.returncode}) "
+                        f"after {took:.1f} s; its log: {r.log}")
+                    for line in error_lines(r.log):
+                        say(f"    {line}")
+    except BaseException:
+        # Ctrl-C or a stop signal reached this process only (each worker has a process group
+        # of its own): pass it on as the Ctrl-C of a foreground `dvc repro` (the stages stop
+        # cleanly, a train stage resumable from its checkpoint), and wait for them.
+        for r in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(r.proc.pid, signal.SIGINT)
+        for r in running:
+            r.proc.wait()
+        raise
+    return failed
+
+
+def read_pipeline(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every stage of the repository at ``root``, dependencies first, and its ``(stage, upstream)`` edges."""
+    import networkx as nx
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:  # in root: a stage's addressing is relative to the working directory
+        with contextlib.chdir(root), Repo(".") as repo:
+            graph = repo.index.graph  # edges point from a stage to the stages it depends on
+            position = {s: i for i, s in enumerate(repo.index.stages)}  # dvc.yaml order
+            order = list(nx.lexicographical_topological_sort(graph.reverse(copy=False),
+                                                              key=position.__getitem__))
+            return ([s.addressing for s in order],
+                    [(a.addressing, b.addressing) for a, b in graph.edges])
+    except DvcException as e:
+        raise MnistlabError(f"{root}: DVC cannot read the pipeline: {' '.join(str(e).split())}") from e
+
+
+def workers(jobs: int | None, chains: Sequence[Chain]) -> int:
+    """``jobs`` (default: the usable cores), but no more workers than chains."""
+    return max(1, min(jobs or usable_cores(), len(chains)))
+
+
+def dvc() -> str:
+    """The ``dvc`` beside this interpreter (the venv's), else the one on PATH."""
+    here = Path(sys.executable).with_name("dvc")
+    return str(here) if here.is_file() else (shutil.which("dvc") or "dvc")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mnistlab.repro", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="workers (default: the usable cores); 1 runs plain `dvc repro`")
+    ap.add_argument("--logs", type=Path, default=LOGS, help=f"one log per chain (default {LOGS})")
+    args = ap.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        ap.error(f"--jobs must be at least 1, got {args.jobs}")
+    root = Path.cwd()
+
+    chains, rest = ([], []) if args.jobs == 1 else plan(*read_pipeline(root))
+    n = workers(args.jobs, chains)
+    if n > 1:
+        env = dict(os.environ)
+        threads = max(1, usable_cores() // n)
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        args.logs.mkdir(parents=True, exist_ok=True)
+        print(f"dvc repro on {n} workers, {env['OMP_NUM_THREADS']} torch thread(s) per stage "
+              f"({len(chains)} chains, logs in {args.logs}/; then {', '.join(rest) or 'nothing'})",
+              flush=True)
+
+        def start(chain: Chain) -> Running:
+            log = args.logs / f"{chain.key}.log"
+            with open(log, "w") as out:  # the child keeps its own descriptor
+                proc = subprocess.Popen([dvc(), "--wait-for-lock", "repro", "--single-item", *chain.stages],
+                                        cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, process_group=0)
+            return Running(chain, proc, log, time.monotonic())
+
+        failed = schedule(chains, n, start, lambda line: print(line, flush=True))
+        if failed:
+            raise MnistlabError(f"dvc repro: chain(s) {', '.join(failed)} failed; see the lines above "
+                                f"and {args.logs}/<chain>.log")
+        # What no chain holds (compare), in DVC's order; every chain is up to date by now.
+        return subprocess.run([dvc(), "repro", "--single-item", *rest], cwd=root).returncode if rest else 0
+    return subprocess.run([dvc(), "repro"], cwd=root).returncode
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,158 @@
+"""``make run``'s parallel ``dvc repro`` (mnistlab.repro): the chains it forms from the real
+pipeline, the scheduler's order, worker limit, failure and interruption handling, and its
+errors. The end-to-end run is in test_pipeline_full.py (the pipeline it checks is made by it).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from helpers.repo import run
+
+from mnistlab import repro
+from mnistlab.repro import Chain, Running
+
+
+def test_chains_of_the_real_pipeline_one_per_dataset_and_per_dataset_arch(tmp_repo):
+    params = yaml.safe_load((tmp_repo / "params.yaml").read_text())
+    params["datasets"] = ["digits", "mnist_mini"]
+    (tmp_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    archs = params["archs"]
+
+    chains, rest = repro.plan(*repro.read_pipeline(tmp_repo))
+
+    assert rest == ["compare"]  # reads every chain's results: left to the final dvc repro
+    by_key = {c.key: c for c in chains}
+    assert list(by_key) == ["digits", "mnist_mini"] + [f"{ds}-{a}" for ds in ("digits", "mnist_mini")
+                                                        for a in archs]
+    for ds in ("digits", "mnist_mini"):
+        assert by_key[ds] == Chain(ds, (f"download@{ds}", f"split@{ds}"), frozenset())
+        for a in archs:
+            k = f"{ds}-{a}"
+            assert by_key[k] == Chain(k, (f"train@{k}", f"evaluate@{k}", f"features@{k}"), frozenset({ds}))
+
+
+def test_plan_gives_a_shared_unkeyed_upstream_stage_a_chain_and_leaves_the_rest():
+    order = ["prepare", "train@a", "train@b", "sub/dvc.yaml:eval@b", "report", "lint"]
+    edges = [("train@a", "prepare"), ("train@b", "prepare"), ("sub/dvc.yaml:eval@b", "train@b"),
+             ("report", "train@a"), ("report", "sub/dvc.yaml:eval@b")]
+    chains, rest = repro.plan(order, edges)
+    assert chains == [Chain("prepare", ("prepare",), frozenset()),
+                      Chain("a", ("train@a",), frozenset({"prepare"})),
+                      Chain("b", ("train@b", "sub/dvc.yaml:eval@b"), frozenset({"prepare"}))]
+    assert rest == ["report", "lint"]
+    assert repro.key_of("sub/dvc.yaml:eval@b") == "b" and repro.key_of("compare") is None
+
+
+class FakeProc:
+    """A worker process that exits with ``rc`` at its ``polls``-th poll."""
+
+    def __init__(self, polls: int, rc: int):
+        self.left, self.rc, self.returncode, self.pid = polls, rc, None, None
+
+    def poll(self):
+        self.left -= 1
+        if self.left <= 0:
+            self.returncode = self.rc
+        return self.returncode
+
+    def wait(self):
+        self.returncode = self.rc
+        return self.rc
+
+
+class Harness:
+    """``schedule``'s ``start``: records what started, checks each chain's needs had finished."""
+
+    def __init__(self, tmp_path, polls: dict[str, int], fail: frozenset[str] = frozenset()):
+        self.tmp, self.polls, self.fail = tmp_path, polls, fail
+        self.started: list[str] = []
+        self.running: list[Running] = []
+        self.peak = 0
+        self.lines: list[str] = []
+
+    def finished(self) -> set[str]:
+        return {r.chain.key for r in self.running if r.proc.returncode == 0}
+
+    def start(self, chain: Chain) -> Running:
+        assert chain.needs <= self.finished(), (chain.key, self.finished())
+        self.started.append(chain.key)
+        log = self.tmp / f"{chain.key}.log"
+        text = "".join(f"Running stage '{s}':\n" for s in chain.stages)
+        if chain.key in self.fail:
+            text += "some output\nerror: hparams.mlp.lr: must be > 0, got -1\nmore output\n"
+        log.write_text(text)
+        r = Running(chain, FakeProc(self.polls.get(chain.key, 1), 1 if chain.key in self.fail else 0),
+                    log, time.monotonic())
+        self.running.append(r)
+        self.peak = max(self.peak, sum(x.proc.returncode is None for x in self.running))
+        return r
+
+
+CHAINS = [Chain("d", ("download@d", "split@d"), frozenset()),
+          *(Chain(f"d-{a}", (f"train@d-{a}", f"evaluate@d-{a}"), frozenset({"d"})) for a in "abcd")]
+
+
+def test_schedule_waits_for_needs_keeps_to_the_workers_and_starts_in_order(tmp_path):
+    h = Harness(tmp_path, {"d": 2, "d-a": 5, "d-b": 1, "d-c": 3, "d-d": 1})
+    assert repro.schedule(CHAINS, 2, h.start, h.lines.append, poll=0) == []
+    assert h.started == ["d", "d-a", "d-b", "d-c", "d-d"]
+    assert h.peak == 2  # both workers busy once the dataset chain is done, never three
+    assert sum("done in" in line for line in h.lines) == 5
+    assert any(line.endswith("d done in 0.0 s (2 ran, 0 up to date)") for line in h.lines), h.lines
+
+
+def test_schedule_stops_starting_after_a_failure_and_shows_its_error(tmp_path):
+    h = Harness(tmp_path, {"d": 1, "d-a": 4, "d-b": 1}, fail=frozenset({"d-b"}))
+    assert repro.schedule(CHAINS, 2, h.start, h.lines.append, poll=0) == ["d-b"]
+    assert h.started == ["d", "d-a", "d-b"]  # d-c, d-d never start
+    assert h.running[1].proc.returncode == 0  # d-a, already running, finished
+    failed = next(i for i, line in enumerate(h.lines) if "d-b FAILED (exit 1)" in line)
+    assert str(tmp_path / "d-b.log") in h.lines[failed]
+    assert h.lines[failed + 1] == "    error: hparams.mlp.lr: must be > 0, got -1"
+
+
+def test_an_interrupted_schedule_passes_ctrl_c_to_the_workers_and_reaps_them(tmp_path):
+    procs = []
+
+    def start(chain):  # a real worker in its own process group, as main() starts them
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], process_group=0)
+        procs.append(p)
+        return Running(chain, p, tmp_path / "x.log", time.monotonic())
+
+    def say(line):
+        if "d-a" in line:
+            raise KeyboardInterrupt
+
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        repro.schedule([Chain("d-a", ("train@d-a",), frozenset())], 2, start, say, poll=0)
+    assert procs[0].returncode == -signal.SIGINT and time.monotonic() - t0 < 30
+
+
+def test_error_lines_prefer_error_lines_else_the_tail(tmp_path):
+    log = tmp_path / "x.log"
+    log.write_text("a\nERROR: failed to reproduce 'train@d-a'\n\nb\n")
+    assert repro.error_lines(log) == ["ERROR: failed to reproduce 'train@d-a'"]
+    log.write_text("".join(f"line {i}\n" for i in range(9)))
+    assert repro.error_lines(log, 3) == ["line 6", "line 7", "line 8"]
+    assert repro.error_lines(tmp_path / "missing.log") == []
+
+
+def test_workers_never_outnumber_the_chains():
+    assert repro.workers(8, CHAINS[:3]) == 3 and repro.workers(2, CHAINS) == 2
+    assert repro.workers(4, []) == 1
+
+
+def test_bad_jobs_and_a_directory_without_a_pipeline_are_one_line_errors(tmp_path):
+    bad = run([sys.executable, "-m", "mnistlab.repro", "--jobs", "0"], tmp_path, check=False)
+    assert bad.returncode == 2 and "--jobs must be at least 1, got 0" in bad.stderr
+    nodvc = run([sys.executable, "-m", "mnistlab.repro", "--jobs", "2"], tmp_path, check=False)
+    assert nodvc.returncode == 2, nodvc.stderr
+    assert nodvc.stderr.startswith(f"error: {tmp_path}: DVC cannot read the pipeline: ")
+    assert len(nodvc.stderr.strip().splitlines()) == 1 and "Traceback" not in nodvc.stderr
