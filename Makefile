@@ -11,7 +11,7 @@ PYTEST ?= -q
 # the suite in 13 min against 18 min for one. `make test XDIST=` runs it in one process.
 XDIST  ?= -n auto --dist worksteal
 
-.PHONY: setup run test lint predict exps ci-pipeline ci-gate baseline benchmark benchmark-pipeline benchmark-gpu benchmark-concurrency reproduce clean
+.PHONY: setup run test lint predict exps ci-pipeline ci-gate baseline benchmark benchmark-pipeline benchmark-quickstart benchmark-gpu benchmark-concurrency reproduce clean
 
 # Vega, Vega-Lite and vega-embed for `dvc plots show` offline (.dvc/plots.html loads them from
 # node_modules/, pinned with integrity in package-lock.json).
@@ -103,6 +103,11 @@ benchmark: setup
 # (benchmarks/results/pipeline-<device>.{json,md}). Hours on a 2-core CPU.
 benchmark-pipeline: setup
 	PATH="$(BIN):$$PATH" $(PY) benchmarks/pipeline.py
+
+# make run's pipeline time on fresh clones of HEAD, parallel and one stage at a time (issue #15:
+# <= 5 min; benchmarks/results/quickstart-cpu.{json,md}). ~12 min on 2 cores; on an idle machine.
+benchmark-quickstart: setup
+	PATH="$(BIN):$$PATH" $(PY) benchmarks/quickstart.py $(ARGS)
 
 # On a GPU machine: the CUDA tests, benchmark, benchmark-pipeline and the loops with
 # train.compile: reduce-overhead, each with its own time limit (benchmarks/gpu.sh).

@@ -112,3 +112,22 @@ def test_pipeline_summary_splits_the_wall_time(tmp_path: Path):
     assert result["finished"] is False and result["targets_met"] is False
     assert result["targets"]["wall_seconds"] == 60.0
     assert any(line.startswith("**Not finished: `dvc repro` stopped at its limit of 40 s**") for line in lines)
+
+
+def test_quickstart_table_gives_the_verdict_status_threads_and_accuracies():
+    """benchmarks/quickstart.py's report: a run over 300 s or with a dirty `dvc status` shows it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import quickstart
+    finally:
+        sys.path.pop(0)
+    run = {"mode": "parallel", "wall_seconds": 262.0, "test_accuracy": {"mlp": 0.9778, "lenet5": 0.875},
+           "threads": {"mlp": 1, "lenet5": 1}, "dvc_status_clean": True,
+           "chain_lines": ["[   0.0 s] digits: download@digits, split@digits"]}
+    slow = dict(run, mode="serial", wall_seconds=451.5, threads={"mlp": 2, "lenet5": 2},
+                dvc_status_clean=False, chain_lines=[])
+    md = quickstart.markdown({"date": "2026-11-26", "cpu": ("AMD EPYC", ["avx", "avx2"]), "cores": 2,
+                              "runs": [run, slow]})
+    assert "| 1 | parallel | 262.0 | met | yes | 1 | 97.78% | 87.50% |" in md
+    assert "| 2 | serial | 451.5 | NOT met | NO | 2 | 97.78% | 87.50% |" in md
+    assert "AMD EPYC (avx avx2; 2 usable cores)" in md and "[   0.0 s] digits: download@digits" in md
