@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import graphlib
 import os
 import shutil
 import signal
@@ -76,7 +77,7 @@ def plan(order: Sequence[str], edges: Iterable[tuple[str, str]]) -> tuple[list[C
     ``order``: every stage, dependencies first (DVC's order); ``edges``: ``(stage, upstream)``
     pairs. A stage outside any foreach/matrix is a chain of its own when some chain needs it
     (a shared ``prepare`` stage upstream of every ``train@...``), and otherwise left to the end.
-    Pure.
+    Chains that would wait on each other give no chains: every stage is left to the end. Pure.
     """
     ups: dict[str, set[str]] = {s: set() for s in order}
     downs: dict[str, set[str]] = {s: set() for s in order}
@@ -96,6 +97,11 @@ def plan(order: Sequence[str], edges: Iterable[tuple[str, str]]) -> tuple[list[C
     chains = [Chain(key, tuple(stages),
                     frozenset(group[u] for s in stages for u in ups[s] if group[u] != key))
               for key, stages in members.items()]
+    try:  # acyclic stages can still make chains that wait on each other (a per-dataset
+        # summary@d after train@d-a, which needs split@d): then DVC alone, one stage at a time
+        graphlib.TopologicalSorter({c.key: c.needs for c in chains}).prepare()
+    except graphlib.CycleError:
+        return [], list(order)
     return chains, [s for s in order if s not in group]
 
 
