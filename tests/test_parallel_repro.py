@@ -123,22 +123,38 @@ def test_schedule_stops_starting_after_a_failure_and_shows_its_error(tmp_path):
     assert h.lines[failed + 1] == "    error: hparams.mlp.lr: must be > 0, got -1"
 
 
-def test_an_interrupted_schedule_passes_ctrl_c_to_the_workers_and_reaps_them(tmp_path):
+# A worker that stops on Ctrl-C, and one started with SIGINT ignored (as a background job of a
+# non-interactive shell is, and whatever it starts): both must be gone soon after an interrupt.
+# Each says it is ready (its SIGINT handling set) by creating the file named by its argument.
+SLEEPERS = {
+    "default": "signal.signal(signal.SIGINT, signal.default_int_handler)",
+    "ignores SIGINT": "signal.signal(signal.SIGINT, signal.SIG_IGN)",
+}
+
+
+@pytest.mark.parametrize("worker", list(SLEEPERS))
+def test_an_interrupted_schedule_stops_its_workers_and_reaps_them(tmp_path, worker):
     procs = []
 
+    ready = tmp_path / "ready"
+    code = f"import pathlib, signal, sys, time; {SLEEPERS[worker]}; pathlib.Path(sys.argv[1]).touch(); time.sleep(60)"
+
     def start(chain):  # a real worker in its own process group, as main() starts them
-        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], process_group=0)
+        p = subprocess.Popen([sys.executable, "-c", code, str(ready)], process_group=0)
         procs.append(p)
         return Running(chain, p, tmp_path / "x.log", time.monotonic())
 
     def say(line):
         if "d-a" in line:
+            while not ready.exists() and time.monotonic() - t0 < 20:
+                time.sleep(0.05)
             raise KeyboardInterrupt
 
     t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        repro.schedule([Chain("d-a", ("train@d-a",), frozenset())], 2, start, say, poll=0)
-    assert procs[0].returncode == -signal.SIGINT and time.monotonic() - t0 < 30
+        repro.schedule([Chain("d-a", ("train@d-a",), frozenset())], 2, start, say, poll=0, grace=1.0)
+    expected = -signal.SIGINT if worker == "default" else -signal.SIGTERM
+    assert ready.exists() and procs[0].returncode == expected and time.monotonic() - t0 < 30
 
 
 def test_error_lines_prefer_error_lines_else_the_tail(tmp_path):

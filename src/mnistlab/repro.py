@@ -132,12 +132,13 @@ def stages_ran(log: Path) -> int:
 
 
 def schedule(chains: Sequence[Chain], jobs: int, start: Callable[[Chain], Running],
-             say: Callable[[str], None], poll: float = 0.2) -> list[str]:
+             say: Callable[[str], None], poll: float = 0.2, grace: float = 15.0) -> list[str]:
     """Run ``chains`` on ``jobs`` workers, each when the chains it needs have succeeded.
 
     ``start`` launches one chain. Returns the keys of the chains that failed (empty: all ran).
     After a failure nothing new starts; the running chains finish. Ready chains start in
-    ``chains``' order.
+    ``chains``' order. Interrupted (Ctrl-C, a stop signal), it stops the workers (:func:`stop`,
+    ``grace`` seconds a step) and re-raises.
     """
     t0 = time.monotonic()
     pending = list(chains)
@@ -171,16 +172,30 @@ def schedule(chains: Sequence[Chain], jobs: int, start: Callable[[Chain], Runnin
                     for line in error_lines(r.log):
                         say(f"    {line}")
     except BaseException:
-        # Ctrl-C or a stop signal reached this process only (each worker has a process group
-        # of its own): pass it on as the Ctrl-C of a foreground `dvc repro` (the stages stop
-        # cleanly, a train stage resumable from its checkpoint), and wait for them.
-        for r in running:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(r.proc.pid, signal.SIGINT)
-        for r in running:
-            r.proc.wait()
+        stop(running, grace)
         raise
     return failed
+
+
+def stop(running: Sequence[Running], grace: float) -> None:
+    """Stop the workers: Ctrl-C, then SIGTERM, then SIGKILL to what outlives ``grace`` seconds.
+
+    Ctrl-C or a stop signal reached this process only (each worker has a process group of its
+    own). SIGINT to a worker's group is the Ctrl-C of a foreground `dvc repro`: the stage stops
+    cleanly, a train stage resumable from its checkpoint. But a process started with SIGINT
+    ignored (a background job of a non-interactive shell, as CI scripts start them) ignores it
+    too, so what is still running after ``grace`` gets SIGTERM (the stages' own clean stop),
+    and then SIGKILL: this command never hangs on a worker.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        alive = [r for r in running if r.proc.poll() is None]
+        for r in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(r.proc.pid, sig)
+        deadline = time.monotonic() + grace
+        for r in alive:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                r.proc.wait(max(0.0, deadline - time.monotonic()))
 
 
 def read_pipeline(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
