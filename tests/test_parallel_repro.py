@@ -5,6 +5,7 @@ errors. The end-to-end run is in test_pipeline_full.py (the pipeline it checks i
 
 from __future__ import annotations
 
+import io
 import signal
 import subprocess
 import sys
@@ -164,6 +165,36 @@ def test_error_lines_prefer_error_lines_else_the_tail(tmp_path):
     log.write_text("".join(f"line {i}\n" for i in range(9)))
     assert repro.error_lines(log, 3) == ["line 6", "line 7", "line 8"]
     assert repro.error_lines(tmp_path / "missing.log") == []
+
+
+def test_last_status_is_the_bars_latest_state_else_the_last_line(tmp_path):
+    log = tmp_path / "x.log"
+    log.write_text("Running stage 'train@d-a':\n> sh stages/run.sh python stages/train.py\n"
+                   "d-a:  10%|#   | 10/100 [00:01<00:09]\rd-a:  20%|##  | 20/100 [00:02<00:08]\r")
+    assert repro.last_status(log) == "d-a:  20%|##  | 20/100 [00:02<00:08]"
+    log.write_text("some\n12:00:01 INFO mnistlab.evaluate: writing\n\n")
+    assert repro.last_status(log) == "12:00:01 INFO mnistlab.evaluate: writing"
+    assert repro.last_status(tmp_path / "missing.log") == ""
+
+
+def test_display_draws_live_lines_only_on_a_terminal_and_erases_them_before_an_event(tmp_path):
+    log = tmp_path / "d-a.log"
+    log.write_text("d-a:  50%|##  | 50/100\r")
+    running = [Running(Chain("d-a", ("train@d-a",), frozenset()), FakeProc(9, 0), log, time.monotonic())]
+    out = io.StringIO()
+    quiet = repro.Display(out, live=False, every=0)
+    quiet.status(running)
+    quiet.event("[   1.0 s] d-a done")
+    assert out.getvalue() == "[   1.0 s] d-a done\n"
+
+    out = io.StringIO()
+    shown = repro.Display(out, live=True, every=0)
+    shown.status(running)
+    assert out.getvalue().startswith("  d-a (0 s): 50%|##  | 50/100") and out.getvalue().endswith("\n")
+    shown.event("[   2.0 s] d-a done")
+    assert out.getvalue().endswith("\n\x1b[1F\x1b[J[   2.0 s] d-a done\n")  # up one line, erase, then the event
+    shown.clear()
+    assert out.getvalue().endswith("d-a done\n")  # nothing left to erase
 
 
 def test_workers_never_outnumber_the_chains():

@@ -17,7 +17,7 @@ import sys
 import pytest
 import yaml
 from helpers.checks import assert_png
-from helpers.repo import ROOT, no_step_floor, run
+from helpers.repo import ROOT, no_step_floor, run, stage_env
 
 from mnistlab.utils import torch_load
 
@@ -63,11 +63,17 @@ def test_pipeline_outputs_dvc_views_champion_and_gate(tmp_repo):
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "small"], repo)
     # as `make run` runs it: each arch's train -> evaluate -> features chain on its own worker
-    repro = run([sys.executable, "-m", "mnistlab.repro", "--jobs", "2"], repo, timeout=900)
+    # MNISTLAB_PROGRESS: what it sets on a terminal, so that each train stage draws its bar
+    # into its chain's log, where the live lines read it
+    env = {**stage_env(repo), "MNISTLAB_PROGRESS": "always"}
+    repro = run([sys.executable, "-m", "mnistlab.repro", "--jobs", "2"], repo, timeout=900, env=env)
     assert "dvc repro on 2 workers" in repro.stdout, repro.stdout
     for arch in ARCHS:
         assert f"digits-{arch} done in" in repro.stdout, repro.stdout
-        assert "Running stage 'features@digits-" + arch in (repo / "build/run" / f"digits-{arch}.log").read_text()
+        log = (repo / "build/run" / f"digits-{arch}.log").read_text()
+        assert "Running stage 'features@digits-" + arch in log
+        bar = next(p for p in reversed(log.split("\r")) if "step" in p)  # the bar's last state
+        assert "100%" in bar and "train_loss" in bar and "val_acc" in bar, bar
     assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}  # the lock file dvc repro writes
     # one progress display per stage: no per-epoch lines at the default log level
     assert "epoch 1/" not in repro.stdout + repro.stderr

@@ -29,8 +29,11 @@ stages get ``cores // workers`` threads (``OMP_NUM_THREADS``, unless already set
 ``train.threads`` still wins), the same on every run on the same machine.
 
 A chain's output goes to ``<logs>/<key>.log``; the terminal gets one line as each chain starts
-and ends. When a chain fails, no new one starts, the running ones finish, and the command exits
-1 naming the chain, its log and the error lines in it.
+and ends and, when it is a terminal, under those one live line per running chain: its train
+stage's progress bar (epoch, ETA, running loss, validation accuracy; the stages draw it into the
+log when ``MNISTLAB_PROGRESS=always``, which is set for them then) or else its latest line. When
+a chain fails, no new one starts, the running ones finish, and the command exits 1 naming the
+chain, its log and the error lines in it. Ctrl-C stops every worker.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TextIO
 
+from mnistlab.config import PROGRESS_ENV
 from mnistlab.errors import MnistlabError, run_stage
 from mnistlab.threads import usable_cores
 
@@ -123,6 +128,54 @@ def error_lines(log: Path, limit: int = 5) -> list[str]:
     return (errors or lines)[-limit:]
 
 
+def last_status(log: Path, tail: int = 4096) -> str:
+    """What a running chain shows last: its progress bar's latest state (tqdm redraws it
+    after a carriage return), or else its last line."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    parts = [p.strip() for p in text.replace("\r", "\n").split("\n")]
+    return next((p for p in reversed(parts) if p), "")
+
+
+class Display:
+    """The terminal during a parallel run: event lines, and on a terminal, under them, one
+    live line per running chain (its bar or last line), redrawn in place."""
+
+    def __init__(self, out: TextIO, live: bool, every: float = 0.5):
+        self.out, self.live, self.every = out, live, every
+        self.drawn, self.last = 0, 0.0
+
+    def event(self, line: str) -> None:
+        self.clear()
+        print(line, file=self.out, flush=True)
+
+    def status(self, running: Sequence[Running]) -> None:
+        if not self.live or time.monotonic() - self.last < self.every:
+            return
+        self.last = time.monotonic()
+        width = shutil.get_terminal_size().columns - 1
+        lines = []
+        for r in running:
+            status = last_status(r.log)
+            status = status.removeprefix(f"{r.chain.key}:").lstrip()  # the bar's own label
+            lines.append(f"  {r.chain.key} ({time.monotonic() - r.started:.0f} s): {status}"[:width])
+        self.clear()
+        self.out.write("".join(f"{line}\n" for line in lines))
+        self.out.flush()
+        self.drawn = len(lines)
+
+    def clear(self) -> None:
+        """Erase the live lines: up to the first of them, then to the end of the screen."""
+        if self.drawn:
+            self.out.write(f"\x1b[{self.drawn}F\x1b[J")
+            self.out.flush()
+            self.drawn = 0
+
+
 def stages_ran(log: Path) -> int:
     """How many stages DVC says it ran (the others were up to date)."""
     try:
@@ -132,13 +185,15 @@ def stages_ran(log: Path) -> int:
 
 
 def schedule(chains: Sequence[Chain], jobs: int, start: Callable[[Chain], Running],
-             say: Callable[[str], None], poll: float = 0.2, grace: float = 15.0) -> list[str]:
+             say: Callable[[str], None], poll: float = 0.2, grace: float = 15.0,
+             tick: Callable[[Sequence[Running]], None] | None = None) -> list[str]:
     """Run ``chains`` on ``jobs`` workers, each when the chains it needs have succeeded.
 
     ``start`` launches one chain. Returns the keys of the chains that failed (empty: all ran).
     After a failure nothing new starts; the running chains finish. Ready chains start in
     ``chains``' order. Interrupted (Ctrl-C, a stop signal), it stops the workers (:func:`stop`,
-    ``grace`` seconds a step) and re-raises.
+    ``grace`` seconds a step) and re-raises. ``tick``, if given, sees the running chains at
+    every poll (the live display).
     """
     t0 = time.monotonic()
     pending = list(chains)
@@ -157,6 +212,8 @@ def schedule(chains: Sequence[Chain], jobs: int, start: Callable[[Chain], Runnin
             if not running:
                 break  # after a failure: what is pending never starts
             time.sleep(poll)
+            if tick is not None:
+                tick(running)
             for r in [r for r in running if r.proc.poll() is not None]:
                 running.remove(r)
                 took = time.monotonic() - r.started
@@ -244,6 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = dict(os.environ)
         threads = max(1, usable_cores() // n)
         env.setdefault("OMP_NUM_THREADS", str(threads))
+        live = sys.stdout.isatty()
+        if live:  # the train stages draw their bars into the logs, for the live lines
+            env.setdefault(PROGRESS_ENV, "always")
         args.logs.mkdir(parents=True, exist_ok=True)
         print(f"dvc repro on {n} workers, {env['OMP_NUM_THREADS']} torch thread(s) per stage "
               f"({len(chains)} chains, logs in {args.logs}/; then {', '.join(rest) or 'nothing'})",
@@ -257,7 +317,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         stdin=subprocess.DEVNULL, process_group=0)
             return Running(chain, proc, log, time.monotonic())
 
-        failed = schedule(chains, n, start, lambda line: print(line, flush=True))
+        display = Display(sys.stdout, live)
+        try:
+            failed = schedule(chains, n, start, display.event, tick=display.status)
+        finally:
+            display.clear()
         if failed:
             raise MnistlabError(f"dvc repro: chain(s) {', '.join(failed)} failed; see the lines above "
                                 f"and {args.logs}/<chain>.log")

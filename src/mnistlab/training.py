@@ -397,7 +397,8 @@ def fit(built: Built, train: DeviceSplit, val: DeviceSplit, *, hp: HParams,
             checkpoints (callers pass ``on_epoch`` on rank 0 only).
         progress_file: Where the run's progress bar (:class:`RunProgress`) goes. None:
             stderr, and only when it is a terminal (``dvc repro`` passes one through; a CI
-            log gets no bar); a file: always drawn there. Rank 0 only. Per-epoch lines
+            log gets no bar); a file: always drawn there (the train stage passes stderr
+            when :data:`mnistlab.config.PROGRESS_ENV` is ``always``). Rank 0 only. Per-epoch lines
             are logged at DEBUG (``MNISTLAB_LOG_LEVEL=DEBUG``).
 
     Returns:
@@ -453,7 +454,7 @@ def fit(built: Built, train: DeviceSplit, val: DeviceSplit, *, hp: HParams,
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(RunProgress(tag, epochs, n_steps, start_epoch, enabled=show,
                                               file=progress_file))
-        if show and progress_file is None and _logs_to_console():
+        if show and progress_file in (None, sys.stderr) and _logs_to_console():
             # Log lines printed while the bar is drawn would tear it: route them above it.
             stack.enter_context(logging_redirect_tqdm(tqdm_class=type(bar.bar)))
         for epoch in range(start_epoch, epochs + 1):

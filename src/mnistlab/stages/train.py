@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ import torch
 
 from mnistlab import artifacts, distributed, serving, threads, tracking
 from mnistlab.checkpoint import code_digest, load_resumable, recorded_run_id, save_checkpoint
-from mnistlab.config import TrainSettings, seed_of
+from mnistlab.config import PROGRESS_ENV, TrainSettings, seed_of
 from mnistlab.errors import MnistlabError, Stopped, describe, redact_text
 from mnistlab.hparams import HParams
 from mnistlab.inference import DeviceSplit, native_bf16, to_device
@@ -211,7 +213,8 @@ def train(params: dict[str, Any], dataset: str, arch: str, paths: TrainPaths) ->
         built = build(hp, settings, num_classes=len(classes), n_train=n_train, device=device,
                       seed=seed, dist=dist)
         run = dict(hp=hp, settings=settings, dataset=dataset, seed=seed, fingerprint=fingerprint,
-                   checkpoint=paths.checkpoint, resume=resume, dist=dist)
+                   checkpoint=paths.checkpoint, resume=resume, dist=dist,
+                   progress_file=sys.stderr if os.environ.get(PROGRESS_ENV) == "always" else None)
         if not dist.is_main:
             return fit(built, train_d, val_d, **run).summary
         mlflow_params = {**hp.flat(), "seed": seed, "device": device.type, "dataset": dataset,
