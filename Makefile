@@ -37,7 +37,7 @@ $(VEGA): package.json package-lock.json
 	else echo "warning: npm ci failed: dvc plots show will lack its Vega scripts" >&2; fi
 
 # make run: `dvc repro`, its independent stage chains (one per dataset x arch) on one worker
-# per core, then a plain `dvc repro` for compare (src/mnistlab/repro.py); JOBS=1: `dvc repro`.
+# per core, then compare in the foreground (src/mnistlab/repro.py); JOBS=1: plain `dvc repro`.
 # make run PROFILE=thorough: profiles/thorough.yaml's overrides as a DVC experiment
 # (dvc exp run -S key=value ...; python -m mnistlab.profile prints them).
 run: setup

@@ -175,11 +175,11 @@ def thread_setting(key: str, value: Any) -> int | str:
     return value
 
 
-# torch.compile's modes (train.compile may also be true/false).
 # "always": the train stage draws its progress bar on stderr even when that is not a terminal.
 # `make run` (mnistlab.repro) sends each chain's output to a log and shows the bars from there.
 PROGRESS_ENV = "MNISTLAB_PROGRESS"
 
+# torch.compile's modes (train.compile may also be true/false).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
