@@ -27,7 +27,7 @@ def test_chains_of_the_real_pipeline_one_per_dataset_and_per_dataset_arch(tmp_re
 
     chains, rest = repro.plan(*repro.read_pipeline(tmp_repo))
 
-    assert rest == ["compare"]  # reads every chain's results: left to the final dvc repro
+    assert rest == ["compare"]  # reads every chain's results: runs last, in the foreground
     by_key = {c.key: c for c in chains}
     assert list(by_key) == ["digits", "mnist_mini"] + [f"{ds}-{a}" for ds in ("digits", "mnist_mini")
                                                         for a in archs]

@@ -77,7 +77,7 @@ def key_of(stage: str) -> str | None:
 
 
 def plan(order: Sequence[str], edges: Iterable[tuple[str, str]]) -> tuple[list[Chain], list[str]]:
-    """The chains of a pipeline, and the stages left to the final ``dvc repro``.
+    """The chains of a pipeline, and the stages left to run after every chain, in the foreground.
 
     ``order``: every stage, dependencies first (DVC's order); ``edges``: ``(stage, upstream)``
     pairs. A stage outside any foreach/matrix is a chain of its own when some chain needs it
