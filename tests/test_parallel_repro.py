@@ -209,3 +209,15 @@ def test_bad_jobs_and_a_directory_without_a_pipeline_are_one_line_errors(tmp_pat
     assert nodvc.returncode == 2, nodvc.stderr
     assert nodvc.stderr.startswith(f"error: {tmp_path}: DVC cannot read the pipeline: ")
     assert len(nodvc.stderr.strip().splitlines()) == 1 and "Traceback" not in nodvc.stderr
+
+
+def test_a_failing_chain_is_shown_and_the_run_exits_2_without_starting_the_rest(tmp_repo):
+    params = yaml.safe_load((tmp_repo / "params.yaml").read_text())
+    params["sources"]["digits"] = str(tmp_repo / "no-such-folder")  # download@digits fails
+    (tmp_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    p = run([sys.executable, "-m", "mnistlab.repro", "--jobs", "2"], tmp_repo, check=False, timeout=300)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "digits FAILED (exit" in p.stdout and "digits-mlp" not in p.stdout, p.stdout
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: dvc repro: chain(s) digits failed; see the lines above and {repro.LOGS}/<chain>.log")
+    assert "Traceback" not in p.stdout + p.stderr

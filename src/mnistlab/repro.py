@@ -32,7 +32,7 @@ A chain's output goes to ``<logs>/<key>.log``; the terminal gets one line as eac
 and ends and, when it is a terminal, under those one live line per running chain: its train
 stage's progress bar (epoch, ETA, running loss, validation accuracy; the stages draw it into the
 log when ``MNISTLAB_PROGRESS=always``, which is set for them then) or else its latest line. When
-a chain fails, no new one starts, the running ones finish, and the command exits 1 naming the
+a chain fails, no new one starts, the running ones finish, and the command exits 2 naming the
 chain, its log and the error lines in it. Ctrl-C stops every worker.
 """
 
