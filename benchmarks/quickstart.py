@@ -32,6 +32,7 @@ from pathlib import Path
 
 from benchlib import cpu
 
+from mnistlab import repro
 from mnistlab.config import load_params
 from mnistlab.threads import usable_cores
 from mnistlab.utils import write_json
@@ -63,7 +64,7 @@ def run_once(work: Path, mode: str) -> dict:
     (work / "repro.log").write_text(p.stdout + p.stderr)
     if p.returncode != 0:
         raise SystemExit(f"{mode}: exit {p.returncode}; see {work / 'repro.log'}")
-    status = subprocess.run([shutil.which("dvc", path=env["PATH"]) or "dvc", "status", "--json"],
+    status = subprocess.run([repro.dvc(), "status", "--json"],
                             cwd=work, env=env, capture_output=True, text=True)
     params = load_params(work / "params.yaml", keys=None)
     accuracy, threads = {}, {}
