@@ -14,7 +14,7 @@ runs there, timed from outside:
 Target (issue #15): the whole digits pipeline in <= 5 min on the 2-core CPU. Also recorded,
 so that a fast run cannot hide a broken one: each arch's test accuracy (none at chance, 10 %)
 and whether ``dvc status`` is clean afterwards. Run it on a quiet machine: every core is used.
-Writes ``benchmarks/results/quickstart-<device>.{json,md}``.
+Writes ``benchmarks/results/quickstart-cpu.{json,md}`` (``--name`` for another machine's).
 """
 
 from __future__ import annotations
@@ -111,6 +111,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "quickstart")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    # CPUs differ between machines (AVX2 only, or AVX512-BF16: 3-4x apart on convolutions), so a
+    # second machine's results go beside the first's, not over them
+    ap.add_argument("--name", default="quickstart-cpu", help="result files: OUT/NAME.{json,md}")
     args = ap.parse_args()
     modes = args.modes.split(",")
     if unknown := [m for m in modes if m not in MODES]:
@@ -127,8 +130,8 @@ def main() -> int:
                   ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
               "target_seconds": TARGET_S, "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "quickstart-cpu.json", result)
-    (args.out / "quickstart-cpu.md").write_text(markdown(result))
+    write_json(args.out / f"{args.name}.json", result)
+    (args.out / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
     return 0 if all(r["wall_seconds"] <= TARGET_S and r["dvc_status_clean"] for r in runs
                     if r["mode"] == "parallel") else 1
