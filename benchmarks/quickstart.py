@@ -84,7 +84,7 @@ def markdown(result: dict) -> str:
         "",
         f"{result['date']}, CPU {model} ({' '.join(flags)}; {result['cores']} usable cores), "
         f"torch threads per stage as each mode chose them; `.venv` set up beforehand. "
-        f"Produced by `python benchmarks/quickstart.py`; regenerate, never edit.",
+        f"Produced by `{result.get('command', 'python benchmarks/quickstart.py')}`; regenerate, never edit.",
         "",
         f"Target: <= {TARGET_S:.0f} s of pipeline time.",
         "",
@@ -128,7 +128,8 @@ def main() -> int:
     result = {"date": date.today().isoformat(), "cpu": cpu(), "cores": usable_cores(),
               "python": platform.python_version(), "commit": subprocess.run(
                   ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
-              "target_seconds": TARGET_S, "runs": runs}
+              "target_seconds": TARGET_S, "runs": runs,
+              "command": " ".join(["python benchmarks/quickstart.py", *sys.argv[1:]])}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / f"{args.name}.json", result)
     (args.out / f"{args.name}.md").write_text(markdown(result))

@@ -131,3 +131,8 @@ def test_quickstart_table_gives_the_verdict_status_threads_and_accuracies():
     assert "| 1 | parallel | 262.0 | met | yes | 1 | 97.78% | 87.50% |" in md
     assert "| 2 | serial | 451.5 | NOT met | NO | 2 | 97.78% | 87.50% |" in md
     assert "AMD EPYC (avx avx2; 2 usable cores)" in md and "[   0.0 s] digits: download@digits" in md
+    # the command that made the table, so that regenerating it writes the same file
+    assert "Produced by `python benchmarks/quickstart.py`;" in md
+    named = quickstart.markdown({"date": "2026-11-26", "cpu": ("AMD EPYC", ["avx2"]), "cores": 2,
+                                 "runs": [run], "command": "python benchmarks/quickstart.py --name q2"})
+    assert "Produced by `python benchmarks/quickstart.py --name q2`;" in named
