@@ -134,7 +134,7 @@ def main() -> None:
                     help="epochs of every arch, both loops (default: 1; --quick: hparams.<arch>.epochs)")
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--seed", type=int, default=None, help="default: params.yaml's seed")
+    ap.add_argument("--seed", type=int, default=None, help="default: params.yaml's first training seed (seeds)")
     ap.add_argument("--compile", default=None,
                     help="mnistlab's train.compile for this run (true or a torch.compile mode such "
                          "as reduce-overhead); the results file gets a -compile-<mode> suffix")
@@ -149,7 +149,7 @@ def main() -> None:
         params["train"]["compile"] = True if args.compile == "true" else args.compile
     settings = dataclasses.replace(TrainSettings.from_params(params), min_steps=0)
     device = pick_device(settings.device, "train.device")
-    seed = params["seed"] if args.seed is None else args.seed
+    seed = params["seeds"][0] if args.seed is None else args.seed
     archs = sorted(REGISTRY) if args.archs == "all" else args.archs.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -105,14 +105,14 @@ def worker(args: argparse.Namespace) -> None:
 
     import torch
 
-    from mnistlab.config import TrainSettings, load_params, seed_of
+    from mnistlab.config import TrainSettings, load_params, seeds_of
     from mnistlab.hparams import HParams
     from mnistlab.inference import to_device
     from mnistlab.training import build, fit, steps_per_epoch
     from mnistlab.utils import seed_everything, torch_load, write_json
 
     params = load_params(args.params)
-    seed = seed_of(params)
+    seed = seeds_of(params)[0]  # the first training seed, as train@<ds>-<arch>-<seed> uses
     settings = dataclasses.replace(TrainSettings.from_params(params), min_steps=0, device="cpu",
                                    threads="auto")
     hp = dataclasses.replace(HParams.from_params(params, args.arch), epochs=args.epochs)

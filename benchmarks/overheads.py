@@ -50,7 +50,7 @@ def mlflow_call_seconds(n: int = 30) -> float:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         from mnistlab import tracking
 
-        run_id = tracking.start_run("bench", "bench", {"a": 1}, {})
+        run_id = tracking.start_run("bench", "bench", 0, {"a": 1}, {})
         row = {"train_loss": 0.1, "train_accuracy": 0.9, "val_loss": 0.1, "val_accuracy": 0.9,
                "lr": 0.1, "epoch_seconds": 1.0, "train_seconds": 0.9}
         times = []

@@ -44,7 +44,7 @@ import torch
 from benchlib import cpu
 
 from mnistlab.ci import copies
-from mnistlab.config import load_params
+from mnistlab.config import load_params, run_dir
 from mnistlab.utils import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,17 +82,19 @@ def timer_wrapper(work: Path) -> Path:
 
 
 def stage_name(argv: list[str]) -> tuple[str, str]:
-    """``(kind, label)`` of a stage command line: ``("train", "train@mnist-mlp")``."""
+    """``(kind, label)`` of a stage command line: ``("train", "train@mnist-mlp-1234")``."""
     kind = Path(argv[0]).stem
-    item = "-".join(argv[argv.index(k) + 1] for k in ("--dataset", "--arch") if k in argv[:-1])
+    item = "-".join(argv[argv.index(k) + 1] for k in ("--dataset", "--arch", "--seed")
+                    if k in argv[:-1])
     return kind, f"{kind}@{item}" if item else kind
 
 
 def loop_seconds(work: Path, params: dict, dataset: str) -> dict[str, dict[str, float]]:
-    """Per arch: the training loop's seconds (history.csv) and MLflow's per-epoch logging."""
+    """Per arch: the training loop's seconds (history.csv) and MLflow's per-epoch logging
+    (of the first training seed's run)."""
     out = {}
     for arch in params["archs"]:
-        metrics = work / params["paths"]["metrics"] / dataset / arch
+        metrics = run_dir(work / params["paths"]["metrics"], dataset, arch, params["seeds"][0])
         with open(metrics / "history.csv", newline="") as f:
             loop = sum(float(r["epoch_seconds"]) for r in csv.DictReader(f))
         train = json.loads((metrics / "train.json").read_text())

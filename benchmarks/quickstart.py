@@ -33,7 +33,7 @@ from pathlib import Path
 from benchlib import cpu
 
 from mnistlab import repro
-from mnistlab.config import load_params
+from mnistlab.config import load_params, run_dir
 from mnistlab.threads import usable_cores
 from mnistlab.utils import write_json
 
@@ -69,7 +69,7 @@ def run_once(work: Path, mode: str) -> dict:
     params = load_params(work / "params.yaml", keys=None)
     accuracy, threads = {}, {}
     for arch in params["archs"]:
-        m = work / "metrics" / "digits" / arch
+        m = run_dir(work / "metrics", "digits", arch, params["seeds"][0])
         accuracy[arch] = json.loads((m / "test.json").read_text())["test_accuracy"]
         threads[arch] = json.loads((m / "train.json").read_text()).get("threads")
     return {"mode": mode, "wall_seconds": round(wall, 1), "test_accuracy": accuracy,

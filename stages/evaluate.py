@@ -1,12 +1,12 @@
-"""Stage evaluate@{dataset}-{arch}: test metrics, confusion data and misclassified images.
+"""Stage evaluate@{dataset}-{arch}-{seed}: test metrics, confusion data and misclassified images.
 
-    python stages/evaluate.py --dataset digits --arch mlp --split data/split/digits \
-        --model-dir models/digits/mlp --metrics-dir metrics/digits/mlp \
-        --reports reports/digits/mlp/evaluate
+    python stages/evaluate.py --dataset digits --arch mlp --seed 1234 --split data/split/digits \
+        --model-dir models/digits/mlp/seed-1234 --metrics-dir metrics/digits/mlp/seed-1234 \
+        --reports reports/digits/mlp/seed-1234/evaluate
 """
 
 from mnistlab.stages import cli
 from mnistlab.stages.evaluate import EvalPaths, run_evaluation
 
 if __name__ == "__main__":
-    cli(run_evaluation, EvalPaths, __doc__)
+    cli(run_evaluation, EvalPaths, __doc__, items=("dataset", "arch", "seed"))

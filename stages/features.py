@@ -1,12 +1,12 @@
-"""Stage features@{dataset}-{arch}: kernels, feature maps, embeddings and their 2-D maps.
+"""Stage features@{dataset}-{arch}-{seed}: kernels, feature maps, embeddings and their 2-D maps.
 
-    python stages/features.py --dataset digits --arch mlp --split data/split/digits \
-        --model-dir models/digits/mlp --out features/digits/mlp \
-        --reports reports/digits/mlp/features
+    python stages/features.py --dataset digits --arch mlp --seed 1234 --split data/split/digits \
+        --model-dir models/digits/mlp/seed-1234 --out features/digits/mlp/seed-1234 \
+        --reports reports/digits/mlp/seed-1234/features
 """
 
 from mnistlab.stages import cli
 from mnistlab.stages.features import FeaturePaths, run_features
 
 if __name__ == "__main__":
-    cli(run_features, FeaturePaths, __doc__)
+    cli(run_features, FeaturePaths, __doc__, items=("dataset", "arch", "seed"))

@@ -18,6 +18,7 @@ from helpers.repo import ROOT, write_committed_params
 
 from mnistlab import tracking
 from mnistlab.ci import copies, gate
+from mnistlab.config import run_dir, run_key
 from mnistlab.errors import MnistlabError
 from mnistlab.models import build_model
 from mnistlab.stages import compare
@@ -32,13 +33,17 @@ GATE = {"metrics": {"test_accuracy": {"direction": "max", "tolerance": 0.01},
         "require_best": {"ds": "b"}}
 
 
+SEED = 1234  # the runs' training seed where a test does not choose one
+
+
 def write_run(root, ds: str, arch: str, acc: float, loss: float = 0.1, params: int = 1000,
-              epochs: int = 3, n: int = 100) -> None:
-    """train.json, test.json, history.csv and predictions.csv as train and evaluate write them.
+              epochs: int = 3, n: int = 100, seed: int = SEED) -> None:
+    """train.json, test.json, history.csv and predictions.csv as train and evaluate write them,
+    in ``root/<ds>/<arch>/seed-<seed>/``.
 
     Of the ``n`` test images (classes ``i % 10``), the first ``round(acc * n)`` are right.
     """
-    d = root / ds / arch
+    d = run_dir(root, ds, arch, seed)
     k = round(acc * n)
     write_json(d / "train.json", {"parameters": params, "train_seconds": 2.5, "epochs": epochs,
                                   "train_images_per_second": 1234.5, "best_val_accuracy": acc,
@@ -78,21 +83,21 @@ def test_leaderboard_ranks_each_dataset_with_tie_breaks(tmp_path):
 
 
 def _two_datasets(root):
-    return pd.concat([compare.collect(root, ["ds"], ["a", "b", "c", "d"]),
-                      compare.collect(root, ["other"], ["a"])], ignore_index=True)
+    return pd.concat([compare.collect(root, ["ds"], ["a", "b", "c", "d"], [SEED]),
+                      compare.collect(root, ["other"], ["a"], [SEED])], ignore_index=True)
 
 
 def test_collect_names_the_missing_file(tmp_path):
     write_run(tmp_path, "ds", "a", 0.9)
-    (tmp_path / "ds" / "a" / "test.json").unlink()
-    with pytest.raises(MnistlabError, match=r"a/test.json: missing \(run its evaluate stage\)"):
-        compare.collect(tmp_path, ["ds"], ["a"])
+    (run_dir(tmp_path, "ds", "a", SEED) / "test.json").unlink()
+    with pytest.raises(MnistlabError, match=r"a/seed-1234/test.json: missing \(run its evaluate stage\)"):
+        compare.collect(tmp_path, ["ds"], ["a"], [SEED])
 
 
 def test_markdown_table_has_every_row(tmp_path):
     write_run(tmp_path, "ds", "a", 0.9123456, params=1234567)
     write_run(tmp_path, "ds", "b", 0.8)
-    md = compare.to_markdown(compare.leaderboard(compare.collect(tmp_path, ["ds"], ["a", "b"]),
+    md = compare.to_markdown(compare.leaderboard(compare.collect(tmp_path, ["ds"], ["a", "b"], [SEED]),
                                                  "test_accuracy"))
     lines = md.strip().splitlines()
     assert lines[0].startswith("| dataset") and "test_accuracy" in lines[0]
@@ -104,7 +109,7 @@ def test_run_compare_writes_leaderboard_and_curves_without_registry(tmp_path):
     for ds in ("d1", "d2"):
         write_run(metrics, ds, "a", 0.9, epochs=4)
         write_run(metrics, ds, "b", 0.8, epochs=40)
-    params = {"datasets": ["d1", "d2"], "archs": ["a", "b"],
+    params = {"datasets": ["d1", "d2"], "archs": ["a", "b"], "seeds": [SEED],
               "compare": {"rank_by": "macro_f1", "register": False, "registry_prefix": "x",
                           "alias": "champion"}}
     paths = compare.ComparePaths(metrics, tmp_path / "models", tmp_path / "out", tmp_path / "curves")
@@ -125,7 +130,7 @@ def test_compare_output_ends_with_where_to_look(tmp_path, monkeypatch):
     for ds in ("d1", "d2"):
         write_run(metrics, ds, "a", 0.9)
         write_run(metrics, ds, "b", 0.8)
-    params = {"datasets": ["d1", "d2"], "archs": ["a", "b"],
+    params = {"datasets": ["d1", "d2"], "archs": ["a", "b"], "seeds": [SEED],
               "compare": {"rank_by": "test_accuracy", "register": False, "registry_prefix": "x",
                           "alias": "champion"}}
     paths = compare.ComparePaths(metrics, tmp_path / "models", tmp_path / "out", tmp_path / "curves")
@@ -136,14 +141,14 @@ def test_compare_output_ends_with_where_to_look(tmp_path, monkeypatch):
     assert f"leaderboard  {tmp_path / 'out' / 'leaderboard.md'}" in block
     for ds in ("d1", "d2"):  # not registered: the champion's model file
         assert f"champion     {ds}: a (test_accuracy 0.9000) -> " \
-               f"{tmp_path / 'models' / ds / 'a' / 'model.pt'}" in block
+               f"{tmp_path / 'models' / ds / 'a' / 'seed-1234' / 'model.pt'}" in block
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db\n" in block
     assert "dvc plots show" in block
-    assert f'make predict ARGS="my-digit.png --model {tmp_path / "models/d1/a/model.pt"}"' in block
+    assert f'make predict ARGS="my-digit.png --model {tmp_path / "models/d1/a/seed-1234/model.pt"}"' in block
 
     # A registered champion is named by its alias; a server with credentials is shown without them.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:s3cr3t@mlflow.example.com:5000/")
-    block = compare.where_to_look(compare.leaderboard(compare.collect(metrics, ["d1"], ["a", "b"]),
+    block = compare.where_to_look(compare.leaderboard(compare.collect(metrics, ["d1"], ["a", "b"], [SEED]),
                                                       "test_accuracy"),
                                   paths, {"d1": {"uri": "models:/x-d1@champion"}})
     assert "open https://mlflow.example.com:5000/  (credentials removed)" in block
@@ -214,7 +219,7 @@ def test_compare_results_planted_regression_missing_and_new():
     assert {rows[("ds/gone", m)].verdict for m in RULES} == {"MISSING"}
     assert {rows[("ds/extra", m)].verdict for m in RULES} == {"new"}
     report = gate.render(list(rows.values()), [], "t")
-    assert ("| dataset/arch | metric | baseline | new | delta | tolerance | p-value | discordant "
+    assert ("| run | metric | baseline | new | delta | tolerance | p-value | discordant "
             "| verdict |") in report
     assert "**Gate FAILED**" in report
     # no per-image outcomes here: test_accuracy falls back to its tolerance, and says so
@@ -263,7 +268,7 @@ def gate_workdir(tmp_path, accs: dict[str, float]):
     """
     work = tmp_path / "work"
     archs = sorted({k.split("/")[1] for k in accs})
-    params = {"datasets": ["ds"], "archs": archs, "paths": {"metrics": "metrics"}}
+    params = {"datasets": ["ds"], "archs": archs, "seeds": [SEED], "paths": {"metrics": "metrics"}}
     work.mkdir(parents=True, exist_ok=True)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     for key, acc in accs.items():
@@ -278,7 +283,7 @@ def test_accept_then_check_passes_and_a_planted_regression_fails(tmp_path):
     work, profile = gate_workdir(tmp_path, {"ds/a": 0.90, "ds/b": 0.95})
     baseline = tmp_path / "baseline.json"
     base = gate.accept(tmp_path, work, profile, baseline, GATE)
-    assert base["results"]["ds/a"] == {"test_accuracy": 0.90, "macro_f1": pytest.approx(0.89),
+    assert base["results"]["ds/a/seed-1234"] == {"test_accuracy": 0.90, "macro_f1": pytest.approx(0.89),
                                        "test_loss": 0.1}
     assert base["profile_digest"] == json_digest({"datasets": ["ds"]})
 
@@ -288,8 +293,9 @@ def test_accept_then_check_passes_and_a_planted_regression_fails(tmp_path):
     write_run(work / "ds" / "metrics", "ds", "a", 0.60)  # the planted regression
     passed, report = gate.check(work, profile, baseline, GATE)
     assert not passed
-    assert "ds/a test_accuracy: REGRESSION" in report and "ds/a macro_f1: REGRESSION" in report
-    assert "ds/b test_accuracy" not in report.split("**Gate FAILED**")[1]
+    assert "ds/a/seed-1234 test_accuracy: REGRESSION" in report
+    assert "ds/a/seed-1234 macro_f1: REGRESSION" in report
+    assert "ds/b/seed-1234 test_accuracy" not in report.split("**Gate FAILED**")[1]
 
 
 def test_check_fails_when_an_arch_is_missing_or_the_profile_changed(tmp_path):
@@ -299,7 +305,7 @@ def test_check_fails_when_an_arch_is_missing_or_the_profile_changed(tmp_path):
     params = yaml.safe_load((work / "params.yaml").read_text())
     (work / "params.yaml").write_text(yaml.safe_dump({**params, "archs": ["b"]}))
     passed, report = gate.check(work, profile, baseline, GATE)  # ds/a's old files stay on disk
-    assert not passed and "ds/a test_accuracy: MISSING (no result)" in report
+    assert not passed and "ds/a/seed-1234 test_accuracy: MISSING (no result)" in report
 
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     profile.write_text("datasets: [ds]\ntrain: {min_steps: 1}\n")
@@ -309,8 +315,8 @@ def test_check_fails_when_an_arch_is_missing_or_the_profile_changed(tmp_path):
 
 def test_accept_refuses_incomplete_results(tmp_path):
     work, profile = gate_workdir(tmp_path, {"ds/a": 0.9, "ds/b": 0.95})
-    (work / "ds" / "metrics" / "ds" / "b" / "test.json").unlink()
-    with pytest.raises(MnistlabError, match="no complete results for ds/b"):
+    (run_dir(work / "ds" / "metrics", "ds", "b", SEED) / "test.json").unlink()
+    with pytest.raises(MnistlabError, match="no complete results for ds/b/seed-1234"):
         gate.accept(tmp_path, work, profile, tmp_path / "baseline.json", GATE)
 
 
@@ -334,7 +340,7 @@ def test_cli_exit_codes_and_summary(tmp_path):
     write_run(work / "ds" / "metrics", "ds", "b", 0.5)
     p = cli("check", "--summary", str(summary))
     assert p.returncode == 1, p.stdout
-    assert "ds/b test_accuracy: REGRESSION" in p.stdout and "regression gate failed" in p.stderr
+    assert "ds/b/seed-1234 test_accuracy: REGRESSION" in p.stdout and "regression gate failed" in p.stderr
     assert "ds/b best test_accuracy: FAILED" in p.stdout  # require_best {ds: b}
     assert summary.read_text().count("## Regression gate") == 2  # appended, as GitHub expects
     assert (work / "gate-report.md").read_text() in p.stdout
@@ -480,7 +486,8 @@ def test_repo_profile_and_baseline_agree(tmp_path):
     base = gate.read_baseline(ROOT / "ci" / "baseline.json")
     assert base["profile_digest"] == json_digest(gate.load_profile(ROOT / "ci" / "profile.yaml")), \
         "ci/profile.yaml changed since ci/baseline.json was made: run `make baseline`"
-    expected = {f"{d}/{a}" for d in params["datasets"] for a in params["archs"]}
+    expected = {run_key(d, a, s) for d in params["datasets"] for a in params["archs"]
+                for s in params["seeds"]}
     assert set(base["results"]) == expected
     for metrics in base["results"].values():
         assert set(metrics) == set(gate.load_settings(ROOT / gate.CONFIG)["metrics"])
@@ -493,8 +500,8 @@ def test_leaderboard_intervals_and_paired_tests_against_the_best(tmp_path):
     write_run(tmp_path, "ds", "a", 0.90)  # rank 1: images 0..89 right
     write_run(tmp_path, "ds", "b", 0.80)  # a-only 10, b-only 0: clearly below
     write_run(tmp_path, "ds", "c", 0.89)  # a-only 1: no evidence
-    correct = {"ds": compare.read_correct(tmp_path, "ds", ["a", "b", "c"])}
-    board = compare.leaderboard(compare.collect(tmp_path, ["ds"], ["a", "b", "c"]), "test_accuracy",
+    correct = {"ds": compare.read_correct(tmp_path, "ds", ["a", "b", "c"], SEED)}
+    board = compare.leaderboard(compare.collect(tmp_path, ["ds"], ["a", "b", "c"], [SEED]), "test_accuracy",
                                 correct)
     assert list(board.columns) == compare.COLUMNS
     assert compare.COLUMNS[:11] == ["dataset", "rank", "arch", "test_accuracy", "test_loss",
@@ -522,7 +529,7 @@ def test_pairwise_table_and_heat_map(tmp_path):
     write_run(metrics, "ds", "a", 0.90)
     write_run(metrics, "ds", "b", 0.80)
     write_run(metrics, "ds", "c", 0.89)
-    params = {"datasets": ["ds"], "archs": ["a", "b", "c"],
+    params = {"datasets": ["ds"], "archs": ["a", "b", "c"], "seeds": [SEED],
               "compare": {"rank_by": "test_accuracy", "register": False, "registry_prefix": "x",
                           "alias": "champion"}}
     paths = compare.ComparePaths(metrics, tmp_path / "models", tmp_path / "out", tmp_path / "curves",
@@ -544,12 +551,12 @@ def test_pairwise_table_and_heat_map(tmp_path):
 def test_paired_tests_need_the_same_test_images(tmp_path):
     write_run(tmp_path, "ds", "a", 0.9)
     write_run(tmp_path, "ds", "b", 0.8, n=90)
-    with pytest.raises(MnistlabError, match=r"b/predictions.csv: not the test images of ds/a"):
-        compare.read_correct(tmp_path, "ds", ["a", "b"])
+    with pytest.raises(MnistlabError, match=r"b/seed-1234/predictions.csv: not the test images of ds/a/seed-1234"):
+        compare.read_correct(tmp_path, "ds", ["a", "b"], SEED)
     write_run(tmp_path, "ds", "b", 0.8)
-    (tmp_path / "ds" / "b" / "predictions.csv").unlink()  # an old tree: no paired test, no error
-    board = compare.leaderboard(compare.collect(tmp_path, ["ds"], ["a", "b"]), "test_accuracy",
-                                {"ds": compare.read_correct(tmp_path, "ds", ["a", "b"])})
+    (run_dir(tmp_path, "ds", "b", SEED) / "predictions.csv").unlink()  # an old tree: no paired test, no error
+    board = compare.leaderboard(compare.collect(tmp_path, ["ds"], ["a", "b"], [SEED]), "test_accuracy",
+                                {"ds": compare.read_correct(tmp_path, "ds", ["a", "b"], SEED)})
     assert board["below_best"].tolist() == ["no", "n/a"]
     assert "| —" in compare.to_markdown(board)
 
@@ -654,7 +661,7 @@ def test_accept_stores_outcomes_and_an_old_baseline_still_works(tmp_path):
     work, profile = gate_workdir(tmp_path, {"ds/a": 0.90, "ds/b": 0.95})
     baseline = tmp_path / "baseline.json"
     base = gate.accept(tmp_path, work, profile, baseline, GATE)
-    assert base["correct"]["ds/a"] == "1" * 90 + "0" * 10
+    assert base["correct"]["ds/a/seed-1234"] == "1" * 90 + "0" * 10
     passed, report = gate.check(work, profile, baseline, GATE)
     assert passed and "| +0/−0 |" in report
 
@@ -664,4 +671,4 @@ def test_accept_stores_outcomes_and_an_old_baseline_still_works(tmp_path):
     assert passed and "tolerance: the baseline has no per-image outcomes" in report
     write_run(work / "ds" / "metrics", "ds", "a", 0.60)
     passed, report = gate.check(work, profile, baseline, GATE)
-    assert not passed and "ds/a test_accuracy: REGRESSION" in report
+    assert not passed and "ds/a/seed-1234 test_accuracy: REGRESSION" in report

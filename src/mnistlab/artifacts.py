@@ -10,11 +10,14 @@ network; keeping it out of this module keeps the split stage free of models.py).
 
     data/split/<ds>/{train,val,test}.pt   split       → train, evaluate, features
     data/split/<ds>/summary.json          split       → train, evaluate, features
-    models/<ds>/<arch>/run.json           train       → evaluate, features, compare
-    metrics/<ds>/<arch>/train.json        train       → compare (and the CI gate)
-    metrics/<ds>/<arch>/history.csv       train       → compare
-    metrics/<ds>/<arch>/test.json         evaluate    → compare (and the CI gate)
-    metrics/<ds>/<arch>/predictions.csv   evaluate    → compare, the CI gate, the reproduction report
+    models/<run>/run.json                 train       → evaluate, features, compare
+    metrics/<run>/train.json              train       → compare (and the CI gate)
+    metrics/<run>/history.csv             train       → compare
+    metrics/<run>/test.json               evaluate    → compare (and the CI gate)
+    metrics/<run>/predictions.csv         evaluate    → compare, the CI gate, the reproduction report
+
+where ``<run>`` is :func:`mnistlab.config.run_key`: ``<ds>/<arch>/seed-<seed>``, one per item of params.yaml's
+``seeds`` (dvc.yaml spells the same path out in its templates).
 
 This module imports nothing of mnistlab beyond errors and utils: every stage may
 depend on it without depending on another stage's code.

@@ -1,6 +1,6 @@
 """Resumable checkpoints: what they hold, their identity (fingerprint), save and load.
 
-A checkpoint (``checkpoints/<ds>/<arch>/last.pt``) holds the model, optimizer and
+A checkpoint (``checkpoints/<ds>/<arch>/seed-<seed>/last.pt``) holds the model, optimizer and
 scheduler states, every global RNG state, the epoch, the history, the best weights,
 the arch name and its builder arguments, and a fingerprint of everything that
 decides the trained weights: params, data, code, torch version, world size. A run

@@ -42,7 +42,7 @@ def load_yaml(text: str) -> Any:
 # otherwise be ignored without a word (its section's defaults, or another error, would
 # apply). A new setting is added here and to params.yaml together; dvc.yaml's
 # ``${...}`` templates and ci/profile.yaml's overrides read only keys of this set.
-PARAMS_KEYS = ("seed", "datasets", "archs", "paths", "sources", "download", "split", "train",
+PARAMS_KEYS = ("seed", "seeds", "datasets", "archs", "paths", "sources", "download", "split", "train",
                "hparams", "evaluate", "features", "compare")
 
 
@@ -147,15 +147,60 @@ def mapping(key: str, value: Any, known: tuple[str, ...] | None = None) -> dict[
     return dict(value)
 
 
-def seed_of(params: dict[str, Any]) -> int:
-    """The global ``seed``, the one rule for every stage: an integer in [0, 2**32).
-
-    Why that range: numpy and scikit-learn take ``random_state`` only there.
-    """
-    seed = get(params, "seed")
+def _seed(key: str, seed: Any) -> int:
+    """An integer in [0, 2**32): numpy and scikit-learn take ``random_state`` only there."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise MnistlabError(f"params.yaml: seed must be an integer in [0, 2**32) (got {seed!r})")
+        raise MnistlabError(f"params.yaml: {key} must be an integer in [0, 2**32) (got {seed!r})")
     return seed
+
+
+def seed_of(params: dict[str, Any]) -> int:
+    """The data ``seed``: the split and the t-SNE subsample (one for every run of a dataset)."""
+    return _seed("seed", get(params, "seed"))
+
+
+def seeds_of(params: dict[str, Any]) -> tuple[int, ...]:
+    """The training ``seeds``: one train/evaluate/features stage and MLflow run per seed.
+
+    A non-empty list of distinct integers in [0, 2**32). Why distinct: two stages of one
+    seed would write the same folder.
+    """
+    seeds = get(params, "seeds")
+    if not isinstance(seeds, list) or not seeds:
+        raise MnistlabError(f"params.yaml: seeds must be a non-empty list of integers (got {seeds!r})")
+    out = tuple(_seed(f"seeds[{i}]", s) for i, s in enumerate(seeds))
+    twice = sorted({s for s in out if out.count(s) > 1})
+    if twice:
+        raise MnistlabError(f"params.yaml: seeds: {', '.join(map(str, twice))} listed twice")
+    return out
+
+
+def run_key(dataset: str, arch: str, seed: int) -> str:
+    """``digits/mlp/seed-1234``: one training run's folder under models/, metrics/, reports/...
+
+    Also its name in the CI gate and the leaderboard's runs table. Why ``seed-`` and not the
+    bare number: a folder called ``1234`` beside nothing says nothing in a file browser.
+    """
+    return f"{dataset}/{arch}/seed-{seed}"
+
+
+def stage_name(group: str, dataset: str, arch: str, seed: int) -> str:
+    """``train@digits-mlp-1234``: DVC's name for one item of dvc.yaml's dataset x arch x seed matrix."""
+    return f"{group}@{dataset}-{arch}-{seed}"
+
+
+def run_dir(root: Path, dataset: str, arch: str, seed: int) -> Path:
+    """``root/<ds>/<arch>/seed-<seed>`` (:func:`run_key`)."""
+    return Path(root) / run_key(dataset, arch, seed)
+
+
+def seed_arg(text: str) -> int:
+    """A stage's ``--seed`` (one item of ``seeds``, put there by dvc.yaml's matrix)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise MnistlabError(f"--seed: not an integer: {text!r} (from params.yaml seeds)") from None
+    return _seed("seeds", value)
 
 
 def device_name(key: str, value: Any) -> str:
@@ -326,10 +371,11 @@ class FeatureSettings:
 
 @dataclasses.dataclass(frozen=True)
 class CompareSettings:
-    """``datasets``, ``archs`` and ``compare`` in params.yaml: what the leaderboard ranks, and how."""
+    """``datasets``, ``archs``, ``seeds`` and ``compare`` in params.yaml: what the leaderboard ranks, and how."""
 
     datasets: tuple[str, ...]
     archs: tuple[str, ...]
+    seeds: tuple[int, ...]
     rank_by: str
     register: bool
     registry_prefix: str
@@ -341,7 +387,7 @@ class CompareSettings:
         s = section(params, "compare", {
             "rank_by": lambda k, v: choice(k, v, tuple(RANKABLE)), "register": boolean,
             "registry_prefix": registry_name, "alias": alias_name})
-        return cls(datasets=datasets, archs=archs, **s)
+        return cls(datasets=datasets, archs=archs, seeds=seeds_of(params), **s)
 
 
 # --------------------------------------------------------------------------- download settings

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m mnistlab.export models/<ds>/<arch>/model.pt OUT.onnx [--split data/split/<ds>]
+    python -m mnistlab.export models/<ds>/<arch>/seed-<seed>/model.pt OUT.onnx [--split data/split/<ds>]
 
 The compare stage runs :func:`export_onnx` on each dataset's champion
 (``exports/<ds>/champion.onnx``); the command does the same for any ``model.pt``.
@@ -139,7 +139,7 @@ def check_onnx(path: Path, clf: RawImageClassifier, images: torch.Tensor) -> dic
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m mnistlab.export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", type=Path, help="a train stage's models/<ds>/<arch>/model.pt")
+    ap.add_argument("model", type=Path, help="a train stage's models/<ds>/<arch>/seed-<seed>/model.pt")
     ap.add_argument("out", type=Path, help="the .onnx file to write (its report: the same name, .json)")
     ap.add_argument("--split", type=Path, help="data/split/<ds>: check on its test.pt")
     args = ap.parse_args(argv)

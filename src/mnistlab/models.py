@@ -257,7 +257,7 @@ def resnet_bn(num_classes: Size = 10, in_channels: Size = 1, width: Size = 32) -
 
 
 # --------------------------------------------------------------------------- the model file
-# models/<ds>/<arch>/{model,best}.pt: written by the train stage, read by evaluate and
+# models/<ds>/<arch>/seed-<seed>/{model,best}.pt: written by the train stage, read by evaluate and
 # features. It lives here, beside the registry (as timm keeps its checkpoint loader
 # beside create_model), because reading it means building a registered network.
 
@@ -282,11 +282,13 @@ def save_model(path: Path, record: dict[str, Any]) -> None:
 
 
 def _retrain_hint(path: Path) -> str:
-    """How to rewrite a model file: its train stage, when the path is ``<models>/<ds>/<arch>/``."""
-    ds, arch = path.parent.parent.name, path.parent.name
-    if ds and arch in REGISTRY:
-        return f"rerun its train stage (dvc repro -f train@{ds}-{arch})"
-    return "retrain it (dvc repro -f train@<dataset>-<arch>)"
+    """How to rewrite a model file: its train stage, when the path is
+    ``<models>/<ds>/<arch>/seed-<seed>/`` (:func:`mnistlab.config.run_dir`)."""
+    ds, arch, run = path.parent.parent.parent.name, path.parent.parent.name, path.parent.name
+    seed = run.removeprefix("seed-")
+    if ds and arch in REGISTRY and run.startswith("seed-") and seed.isdigit():
+        return f"rerun its train stage (dvc repro -f train@{ds}-{arch}-{seed})"
+    return "retrain it (dvc repro -f train@<dataset>-<arch>-<seed>)"
 
 
 def load_model(path: Path, device: torch.device, arch: str | None = None

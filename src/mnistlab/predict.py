@@ -8,7 +8,7 @@
 ``*.jpg``, ``*.jpeg``, not recursive), or IDX image files (``*-idx3-ubyte``, gzipped
 or not; these are MNIST's own layout already and go to the model as they are).
 
-``--model``: a ``model.pt`` of the train stage (``models/<ds>/<arch>/model.pt``), or
+``--model``: a ``model.pt`` of the train stage (``models/<ds>/<arch>/seed-<seed>/model.pt``), or
 an MLflow URI — ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or
 ``runs:/<run_id>/model`` — loaded from the store of ``$MLFLOW_TRACKING_URI``
 (default ``sqlite:///mlflow.db``). Default: the champion of the first dataset in
@@ -290,7 +290,7 @@ def _mlflow_predictor(uri: str) -> Predictor:
         raise MnistlabError(
             f"{uri}: not a raw-image classifier (logged before mnistlab.serving: it takes "
             "normalised tensors and returns no class names); re-run its train stage, or pass "
-            "its models/<dataset>/<arch>/model.pt")
+            "its models/<dataset>/<arch>/seed-<seed>/model.pt")
     classes = serving.check_classes(meta["classes"], where=uri)
 
     def probabilities(images: torch.Tensor) -> np.ndarray:
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("paths", nargs="+", type=Path, metavar="PATH",
                     help="PNG/JPEG files, folders of them, or IDX image files (.gz or not)")
     ap.add_argument("--model", default=None,
-                    help="models/<ds>/<arch>/model.pt, or models:/<name>@<alias>, runs:/<id>/model "
+                    help="models/<ds>/<arch>/seed-<seed>/model.pt, or models:/<name>@<alias>, runs:/<id>/model "
                          "(default: the champion of params.yaml's first dataset)")
     ap.add_argument("--csv", type=Path, help="also write the predictions as CSV")
     ap.add_argument("--json", type=Path, help="also write the predictions as JSON")

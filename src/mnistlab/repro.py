@@ -11,8 +11,8 @@ lock file (benchmarks/results/pipeline-cpu-digits.md: 63 % of the wall time). On
 time leaves the second core of a 2-core machine idle for most of the run.
 
 How: DVC names every stage of a ``foreach``/``matrix`` ``<group>@<key>``. The stages that share
-a key form a *chain* (``download@digits`` -> ``split@digits``; ``train@digits-mlp`` ->
-``evaluate@digits-mlp`` -> ``features@digits-mlp``), run in DVC's order by one
+a key form a *chain* (``download@digits`` -> ``split@digits``; ``train@digits-mlp-1234`` ->
+``evaluate@digits-mlp-1234`` -> ``features@digits-mlp-1234``), run in DVC's order by one
 ``dvc repro --single-item`` process. A chain starts once every chain that its stages depend on
 has finished, on the next idle worker, in DVC's own stage order. That is safe because DVC holds
 its repository lock only around a stage's bookkeeping, not while the stage's command runs (the
@@ -71,7 +71,7 @@ class Chain:
 
 
 def key_of(stage: str) -> str | None:
-    """``train@digits-mlp`` -> ``digits-mlp``; None for a stage outside any foreach/matrix."""
+    """``train@digits-mlp-1234`` -> ``digits-mlp-1234``; None for a stage outside any foreach/matrix."""
     name = stage.rpartition(":")[2]  # sub/dvc.yaml:train@x names a stage of another dvc.yaml
     return name.partition("@")[2] or None
 

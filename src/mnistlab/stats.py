@@ -13,6 +13,12 @@ Why these three and not more:
   because most images are right (or wrong) for both; only the images on which they
   disagree carry evidence. McNemar's exact test is the two-sided binomial test of
   those discordant images against 1/2.
+- :func:`seed_interval` and :func:`welch`: with several training seeds per arch, how
+  precisely the *mean over seeds* is known and whether two archs' means differ. The
+  seeds are a small sample (3-10) with unknown variance, so Student's t interval (not
+  a normal one) and Welch's t-test (no equal-variance assumption: a BatchNorm network
+  and a sigmoid LeNet vary by different amounts), both from scipy. This is training
+  variance on a fixed test set; the Wilson interval is test-set variance of one run.
 - :func:`holm`: a leaderboard makes many such comparisons at once; Holm's step-down
   keeps the chance of any false "worse" at or below alpha, uniformly more powerful
   than Bonferroni and valid under any dependence between the tests (scipy only
@@ -24,7 +30,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, t, ttest_ind
 
 
 def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -91,3 +97,27 @@ def holm(pvalues) -> np.ndarray:
     out = np.empty(m)
     out[order] = adjusted
     return out
+
+
+def seed_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """Student's t interval for the mean of per-seed results (NaN below two values).
+
+    Zero spread (every seed the same) gives the mean itself at both ends: nothing was seen
+    to vary. Not clipped to [0, 1]: a mean near 1 with a wide spread says so honestly.
+    """
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return float("nan"), float("nan")
+    mean, se = float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x)))
+    if se == 0.0:
+        return mean, mean
+    lo, hi = t.interval(level, len(x) - 1, loc=mean, scale=se)
+    return float(lo), float(hi)
+
+
+def welch(a, b) -> float:
+    """Two-sided p-value of Welch's t-test of two samples' means (NaN if either has < 2 values)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    return float(ttest_ind(a, b, equal_var=False).pvalue)

@@ -1,4 +1,7 @@
-"""MLflow tracking: one run per (dataset, arch), shared by the train, evaluate and features stages.
+"""MLflow tracking: one run per (dataset, arch, seed), shared by the train, evaluate and features stages.
+
+The runs of one dataset x arch (one per training seed) carry the same :data:`GROUP_TAG`, so
+the MLflow UI's "Group by" on that tag shows them as one group with their aggregates.
 
 The tracking URI comes from ``MLFLOW_TRACKING_URI`` (default ``sqlite:///mlflow.db``
 at the repo root, so ``mlflow ui`` there shows every run). Credentials stay in
@@ -28,6 +31,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENT_PREFIX = "mnistlab"
+SEED_TAG = "seed"    # the run's training seed (also a param; a tag so that searches can filter on it)
+GROUP_TAG = "group"  # <dataset>/<arch>[@<dvc exp>]: the MLflow UI's "Group by" gathers the seeds
 T = TypeVar("T")
 
 
@@ -224,6 +229,16 @@ def _experiment_id(c, name: str) -> str:
         return exp.experiment_id
 
 
+def group_of(dataset: str, arch: str, tags: dict[str, str]) -> str:
+    """:data:`GROUP_TAG`'s value: ``<dataset>/<arch>``, plus ``@<DVC experiment>`` in one.
+
+    Why the experiment: the seeds of ``dvc exp run -S 'seeds=[1,2,3]'`` belong together,
+    not with the same arch's runs of another experiment (other params) in the same store.
+    """
+    exp = tags.get("dvc_exp_name")
+    return f"{dataset}/{arch}" + (f"@{exp}" if exp else "")
+
+
 def dvc_tags(stage: str) -> dict[str, str]:
     """Tags describing where the run came from (git commit, DVC stage/experiment)."""
     from mnistlab.utils import git_info
@@ -328,9 +343,10 @@ def owner_gone(tag: str) -> bool:
     return bool(start and now) and now != start
 
 
-def end_stale_runs(dataset: str, arch: str, keep: str, replaced: str | None = None) -> list[str]:
-    """Mark KILLED, tagged with why (:data:`ENDED_TAG`), every run of ``dataset`` x ``arch``
-    left RUNNING by a train stage that no longer runs; return their ids.
+def end_stale_runs(dataset: str, arch: str, seed: int, keep: str, replaced: str | None = None
+                   ) -> list[str]:
+    """Mark KILLED, tagged with why (:data:`ENDED_TAG`), every run of ``dataset`` x ``arch`` x
+    ``seed`` left RUNNING by a train stage that no longer runs; return their ids.
 
     Stale: its :data:`OWNER_TAG` names a process of this host that is gone; or it is
     ``replaced`` (the run of the checkpoint this stage does not resume) and was not
@@ -340,6 +356,10 @@ def end_stale_runs(dataset: str, arch: str, keep: str, replaced: str | None = No
     Args:
         dataset: The dataset (its experiment is searched).
         arch: The architecture.
+        seed: The training seed. Why it matters: the other seeds' stages of this dataset x
+            arch may be training beside this one (``make run``, a DVC queue), and a run of
+            another host cannot be told from a dead one; only this seed's can be replaced.
+            A run without the tag (from before seeds) counts as every seed's.
         keep: This stage's own run, never touched.
         replaced: The run id of a checkpoint that this stage does not resume, if any.
     """
@@ -353,7 +373,8 @@ def end_stale_runs(dataset: str, arch: str, keep: str, replaced: str | None = No
     ended = []
     for r in runs:
         tags, run_id = r.data.tags, r.info.run_id
-        if run_id == keep or tags.get("dataset") != dataset or tags.get("arch") != arch:
+        if (run_id == keep or tags.get("dataset") != dataset or tags.get("arch") != arch
+                or tags.get(SEED_TAG, str(seed)) != str(seed)):
             continue
         held_by = tags.get(OWNER_TAG)
         here = held_by is not None and held_by.rsplit(":", 2)[0] == socket.gethostname()
@@ -387,14 +408,17 @@ def fail_pending_models(run_id: str) -> list[str]:
     return pending
 
 
-def start_run(dataset: str, arch: str, params: dict[str, Any], tags: dict[str, str]) -> str:
-    """Create the run ``{dataset}-{arch}`` in the dataset's experiment; return its id.
+def start_run(dataset: str, arch: str, seed: int, params: dict[str, Any], tags: dict[str, str]
+              ) -> str:
+    """Create the run ``{dataset}-{arch}-{seed}`` in the dataset's experiment; return its id.
 
     Args:
         dataset: Dataset name (selects the experiment ``mnistlab/<dataset>``).
         arch: Architecture name.
+        seed: The training seed.
         params: Logged as run params in one batch (values as strings).
-        tags: Run tags; ``dataset``, ``arch`` and :data:`OWNER_TAG` are added.
+        tags: Run tags; ``dataset``, ``arch``, :data:`SEED_TAG`, :data:`GROUP_TAG` and
+            :data:`OWNER_TAG` are added.
     """
     from mlflow.entities import Param
 
@@ -402,8 +426,9 @@ def start_run(dataset: str, arch: str, params: dict[str, Any], tags: dict[str, s
     # log_batch would create a second, empty run.
     c = client()
     exp_id = _experiment_id(c, experiment_name(dataset))
-    run = retry_locked(c.create_run)(exp_id, run_name=f"{dataset}-{arch}",
-                                     tags={"dataset": dataset, "arch": arch, **tags,
+    run = retry_locked(c.create_run)(exp_id, run_name=f"{dataset}-{arch}-{seed}",
+                                     tags={"dataset": dataset, "arch": arch, SEED_TAG: str(seed),
+                                           GROUP_TAG: group_of(dataset, arch, tags), **tags,
                                            OWNER_TAG: owner()})
     retry_locked(c.log_batch)(run.info.run_id, params=[Param(k, str(v)[:6000])
                                                        for k, v in sorted(params.items())])

@@ -21,17 +21,19 @@ cache and ``mlflow.db`` across runs (an unchanged tree reruns nothing), and gets
 ``params.yaml`` = the repo's params.yaml with ``ci/profile.yaml`` merged over it,
 for one dataset each (see :func:`prepare`).
 
-The comparison: for every ``dataset/arch`` in the baseline, each metric listed in
+The comparison: for every run in the baseline (``dataset/arch/seed-<seed>``,
+:func:`mnistlab.config.run_key`: one per item of the profile's ``seeds``), each metric listed in
 ``metrics`` (ci/gate.yaml) is compared with an absolute tolerance and a
 direction (``max``: higher is better). Beyond tolerance in the bad direction is
 a REGRESSION, in the good one an improvement (reported, not failing). A
 baseline entry without a new result is MISSING and fails; a new entry without a
 baseline is reported as ``new``. ``require_best`` ({dataset: arch}) also
-fails the gate unless that arch has the strictly highest test accuracy there.
+fails the gate unless that arch has the strictly highest test accuracy there (its mean
+over the seeds, with several).
 
 Judging by evidence (``judge: evidence``, the default for ``test_accuracy``): a
 fixed tolerance is too lax on 2,000 images and too strict on 360, where one
-image is 0.28 %. ``accept`` therefore stores, per dataset/arch, which test images
+image is 0.28 %. ``accept`` therefore stores, per run, which test images
 the model got right (``correct``: a '0'/'1' string in test-file order, from
 ``predictions.csv``), and ``check`` calls a change a REGRESSION only when it is
 both larger than ``min_effect`` and supported by McNemar's exact test on the
@@ -64,7 +66,7 @@ from mnistlab.ci.copies import (
     write_no_scm,
     write_params,
 )
-from mnistlab.config import choice, get, load_params, non_negative, positive
+from mnistlab.config import choice, get, load_params, non_negative, positive, run_key, seeds_of
 from mnistlab.errors import MnistlabError, run_stage
 from mnistlab.stats import McNemar, mcnemar
 from mnistlab.utils import atomic_path, git_info, json_digest, write_json
@@ -239,7 +241,7 @@ def gate_rules(settings: dict[str, Any]) -> dict[str, Rule]:
 class Row:
     """One line of the gate's table."""
 
-    key: str           # dataset/arch
+    key: str           # dataset/arch/seed-<seed> (mnistlab.config.run_key), or dataset/arch
     metric: str
     baseline: float | None
     new: float | None
@@ -308,7 +310,7 @@ def _paired(rule: Rule, key: str, base_correct: dict[str, str], new_correct: dic
 def compare_results(baseline: dict[str, dict[str, float]], new: dict[str, dict[str, float]],
                     rules: dict[str, Rule], base_correct: dict[str, str] | None = None,
                     new_correct: dict[str, np.ndarray] | None = None) -> list[Row]:
-    """Judge every gated metric of every ``dataset/arch``; a pure function of its arguments.
+    """Judge every gated metric of every run (``dataset/arch/seed-<seed>``); a pure function of its arguments.
 
     ``base_correct`` ({key: '0'/'1' string}, the baseline's) and ``new_correct``
     ({key: bool [N]}) give the per-image outcomes that ``judge: evidence`` rules test.
@@ -334,30 +336,36 @@ def compare_results(baseline: dict[str, dict[str, float]], new: dict[str, dict[s
 
 def check_best(new: dict[str, dict[str, float]], require_best: dict[str, str],
                metric: str = "test_accuracy") -> list[Row]:
-    """``require_best`` {dataset: arch}: that arch must have the strictly highest ``metric``.
+    """``require_best`` {dataset: arch}: that arch must have the strictly highest ``metric``
+    (each arch's mean over its runs, ``new``'s keys being :func:`mnistlab.config.run_key`).
 
     A dataset with no results at all is skipped (the profile does not run it; a
     baseline that has it reports it MISSING anyway).
     """
+    values: dict[str, dict[str, list[float]]] = {}  # {dataset: {arch: one value per seed}}
+    for k, v in new.items():
+        ds, arch = k.split("/")[:2]
+        if metric in v:
+            values.setdefault(ds, {}).setdefault(arch, []).append(v[metric])
+    means = {ds: {a: float(np.mean(vs)) for a, vs in archs.items()} for ds, archs in values.items()}
     rows = []
     for ds, arch in (require_best or {}).items():
         key = f"{ds}/{arch}"
         if not any(k.split("/", 1)[0] == ds for k in new):
             continue
-        others = {k: v[metric] for k, v in new.items()
-                  if k.split("/", 1)[0] == ds and k != key and metric in v}
-        if key not in new or metric not in new[key]:
+        if arch not in means.get(ds, {}):
             rows.append(Row(key, f"best {metric}", None, None, None, "MISSING",
                             f"{CONFIG} require_best: no result for {key}"))
             continue
-        mine = new[key][metric]
+        mine = means[ds][arch]
+        others = {a: m for a, m in means[ds].items() if a != arch}
         if not others:
             rows.append(Row(key, f"best {metric}", None, mine, None, "ok", "no other arch to beat"))
             continue
         rival, best = max(others.items(), key=lambda kv: kv[1])
         ok = mine > best
         rows.append(Row(key, f"best {metric}", best, mine, None, "ok" if ok else "FAILED",
-                        f"must beat every other arch on {ds}; best other: {rival} {best:.4f}"))
+                        f"must beat every other arch on {ds}; best other: {ds}/{rival} {best:.4f}"))
     return rows
 
 
@@ -383,7 +391,7 @@ def render(rows: list[Row], problems: list[str], title: str) -> str:
     mark = {"REGRESSION": "❌ REGRESSION", "MISSING": "❌ MISSING", "FAILED": "❌ FAILED",
             "improved": "✅ improved", "ok": "ok", "new": "🆕 new"}
     lines = [f"## {title}", "",
-             "| dataset/arch | metric | baseline | new | delta | tolerance | p-value | discordant "
+             "| run | metric | baseline | new | delta | tolerance | p-value | discordant "
              "| verdict |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -413,18 +421,19 @@ def render(rows: list[Row], problems: list[str], title: str) -> str:
 
 
 def read_results(workdir: Path, params: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """``{dataset/arch: metrics}`` of every shard: train.json overlaid by test.json.
+    """``{dataset/arch/seed-<seed>: metrics}`` of every shard: train.json overlaid by test.json.
 
-    Only the datasets x archs the profile runs count: stale folders from an
+    Only the datasets x archs x seeds the profile runs count: stale folders from an
     earlier profile must not stand in for a result that is no longer produced.
     """
     out = {}
     for ds in get(params, "datasets"):
         root = shard_dir(workdir, ds) / str(get(params, "paths.metrics"))
-        for arch in get(params, "archs"):
+        for arch, seed in ((a, s) for a in get(params, "archs") for s in seeds_of(params)):
+            key = run_key(ds, arch, seed)
             merged: dict[str, float] = {}
             for name in ("train.json", "test.json"):
-                p = root / ds / arch / name
+                p = root / key / name
                 if p.is_file():
                     try:
                         merged.update({k: float(v) for k, v in json.loads(p.read_text()).items()
@@ -432,31 +441,31 @@ def read_results(workdir: Path, params: dict[str, Any]) -> dict[str, dict[str, f
                     except ValueError:
                         raise MnistlabError(f"{p}: not valid JSON") from None
             if merged:
-                out[f"{ds}/{arch}"] = merged
+                out[key] = merged
     return out
 
 
 def read_correct(workdir: Path, params: dict[str, Any]) -> dict[str, np.ndarray]:
-    """``{dataset/arch: bool [N]}``: which test images each shard's model got right.
+    """``{dataset/arch/seed-<seed>: bool [N]}``: which test images each shard's model got right.
 
     From each ``predictions.csv`` (:func:`mnistlab.artifacts.read_predictions`), for the
-    datasets x archs the profile runs; an entry without the file is left out.
+    datasets x archs x seeds the profile runs; an entry without the file is left out.
     """
     from mnistlab import artifacts  # here: it imports torch, which `check` otherwise never needs
 
     out = {}
     for ds in get(params, "datasets"):
         root = shard_dir(workdir, ds) / str(get(params, "paths.metrics"))
-        for arch in get(params, "archs"):
-            p = root / ds / arch / artifacts.PREDICTIONS
+        for arch, seed in ((a, s) for a in get(params, "archs") for s in seeds_of(params)):
+            p = root / run_key(ds, arch, seed) / artifacts.PREDICTIONS
             if p.is_file():
                 actual, predicted = artifacts.read_predictions(p)
-                out[f"{ds}/{arch}"] = actual == predicted
+                out[run_key(ds, arch, seed)] = actual == predicted
     return out
 
 
 def read_baseline(path: Path) -> dict[str, Any]:
-    """The committed baseline (``results``: {dataset/arch: {metric: value}}, profile digest)."""
+    """The committed baseline (``results``: {dataset/arch/seed-<seed>: {metric: value}}, profile digest)."""
     try:
         base = json.loads(path.read_text())
     except FileNotFoundError:
@@ -486,7 +495,7 @@ def check(workdir: Path, profile: Path, baseline_path: Path,
                         f"differs); compare like with like: run `make baseline` and commit it")
     correct = base.get("correct") or {}
     if not isinstance(correct, dict):
-        raise MnistlabError(f"{baseline_path}: 'correct' must map dataset/arch to a 0/1 string")
+        raise MnistlabError(f"{baseline_path}: 'correct' must map each run to a 0/1 string")
     rows = compare_results(base["results"], new, rules, correct, read_correct(workdir, params))
     rows += check_best(new, setting(settings, "require_best") or {})
     passed = not problems and not any(r.verdict in FAILING for r in rows)
@@ -505,7 +514,8 @@ def accept(root: Path, workdir: Path, profile: Path, baseline_path: Path,
     rules = gate_rules(settings)
     new = read_results(workdir, params)
     correct = read_correct(workdir, params)
-    expected = [f"{ds}/{a}" for ds in get(params, "datasets") for a in get(params, "archs")]
+    expected = [run_key(ds, a, seed) for ds in get(params, "datasets") for a in get(params, "archs")
+                for seed in seeds_of(params)]
     missing = [k for k in expected if not set(rules) <= set(new.get(k, {}))]
     if missing:
         raise MnistlabError(f"{workdir}: no complete results for {', '.join(missing)} "

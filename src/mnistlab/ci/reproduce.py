@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from mnistlab.ci import copies
-from mnistlab.config import get, load_params, positive
+from mnistlab.config import get, load_params, positive, run_dir, seeds_of
 from mnistlab.errors import MnistlabError, run_stage
 from mnistlab.utils import atomic_path, write_json
 
@@ -97,7 +97,7 @@ STAGE_KINDS = ("download", "split", "train", "evaluate", "features", "compare")
 
 
 def stage_seconds(shard: Path) -> dict[str, float] | None:
-    """Seconds per stage kind (``train@mnist-mlp`` -> ``train``) from a copy's ``timings.json``."""
+    """Seconds per stage kind (``train@mnist-mlp-1234`` -> ``train``) from a copy's ``timings.json``."""
     path = shard / copies.TIMINGS
     if not path.is_file():
         return None
@@ -157,7 +157,9 @@ def _last_history_row(path: Path) -> dict[str, str]:
 def measure(cfg: dict[str, Any], workdir: Path, run: Run) -> dict[str, Any]:
     """One row of the report from a finished copy's outputs."""
     params = load_params(workdir / run.name / "params.yaml")
-    metrics = workdir / run.name / str(get(params, "paths.metrics")) / run.dataset / run.arch
+    # A copy is one run: its first (normally only) training seed.
+    metrics = run_dir(workdir / run.name / str(get(params, "paths.metrics")), run.dataset, run.arch,
+                      seeds_of(params)[0])
     train, test = _read_json(metrics / "train.json"), _read_json(metrics / "test.json")
     last = _last_history_row(metrics / "history.csv")
     row: dict[str, Any] = {

@@ -1,7 +1,7 @@
 """The pipeline's stages, one module each: what ``stages/<name>.py`` runs for dvc.yaml.
 
 Each module has a ``*Paths`` dataclass (every file the stage reads or writes, all
-passed in by dvc.yaml) and one function ``(params, [dataset, arch,] paths) -> summary``.
+passed in by dvc.yaml) and one function ``(params, [dataset, arch, seed,] paths) -> summary``.
 The thin scripts in ``stages/`` call :func:`cli`, which turns the Paths fields into
 command-line options, so a script names its stage and nothing else.
 """
@@ -20,7 +20,7 @@ from mnistlab.errors import run_stage
 
 
 def cli(fn: Callable[..., Any], paths_cls: type, doc: str | None,
-        items: tuple[str, ...] = ("dataset", "arch"),
+        items: tuple[str, ...] = ("dataset", "arch", "seed"),
         show: Callable[[Any], str] | None = None) -> None:
     """Parse ``--<item>`` and one ``--<field>`` per ``paths_cls`` field, run ``fn``, print its result.
 

@@ -1,14 +1,14 @@
-"""Stage ``evaluate@{dataset}-{arch}``: test-set metrics, confusion data and pictures of the mistakes.
+"""Stage ``evaluate@{dataset}-{arch}-{seed}``: test-set metrics, confusion data and pictures of the mistakes.
 
 The final model is rebuilt from its record (``arch`` + ``args``, weights only) and
 scored on the test split, which sits on the device as one tensor. Metrics are
 scikit-learn's (accuracy, per-class precision/recall/F1, macro-F1); the loss is
 the same cross-entropy training used. Outputs:
 
-    metrics/<ds>/<arch>/test.json        headline metrics, flat keys (a DVC metric)
-    metrics/<ds>/<arch>/per_class.csv    class, precision, recall, f1, support
-    metrics/<ds>/<arch>/predictions.csv  actual,predicted per test image (DVC's confusion template)
-    reports/<ds>/<arch>/evaluate/        confusion.png, misclassified.png (DVC image plots)
+    metrics/<ds>/<arch>/seed-<seed>/test.json        headline metrics, flat keys (a DVC metric)
+    metrics/<ds>/<arch>/seed-<seed>/per_class.csv    class, precision, recall, f1, support
+    metrics/<ds>/<arch>/seed-<seed>/predictions.csv  actual,predicted per test image (DVC's confusion template)
+    reports/<ds>/<arch>/seed-<seed>/evaluate/        confusion.png, misclassified.png (DVC image plots)
 
 and all of them go to the MLflow run the train stage opened (``run.json``): the headline
 metrics as run metrics, the per-class ones as one table (``evaluation/per_class.json``),
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from mnistlab import artifacts, plots, tracking
 from mnistlab.artifacts import write_csv
-from mnistlab.config import EvaluateSettings
+from mnistlab.config import EvaluateSettings, seed_arg, stage_name
 from mnistlab.errors import MnistlabError
 from mnistlab.inference import scores
 from mnistlab.models import load_model
@@ -43,12 +43,12 @@ PER_CLASS_TABLE = "evaluation/per_class.json"
 
 @dataclass(frozen=True)
 class EvalPaths:
-    """Every file ``evaluate@{dataset}-{arch}`` reads or writes; dvc.yaml passes each one in."""
+    """Every file ``evaluate@{dataset}-{arch}-{seed}`` reads or writes; dvc.yaml passes each one in."""
 
     split: Path        # data/split/<ds>: test.pt, summary.json
-    model_dir: Path    # models/<ds>/<arch>: model.pt, run.json
-    metrics_dir: Path  # metrics/<ds>/<arch>: test.json, per_class.csv, predictions.csv
-    reports: Path      # reports/<ds>/<arch>/evaluate: confusion.png, misclassified.png
+    model_dir: Path    # models/<ds>/<arch>/seed-<seed>: model.pt, run.json
+    metrics_dir: Path  # metrics/<ds>/<arch>/seed-<seed>: test.json, per_class.csv, predictions.csv
+    reports: Path      # reports/<ds>/<arch>/seed-<seed>/evaluate: confusion.png, misclassified.png
 
 
 @dataclass
@@ -193,9 +193,9 @@ def plot_misclassified(path: Path, images: torch.Tensor, ev: Evaluation, classes
 # --------------------------------------------------------------------------- the stage
 
 
-def run_evaluation(params: dict[str, Any], dataset: str, arch: str, paths: EvalPaths
-                   ) -> dict[str, float]:
-    """Evaluate ``models/<ds>/<arch>/model.pt`` on the test split; write and log every output.
+def run_evaluation(params: dict[str, Any], dataset: str, arch: str, seed: int | str,
+                   paths: EvalPaths) -> dict[str, float]:
+    """Evaluate ``models/<ds>/<arch>/seed-<seed>/model.pt`` on the test split; write and log every output.
 
     Reads the ``evaluate`` section of params.yaml.
 
@@ -203,6 +203,7 @@ def run_evaluation(params: dict[str, Any], dataset: str, arch: str, paths: EvalP
         The headline metrics written to ``test.json``.
     """
     settings = EvaluateSettings.from_params(params)
+    seed = seed_arg(str(seed))
     device = pick_device(settings.device, "evaluate.device")
     tracking.check_reachable()  # before any compute is spent
     run_id = artifacts.read_run_id(paths.model_dir / artifacts.RUN)
@@ -214,12 +215,12 @@ def run_evaluation(params: dict[str, Any], dataset: str, arch: str, paths: EvalP
         raise MnistlabError(f"{model_file}: trained on classes {record['classes']}, "
                             f"but {paths.split / artifacts.SUMMARY} has {classes} (re-run train)")
     # After the local checks (a wrong model file is the likelier culprit), before the scoring.
-    tracking.require_run(run_id, paths.model_dir / artifacts.RUN, f"train@{dataset}-{arch}")
+    tracking.require_run(run_id, paths.model_dir / artifacts.RUN, stage_name("train", dataset, arch, seed))
     images, labels = artifacts.load_split(paths.split, "test")
     out, y = scores(model, images, labels, record["normalize"], device, settings.batch_size)
     ev = summarize(out, y, classes)
 
-    tag = f"{dataset}/{arch}"
+    tag = f"{dataset}/{arch} seed {seed}"
     # Written under their final names to a staging folder, logged to MLflow from there, and
     # put in place last: a failed MLflow call leaves the previous outputs as they were.
     with staged() as stage:

@@ -1,4 +1,4 @@
-"""Stage ``features@{dataset}-{arch}``: look inside a trained network.
+"""Stage ``features@{dataset}-{arch}-{seed}``: look inside a trained network.
 
 Generic over the registry: nothing here knows an architecture by name. Layers
 are found by type and read with forward hooks, so a new builder in
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnistlab import artifacts, plots, tracking
-from mnistlab.config import FeatureSettings, seed_of
+from mnistlab.config import FeatureSettings, seed_arg, seed_of, stage_name
 from mnistlab.errors import MnistlabError
 from mnistlab.inference import predict, to_device
 from mnistlab.models import load_model
@@ -48,12 +48,12 @@ CELL = 28  # kernels and feature maps are zoomed to at least MNIST's size, to li
 
 @dataclass(frozen=True)
 class FeaturePaths:
-    """Every file ``features@{dataset}-{arch}`` reads or writes; dvc.yaml passes each one in."""
+    """Every file ``features@{dataset}-{arch}-{seed}`` reads or writes; dvc.yaml passes each one in."""
 
     split: Path      # data/split/<ds>: test.pt, summary.json
-    model_dir: Path  # models/<ds>/<arch>: model.pt, run.json
-    out: Path        # features/<ds>/<arch>: embeddings.pt
-    reports: Path    # reports/<ds>/<arch>/features: the PNGs
+    model_dir: Path  # models/<ds>/<arch>/seed-<seed>: model.pt, run.json
+    out: Path        # features/<ds>/<arch>/seed-<seed>: embeddings.pt
+    reports: Path    # reports/<ds>/<arch>/seed-<seed>/features: the PNGs
 
 
 # --------------------------------------------------------------------------- finding layers
@@ -325,19 +325,22 @@ def extract(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, classes: li
     return emb.flatten(1), head_name, written
 
 
-def run_features(params: dict[str, Any], dataset: str, arch: str, paths: FeaturePaths
-                 ) -> dict[str, Any]:
-    """Kernels, feature maps, embeddings and their 2-D maps for ``models/<ds>/<arch>/model.pt``.
+def run_features(params: dict[str, Any], dataset: str, arch: str, seed: int | str,
+                 paths: FeaturePaths) -> dict[str, Any]:
+    """Kernels, feature maps, embeddings and their 2-D maps for ``models/<ds>/<arch>/seed-<seed>/model.pt``.
 
     Returns:
         A summary (layers drawn, embedding shape, t-SNE size and time).
     """
     settings = FeatureSettings.from_params(params)
+    seed = seed_arg(str(seed))
+    tag = f"{dataset}/{arch} seed {seed}"
     device = pick_device(settings.device, "features.device")
     tracking.check_reachable()  # before any compute is spent
     run_id = artifacts.read_run_id(paths.model_dir / artifacts.RUN)
     model, record = load_model(paths.model_dir / artifacts.MODEL, device, arch)
-    tracking.require_run(run_id, paths.model_dir / artifacts.RUN, f"train@{dataset}-{arch}")
+    tracking.require_run(run_id, paths.model_dir / artifacts.RUN,
+                         stage_name("train", dataset, arch, seed))
     classes = artifacts.load_classes(paths.split)
     images, labels = artifacts.load_split(paths.split, "test")
     norm = record["normalize"]
@@ -347,15 +350,14 @@ def run_features(params: dict[str, Any], dataset: str, arch: str, paths: Feature
     # all of them in place last: a failed MLflow call leaves the previous outputs as they were.
     with staged() as stage:
         reports = stage.folder(paths.reports)
-        emb, head, written = extract(model, x, labels, classes, settings, reports,
-                                     f"{dataset}/{arch}")
+        emb, head, written = extract(model, x, labels, classes, settings, reports, tag)
         torch_save({"embeddings": emb, "labels": labels.clone(), "classes": list(classes),
                     "layer": head}, stage.path(paths.out / artifacts.EMBEDDINGS))
         info = embedding_map(emb.numpy(), labels.numpy(), classes, reports / "embedding-map.png",
                              seed_of(params), settings.tsne_max_points, settings.tsne_perplexity,
-                             f"{dataset}/{arch}: {embedding_title(*last_linear(model))}")
+                             f"{tag}: {embedding_title(*last_linear(model))}")
         written.append(reports / "embedding-map.png")
         tracking.log_artifacts(run_id, [reports], "features")
-    log.info("%s/%s: %d pictures, embeddings %s, t-SNE of %d points in %.1fs", dataset, arch,
+    log.info("%s: %d pictures, embeddings %s, t-SNE of %d points in %.1fs", tag,
              len(written), tuple(emb.shape), info["tsne_points"], info["tsne_seconds"])
     return {"pictures": len(written), "embedding_shape": list(emb.shape), "head": head, **info}

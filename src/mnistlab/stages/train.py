@@ -1,9 +1,9 @@
-"""Stage ``train@{dataset}-{arch}``: params → device data → build → fit → outputs + MLflow.
+"""Stage ``train@{dataset}-{arch}-{seed}``: params → device data → build → fit → outputs + MLflow.
 
 Kept apart from :mod:`mnistlab.training` so the training loop stays a pure
 function of built objects and tensors (benchmarks and tests call it directly).
-Writes ``models/<ds>/<arch>/{model,best}.pt`` (:func:`mnistlab.models.save_model`),
-``run.json``, ``metrics/<ds>/<arch>/{train.json,history.csv}``
+Writes ``models/<ds>/<arch>/seed-<seed>/{model,best}.pt`` (:func:`mnistlab.models.save_model`),
+``run.json``, ``metrics/<ds>/<arch>/seed-<seed>/{train.json,history.csv}``
 (:mod:`mnistlab.artifacts`) and the resumable checkpoint (:mod:`mnistlab.checkpoint`).
 """
 
@@ -23,7 +23,7 @@ import torch
 
 from mnistlab import artifacts, distributed, serving, threads, tracking
 from mnistlab.checkpoint import code_digest, load_resumable, recorded_run_id, save_checkpoint
-from mnistlab.config import PROGRESS_ENV, TrainSettings, seed_of
+from mnistlab.config import PROGRESS_ENV, TrainSettings, seed_arg, stage_name
 from mnistlab.errors import MnistlabError, Stopped, describe, redact_text
 from mnistlab.hparams import HParams
 from mnistlab.inference import DeviceSplit, native_bf16, to_device
@@ -39,9 +39,9 @@ class TrainPaths:
     """Every file a train stage reads or writes; dvc.yaml passes each one in."""
 
     split: Path        # data/split/<ds>
-    model_dir: Path    # models/<ds>/<arch>: model.pt, best.pt, run.json
-    metrics_dir: Path  # metrics/<ds>/<arch>: history.csv, train.json
-    checkpoint: Path   # checkpoints/<ds>/<arch>/last.pt (persist: true in dvc.yaml)
+    model_dir: Path    # models/<ds>/<arch>/seed-<seed>: model.pt, best.pt, run.json
+    metrics_dir: Path  # metrics/<ds>/<arch>/seed-<seed>: history.csv, train.json
+    checkpoint: Path   # checkpoints/<ds>/<arch>/seed-<seed>/last.pt (persist: true in dvc.yaml)
 
 
 def fingerprint_of(hp: HParams, settings: TrainSettings, seed: int, digest: str,
@@ -107,7 +107,7 @@ class EpochLogger:
         self.seconds += self.cost
 
 
-def open_run(dataset: str, arch: str, params: dict[str, Any], tags: dict[str, str],
+def open_run(dataset: str, arch: str, seed: int, params: dict[str, Any], tags: dict[str, str],
              resume: dict[str, Any] | None, replaced: str | None = None) -> str:
     """The MLflow run for this stage: the checkpoint's own run when there is one, else a new one.
 
@@ -115,10 +115,10 @@ def open_run(dataset: str, arch: str, params: dict[str, Any], tags: dict[str, st
     that run goes on: resumed mid-training, or completed from a finished checkpoint (a
     rerun after a kill between the last epoch and the end of the run, after DVC deleted
     the outputs, or after a change to tracking.py or serving.py only). So however a run
-    is interrupted, its rerun leaves one run per dataset x arch, not a second one. A new
+    is interrupted, its rerun leaves one run per dataset x arch x seed, not a second one. A new
     run is opened only without such a checkpoint or when its run is gone (deleted, or in
     another store); it first gets the checkpoint's per-epoch history, so every run
-    holds the full curves. Then runs of this dataset x arch left RUNNING by a killed
+    holds the full curves. Then runs of this dataset x arch x seed left RUNNING by a killed
     stage (``replaced``: the run of a checkpoint that is not resumed) are marked KILLED
     (:func:`mnistlab.tracking.end_stale_runs`). Store errors become one line naming the
     (redacted) URI.
@@ -137,10 +137,10 @@ def open_run(dataset: str, arch: str, params: dict[str, Any], tags: dict[str, st
             run_id = old
             _tidy(tracking.fail_pending_models, run_id)  # a log_model cut short by a kill
         else:
-            run_id = tracking.start_run(dataset, arch, params, tags)
+            run_id = tracking.start_run(dataset, arch, seed, params, tags)
             if history:
                 tracking.log_history(run_id, history)
-        _tidy(tracking.end_stale_runs, dataset, arch, keep=run_id, replaced=replaced)
+        _tidy(tracking.end_stale_runs, dataset, arch, seed, keep=run_id, replaced=replaced)
         return run_id
     except MnistlabError:
         raise
@@ -167,13 +167,16 @@ def _tidy(fn: Any, *args: Any, **kwargs: Any) -> None:
                                 type(e).__name__))
 
 
-def train(params: dict[str, Any], dataset: str, arch: str, paths: TrainPaths) -> dict[str, float]:
-    """Train ``arch`` on ``dataset`` and write every output of ``train@{dataset}-{arch}``.
+def train(params: dict[str, Any], dataset: str, arch: str, seed: int | str, paths: TrainPaths
+          ) -> dict[str, float]:
+    """Train ``arch`` on ``dataset`` and write every output of ``train@{dataset}-{arch}-{seed}``.
 
     Args:
-        params: The whole params.yaml mapping (reads ``seed``, ``train``, ``hparams.<arch>``).
+        params: The whole params.yaml mapping (reads ``train`` and ``hparams.<arch>``).
         dataset: Dataset name (for the MLflow experiment, tags and messages).
         arch: A registered architecture.
+        seed: The training seed (one item of params.yaml's ``seeds``): init, shuffling,
+            augmentation, dropout.
         paths: The files this stage reads and writes (from dvc.yaml).
 
     Returns:
@@ -187,7 +190,8 @@ def train(params: dict[str, Any], dataset: str, arch: str, paths: TrainPaths) ->
     """
     hp = HParams.from_params(params, arch)
     settings = TrainSettings.from_params(params)
-    seed = seed_of(params)
+    seed = seed_arg(str(seed))
+    stage = stage_name("train", dataset, arch, seed)
     dist = distributed.from_env()  # torchrun's RANK/WORLD_SIZE, or a single process
     if dist.is_main:
         tracking.check_reachable()  # before any compute is spent
@@ -207,7 +211,7 @@ def train(params: dict[str, Any], dataset: str, arch: str, paths: TrainPaths) ->
         resume = load_resumable(paths.checkpoint, fingerprint)
         # Counted now, after the data is read, so that runs launched together see each other;
         # fixed for the run (see mnistlab.threads).
-        n_threads = lease.apply(settings.threads, "train.threads", f"{dataset}-{arch}")
+        n_threads = lease.apply(settings.threads, "train.threads", f"{dataset}-{arch}-{seed}")
         train_d, val_d = (to_device(*xy, hp.mean, hp.std, device, settings.channels_last)
                           for xy in (train_xy, val_xy))
         built = build(hp, settings, num_classes=len(classes), n_train=n_train, device=device,
@@ -229,8 +233,8 @@ def train(params: dict[str, Any], dataset: str, arch: str, paths: TrainPaths) ->
         replaced = recorded_run_id(paths.checkpoint) if resume is None else None
         run_id = None
         try:
-            run_id = open_run(dataset, arch, mlflow_params,
-                              tracking.dvc_tags(f"train@{dataset}-{arch}"), resume, replaced)
+            run_id = open_run(dataset, arch, seed, mlflow_params, tracking.dvc_tags(stage),
+                              resume, replaced)
             if resume is not None and resume.get("run_id") != run_id:
                 # Its run was gone: the checkpoint now names the new one, so that a kill
                 # before the next checkpoint (or any rerun of a finished one) goes on in it.
@@ -253,7 +257,7 @@ def train(params: dict[str, Any], dataset: str, arch: str, paths: TrainPaths) ->
             raise
         return summary
     except Stopped as e:
-        e.where = _stopped_where(f"train@{dataset}-{arch}", paths.checkpoint, started,
+        e.where = _stopped_where(stage, paths.checkpoint, started,
                                  resume is not None)
         raise
     finally:
