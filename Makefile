@@ -55,15 +55,15 @@ test: setup
 predict: setup
 	PATH="$(BIN):$$PATH" $(PY) -m mnistlab.predict $(ARGS)
 
-# `dvc exp show` with ~20 of its ~230 columns: Experiment, Created, each <ds>/<arch>'s
-# test_accuracy, best_val_accuracy and train_seconds, and seed, datasets, archs and
+# `dvc exp show` with ~20 of its ~230 columns: Experiment, Created, each <ds>/<arch>/seed-<seed>'s
+# test_accuracy, best_val_accuracy and train_seconds, and seed, seeds, datasets, archs and
 # hparams.<arch>.lr/epochs where they differ between rows. More flags: make exps ARGS="-A --md".
 # --keep protects columns from every drop; the (?!...) --drop removes all but those params (and
 # State, shown while a queue runs), which --only-changed then thins (tests/test_exps.py).
 EXPS_FLAGS := --keep '(Experiment|Created)$$' \
 	--keep '(.+/test\.json:)?test_accuracy$$' \
 	--keep '(.+/train\.json:)?(best_val_accuracy|train_seconds)$$' \
-	--drop '(?!(State|(params\.yaml:)?(seed|datasets|archs|hparams\.[^.:]+\.(lr|epochs)))$$)' \
+	--drop '(?!(State|(params\.yaml:)?(seeds?|datasets|archs|hparams\.[^.:]+\.(lr|epochs)))$$)' \
 	--only-changed
 
 exps: setup

@@ -127,8 +127,9 @@ def summarize(work: Path, params: dict, dataset: str, wall: float, device: str,
                        "exit": r["exit"]})
     # a train stage stopped by --timeout has no history.csv: only finished ones count
     trained = {s["stage"].split("@", 1)[1] for s in stages if s["kind"] == "train" and s["exit"] in (0, None)}
-    loops = loop_seconds(work, {**params, "archs": [a for a in params["archs"] if f"{dataset}-{a}" in trained]},
-                         dataset)
+    seed = params["seeds"][0]  # loop_seconds reads the first training seed's runs
+    loops = loop_seconds(work, {**params, "archs": [a for a in params["archs"]
+                                                    if f"{dataset}-{a}-{seed}" in trained]}, dataset)
     training = sum(v["loop"] for v in loops.values())
     tracking = sum(v["tracking"] for v in loops.values())
     evaluation = sum(s["work"] for s in stages if s["kind"] == "evaluate")
@@ -167,7 +168,7 @@ def summarize(work: Path, params: dict, dataset: str, wall: float, device: str,
     lines += [f"| {k} | {v['n']} | {v['seconds']:.1f} | {v['startup']:.1f} |" for k, v in per_kind.items()]
     lines += ["", "| arch | epochs | training loop s | train stage s |", "|---|---:|---:|---:|"]
     stage_s = {s["stage"].split("@", 1)[1]: s["seconds"] for s in stages if s["kind"] == "train"}
-    lines += [f"| {a} | {v['epochs']} | {v['loop']:.1f} | {stage_s[f'{dataset}-{a}']:.1f} |"
+    lines += [f"| {a} | {v['epochs']} | {v['loop']:.1f} | {stage_s[f'{dataset}-{a}-{seed}']:.1f} |"
               for a, v in loops.items()]
     return result, lines
 

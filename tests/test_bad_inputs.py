@@ -53,6 +53,8 @@ pytestmark = pytest.mark.slow
 # every stage output in the repo
 OUTPUTS = ("data", "models", "checkpoints", "metrics", "reports", "features", "exports")
 SECRET = "TopS3cret"  # the password in the tracking URI of the MLflow cases
+SEED = 1234  # the one training seed of the workspace's digits-mlp run
+RUN = "digits/mlp/seed-1234"  # its folder under models/, metrics/, ... (mnistlab.config.run_key)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -60,7 +62,7 @@ SECRET = "TopS3cret"  # the password in the tracking URI of the MLflow cases
 
 def stage_cmd(repo: Path, stage: str, **item: str) -> list[str]:
     """The command dvc.yaml runs for ``stage`` with this item (``item=`` for foreach,
-    ``dataset=``/``arch=`` for matrix stages), its ``${...}`` filled from params.yaml."""
+    ``dataset=``/``arch=``/``seed=`` for matrix stages), its ``${...}`` filled from params.yaml."""
     spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]
     cmd = spec.get("do", spec)["cmd"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -92,12 +94,12 @@ def closed_port() -> int:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """A temp repo holding a successful download/split/train/evaluate/features of digits-mlp,
-    compare over it, and a download of byo."""
+    """A temp repo holding a successful download/split/train/evaluate/features of digits-mlp
+    (training seed 1234), compare over it, and a download of byo."""
     repo = make_repo(tmp_path_factory.mktemp("bad-inputs") / "repo")
 
     def small(p: dict) -> None:
-        p["datasets"], p["archs"] = ["digits"], ["mlp"]
+        p["datasets"], p["archs"], p["seeds"] = ["digits"], ["mlp"], [SEED]
         no_step_floor(p)
         p["hparams"]["mlp"]["epochs"] = 1
         p["download"] = {"timeout": 5, "retries": 1, "backoff": 0}
@@ -118,21 +120,24 @@ def workspace(tmp_path_factory) -> Path:
             fetch(resolve_source(params, ds), Path("data/raw") / ds, settings)
         split(Path("data/raw/digits"), Path("data/split/digits"), list(DIGIT_CLASSES),
               0.1, 0.2, params["seed"], "digits")
-        split_dir, model_dir = Path("data/split/digits"), Path("models/digits/mlp")
-        train(params, "digits", "mlp", TrainPaths(split_dir, model_dir, Path("metrics/digits/mlp"),
-                                                  Path("checkpoints/digits/mlp/last.pt")))
-        run_evaluation(params, "digits", "mlp", EvalPaths(split_dir, model_dir, Path("metrics/digits/mlp"),
-                                                          Path("reports/digits/mlp/evaluate")))
-        run_features(params, "digits", "mlp", FeaturePaths(split_dir, model_dir, Path("features/digits/mlp"),
-                                                           Path("reports/digits/mlp/features")))
+        split_dir, model_dir = Path("data/split/digits"), Path(f"models/{RUN}")
+        train(params, "digits", "mlp", SEED,
+              TrainPaths(split_dir, model_dir, Path(f"metrics/{RUN}"), Path(f"checkpoints/{RUN}/last.pt")))
+        run_evaluation(params, "digits", "mlp", SEED,
+                       EvalPaths(split_dir, model_dir, Path(f"metrics/{RUN}"), Path(f"reports/{RUN}/evaluate")))
+        run_features(params, "digits", "mlp", SEED,
+                     FeaturePaths(split_dir, model_dir, Path(f"features/{RUN}"), Path(f"reports/{RUN}/features")))
         run_compare(params, ComparePaths(Path("metrics"), Path("models"), Path("reports"),
                                          Path("reports/curves"), Path("data/split"), Path("exports"),
                                          Path("reports/pairwise")))
-    for f in ("data/raw/byo/manifest.json", "data/split/digits/train.pt", "models/digits/mlp/model.pt",
-              "models/digits/mlp/run.json", "checkpoints/digits/mlp/last.pt",
-              "metrics/digits/mlp/train.json", "metrics/digits/mlp/test.json",
-              "reports/digits/mlp/evaluate/misclassified.png", "features/digits/mlp/embeddings.pt",
-              "reports/digits/mlp/features/embedding-map.png", "reports/leaderboard.md",
+    for f in ("data/raw/byo/manifest.json", "data/split/digits/train.pt",
+              "models/digits/mlp/seed-1234/model.pt", "models/digits/mlp/seed-1234/run.json",
+              "checkpoints/digits/mlp/seed-1234/last.pt",
+              "metrics/digits/mlp/seed-1234/train.json", "metrics/digits/mlp/seed-1234/test.json",
+              "reports/digits/mlp/seed-1234/evaluate/misclassified.png",
+              "features/digits/mlp/seed-1234/embeddings.pt",
+              "reports/digits/mlp/seed-1234/features/embedding-map.png", "reports/leaderboard.md",
+              "reports/runs.csv",
               "reports/champions.json", "exports/digits/champion.onnx"):
         assert (repo / f).is_file(), f
     return repo
@@ -287,7 +292,7 @@ def _run_deleted(repo: Path) -> None:
     """The digits-mlp run deleted in the MLflow UI (run.json still names it)."""
     from mlflow.tracking import MlflowClient
 
-    run_id = json.loads((repo / "models" / "digits" / "mlp" / "run.json").read_text())["run_id"]
+    run_id = json.loads((repo / "models" / RUN / "run.json").read_text())["run_id"]
     MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").delete_run(run_id)
 
 
@@ -327,14 +332,14 @@ def _latin1_byte(repo: Path) -> None:
 
 
 def _train_json_na(repo: Path) -> None:
-    path = repo / "metrics" / "digits" / "mlp" / "train.json"
+    path = repo / "metrics" / RUN / "train.json"
     path.write_text(path.read_text().replace('"parameters": ', '"parameters": "n/a", "was": ', 1))
 
 
 BYO = ("download", {"item": "byo"})
-TRAIN = ("train", {"dataset": "digits", "arch": "mlp"})
-EVALUATE = ("evaluate", {"dataset": "digits", "arch": "mlp"})
-FEATURES = ("features", {"dataset": "digits", "arch": "mlp"})
+TRAIN = ("train", {"dataset": "digits", "arch": "mlp", "seed": "1234"})
+EVALUATE = ("evaluate", {"dataset": "digits", "arch": "mlp", "seed": "1234"})
+FEATURES = ("features", {"dataset": "digits", "arch": "mlp", "seed": "1234"})
 COMPARE = ("compare", {})
 UNREACHABLE = ["MLflow tracking server http://127.0.0.1:", "unreachable"]
 FAILING = ["MLflow tracking store http://127.0.0.1:", "too many 500 error responses"]
@@ -369,13 +374,13 @@ CASES = {
     "unknown dataset": ("download", {"item": "nope"}, lambda repo: None,
                         ["unknown dataset 'nope'", "known: byo, digits"]),
     # ---- settings
-    "unknown arch": ("train", {"dataset": "digits", "arch": "alexnet"}, lambda repo: None,
+    "unknown arch": ("train", {"dataset": "digits", "arch": "alexnet", "seed": "1234"}, lambda repo: None,
                      ["unknown arch 'alexnet'", "mlp", "resnet_bn"]),
     "unknown optimizer": (*TRAIN, _hparam(optimizer="rmsprop"),
                           ["hparams.mlp.optimizer", "'rmsprop'", "sgd, adam, adamw"]),
     "top-level key typo": (*TRAIN, _top_level_typo,
                            ["params.yaml: unknown top-level key(s) hparam (valid: ", "hparams"]),
-    "non-UTF-8 params.yaml": ("evaluate", {"dataset": "digits", "arch": "mlp"}, _latin1_byte,
+    "non-UTF-8 params.yaml": ("evaluate", {"dataset": "digits", "arch": "mlp", "seed": "1234"}, _latin1_byte,
                               ["params.yaml: not UTF-8 text (byte 0xe9 at offset "]),
     "lr zero": (*TRAIN, _hparam(lr=0), ["params.yaml: hparams.mlp.lr must be a positive number (got 0)"]),
     "epochs zero": (*TRAIN, _hparam(epochs=0), ["hparams.mlp.epochs must be a positive integer (got 0)"]),
@@ -386,7 +391,7 @@ CASES = {
     "empty class after split": (*SPLIT, _no_nines, ["dataset 'digits': no training samples of class(es) ['9']"]),
     # ---- files one stage hands another
     "train.json not a number": ("compare", {}, _train_json_na,
-                                ["metrics/digits/mlp/train.json: parameters must be an integer (got 'n/a'"]),
+                                ["metrics/digits/mlp/seed-1234/train.json: parameters must be an integer (got 'n/a'"]),
     # ---- runs
     "NaN loss": (*TRAIN, _hparam(lr=1e6, batch_size=32, epochs=2),
                  ["dataset 'digits', arch 'mlp': loss diverged", "epoch 1", "hparams.mlp.lr=1000000.0"]),
@@ -406,38 +411,38 @@ CASES = {
                                    ["MLflow tracking store sqlite:///", "/mlflow.db: attempt to write "
                                     "a readonly database"]),
     "evaluate: mlflow.db deleted": (*EVALUATE, _mlflow_db_deleted,
-                                    ["models/digits/mlp/run.json: MLflow run ", "is not in tracking store "
-                                     "sqlite:///", "rerun `dvc repro -f train@digits-mlp`"]),
+                                    ["models/digits/mlp/seed-1234/run.json: MLflow run ", "is not in tracking store "
+                                     "sqlite:///", "rerun `dvc repro -f train@digits-mlp-1234`"]),
     "features: run deleted in MLflow": (*FEATURES, _run_deleted,
-                                        ["models/digits/mlp/run.json: MLflow run ", "was deleted from "
-                                         "tracking store", "rerun `dvc repro -f train@digits-mlp`"]),
+                                        ["models/digits/mlp/seed-1234/run.json: MLflow run ", "was deleted from "
+                                         "tracking store", "rerun `dvc repro -f train@digits-mlp-1234`"]),
     # ---- the file system
-    "train: disk full under models/": (*TRAIN, _full_disk_at("models/digits/mlp"),
-                                       ["models/digits/mlp", "No space left on device"]),
-    "evaluate: output folder is a file": (*EVALUATE, _file_in_place_of("reports/digits/mlp"),
-                                          ["reports/digits/mlp/evaluate: Not a directory"]),
-    "pickle payload in last.pt": (*TRAIN, _payload_at("checkpoints/digits/mlp/last.pt"),
-                                  ["checkpoints/digits/mlp/last.pt: refused to load", "posix.system",
+    "train: disk full under models/": (*TRAIN, _full_disk_at("models/digits/mlp/seed-1234"),
+                                       ["models/digits/mlp/seed-1234", "No space left on device"]),
+    "evaluate: output folder is a file": (*EVALUATE, _file_in_place_of("reports/digits/mlp/seed-1234"),
+                                          ["reports/digits/mlp/seed-1234/evaluate: Not a directory"]),
+    "pickle payload in last.pt": (*TRAIN, _payload_at("checkpoints/digits/mlp/seed-1234/last.pt"),
+                                  ["checkpoints/digits/mlp/seed-1234/last.pt: refused to load", "posix.system",
                                    "weights_only=True"]),
-    "pickle payload in model.pt": ("evaluate", {"dataset": "digits", "arch": "mlp"},
-                                   _payload_at("models/digits/mlp/model.pt"),
-                                   ["models/digits/mlp/model.pt: refused to load", "posix.system"]),
+    "pickle payload in model.pt": ("evaluate", {"dataset": "digits", "arch": "mlp", "seed": "1234"},
+                                   _payload_at("models/digits/mlp/seed-1234/model.pt"),
+                                   ["models/digits/mlp/seed-1234/model.pt: refused to load", "posix.system"]),
     # ---- integrity (tests/test_integrity has the in-process versions)
-    "raw pickle payload in last.pt": (*TRAIN, _raw_payload_at("checkpoints/digits/mlp/last.pt"),
-                                      ["checkpoints/digits/mlp/last.pt: refused to load: not a file torch "
+    "raw pickle payload in last.pt": (*TRAIN, _raw_payload_at("checkpoints/digits/mlp/seed-1234/last.pt"),
+                                      ["checkpoints/digits/mlp/seed-1234/last.pt: refused to load: not a file torch "
                                        "can load safely", "posix.system", "possibly malicious"]),
-    "raw pickle payload in model.pt": ("evaluate", {"dataset": "digits", "arch": "mlp"},
-                                       _raw_payload_at("models/digits/mlp/model.pt"),
-                                       ["models/digits/mlp/model.pt: refused to load", "posix.system"]),
-    "flipped bit in model.pt": ("evaluate", {"dataset": "digits", "arch": "mlp"},
-                                _flipped_at("models/digits/mlp/model.pt"),
-                                ["models/digits/mlp/model.pt: integrity check failed (SHA-256 of the payload "
-                                 "differs)", "rerun its train stage (dvc repro -f train@digits-mlp)"]),
-    "flipped bit in last.pt": (*TRAIN, _flipped_at("checkpoints/digits/mlp/last.pt"),
-                               ["checkpoints/digits/mlp/last.pt: integrity check failed",
+    "raw pickle payload in model.pt": ("evaluate", {"dataset": "digits", "arch": "mlp", "seed": "1234"},
+                                       _raw_payload_at("models/digits/mlp/seed-1234/model.pt"),
+                                       ["models/digits/mlp/seed-1234/model.pt: refused to load", "posix.system"]),
+    "flipped bit in model.pt": ("evaluate", {"dataset": "digits", "arch": "mlp", "seed": "1234"},
+                                _flipped_at("models/digits/mlp/seed-1234/model.pt"),
+                                ["models/digits/mlp/seed-1234/model.pt: integrity check failed (SHA-256 of the payload "
+                                 "differs)", "rerun its train stage (dvc repro -f train@digits-mlp-1234)"]),
+    "flipped bit in last.pt": (*TRAIN, _flipped_at("checkpoints/digits/mlp/seed-1234/last.pt"),
+                               ["checkpoints/digits/mlp/seed-1234/last.pt: integrity check failed",
                                 "delete it to train from scratch"]),
-    "empty last.pt": (*TRAIN, _emptied("checkpoints/digits/mlp/last.pt"),
-                      ["checkpoints/digits/mlp/last.pt: refused to load (not a plain tensor file: empty",
+    "empty last.pt": (*TRAIN, _emptied("checkpoints/digits/mlp/seed-1234/last.pt"),
+                      ["checkpoints/digits/mlp/seed-1234/last.pt: refused to load (not a plain tensor file: empty",
                        "delete it to train from scratch"]),
 }
 

@@ -70,8 +70,8 @@ def test_stagetimer_records_start_up_work_and_the_exit_code(tmp_path: Path):
     assert row["start"] < row["main"] <= row["end"]
     pipeline = _pipeline_module()
     assert pipeline.stage_name(row["argv"]) == ("download", "download@no_such_dataset")
-    assert pipeline.stage_name(["stages/train.py", "--dataset", "d", "--arch", "mlp", "--split", "x"]) \
-        == ("train", "train@d-mlp")
+    assert pipeline.stage_name(["stages/train.py", "--dataset", "d", "--arch", "mlp", "--seed", "1234",
+                                "--split", "x"]) == ("train", "train@d-mlp-1234")
 
 
 def test_pipeline_summary_splits_the_wall_time(tmp_path: Path):
@@ -80,16 +80,16 @@ def test_pipeline_summary_splits_the_wall_time(tmp_path: Path):
     pipeline = _pipeline_module()
     rows = [("stages/download.py", ["--dataset", "d"], 0, 2, 3),
             ("stages/split.py", ["--dataset", "d"], 4, 6, 8),
-            ("stages/train.py", ["--dataset", "d", "--arch", "mlp"], 9, 12, 30),
-            ("stages/evaluate.py", ["--dataset", "d", "--arch", "mlp"], 31, 34, 39)]
+            ("stages/train.py", ["--dataset", "d", "--arch", "mlp", "--seed", "1234"], 9, 12, 30),
+            ("stages/evaluate.py", ["--dataset", "d", "--arch", "mlp", "--seed", "1234"], 31, 34, 39)]
     (tmp_path / "stage-times.jsonl").write_text("".join(
         json.dumps({"argv": [script, *args], "start": a, "main": b, "end": c, "exit": 0}) + "\n"
         for script, args, a, b, c in rows))
-    metrics = tmp_path / "metrics" / "d" / "mlp"
+    metrics = tmp_path / "metrics" / "d" / "mlp" / "seed-1234"  # the first training seed's run
     metrics.mkdir(parents=True)
     (metrics / "history.csv").write_text("epoch,epoch_seconds\n1,5.0\n2,5.0\n")
     (metrics / "train.json").write_text(json.dumps({"epochs": 2, "tracking_seconds": 0.5}))
-    params = {"archs": ["mlp"], "paths": {"metrics": "metrics"}}
+    params = {"archs": ["mlp"], "seeds": [1234], "paths": {"metrics": "metrics"}}
     result, lines = pipeline.summarize(tmp_path, params, "d", 50.0, "cpu (test)", True)
     assert result["split_seconds"] == pytest.approx({
         "training": 10.0, "evaluation": 5.0, "stage start-up": 2 + 2 + 3 + 3,
@@ -101,8 +101,8 @@ def test_pipeline_summary_splits_the_wall_time(tmp_path: Path):
     assert "| mlp | 2 | 10.0 | 21.0 |" in lines
     # a run stopped before evaluate: only what finished, a lower bound, never "met"
     # (a train stage stopped mid-run has no history.csv and is not counted as trained)
-    killed = {"argv": ["stages/train.py", "--dataset", "d", "--arch", "cnn"], "start": 31, "main": 33,
-              "end": 40, "exit": 143}
+    killed = {"argv": ["stages/train.py", "--dataset", "d", "--arch", "cnn", "--seed", "1234"],
+              "start": 31, "main": 33, "end": 40, "exit": 143}
     (tmp_path / "stage-times.jsonl").write_text(
         "\n".join((tmp_path / "stage-times.jsonl").read_text().splitlines()[:3]) + "\n"
         + json.dumps(killed) + "\n")

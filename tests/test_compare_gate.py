@@ -22,7 +22,7 @@ from mnistlab.config import run_dir, run_key
 from mnistlab.errors import MnistlabError
 from mnistlab.models import build_model
 from mnistlab.stages import compare
-from mnistlab.stats import holm, mcnemar, wilson_interval
+from mnistlab.stats import holm, mcnemar, seed_interval, welch, wilson_interval
 from mnistlab.utils import json_digest, write_json
 
 RULES = {"test_accuracy": gate.Rule("max", 0.01, "evidence"), "macro_f1": gate.Rule("max", 0.01),
@@ -672,3 +672,123 @@ def test_accept_stores_outcomes_and_an_old_baseline_still_works(tmp_path):
     write_run(work / "ds" / "metrics", "ds", "a", 0.60)
     passed, report = gate.check(work, profile, baseline, GATE)
     assert not passed and "ds/a/seed-1234 test_accuracy: REGRESSION" in report
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+SEEDS3 = [1, 2, 3]
+ACCS = {"a": [0.90, 0.91, 0.92],   # mean 0.91: rank 1
+        "b": [0.95, 0.80, 0.82],   # the best single run (seed 1), the worst mean
+        "c": [0.90, 0.90, 0.91]}   # mean 0.9033
+
+
+def _three_seeds(root):
+    for arch, accs in ACCS.items():
+        for seed, acc in zip(SEEDS3, accs, strict=True):
+            write_run(root, "ds", arch, acc, loss=1 - acc, seed=seed)
+
+
+def test_several_seeds_rank_by_the_mean_with_std_t_interval_and_welch(tmp_path):
+    _three_seeds(tmp_path)
+    runs = compare.collect(tmp_path, ["ds"], list(ACCS), SEEDS3)
+    assert list(runs.columns) == compare.RUN_COLUMNS and len(runs) == 9
+    correct = {"ds": compare.read_correct(tmp_path, "ds", list(ACCS), SEEDS3[0])}
+    board = compare.leaderboard(runs, "test_accuracy", correct)
+    assert list(board.columns) == compare.COLUMNS
+    row = board.set_index("arch")
+    assert board["arch"].tolist() == ["a", "c", "b"]  # by the mean, not by the best run (b's 0.95)
+    assert row["seeds"].tolist() == [3, 3, 3]
+    for arch, accs in ACCS.items():
+        assert row.at[arch, "test_accuracy"] == pytest.approx(np.mean(accs))
+        assert row.at[arch, "accuracy_std"] == pytest.approx(np.std(accs, ddof=1))
+        assert (row.at[arch, "accuracy_ci_low"], row.at[arch, "accuracy_ci_high"]) == \
+            pytest.approx(seed_interval(accs))
+        assert row.at[arch, "test_loss"] == pytest.approx(1 - np.mean(accs))
+        assert row.at[arch, "ci"] == "t, 3 seeds"
+    assert row["best_seed"].to_dict() == {"a": 3, "b": 1, "c": 3}  # c: 0.91 at seed 3
+    # Welch's test of the per-seed accuracies against rank 1, Holm over the dataset's two tests
+    p = holm([welch(ACCS["a"], ACCS["c"]), welch(ACCS["a"], ACCS["b"])])
+    assert (row.at["c", "p_vs_best"], row.at["b", "p_vs_best"]) == pytest.approx(tuple(p))
+    assert row["test"].to_dict() == {"a": "", "c": "welch", "b": "welch"}
+    assert row.at["a", "below_best"] == "no"
+    assert row.at["b", "below_best"] == ("yes" if p[1] < compare.ALPHA else "no")
+
+    md = compare.to_markdown(board)
+    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    assert header[:5] == ["dataset", "rank", "arch", "seeds", "test_accuracy"]
+    assert header[-1] == "best_seed" and "ci" in header and "test" in header
+    assert "0.9100 ± 0.0100" in md and "t, 3 seeds" in md and "welch" in md
+
+
+def test_one_seed_leaderboard_hides_the_seed_columns(tmp_path):
+    write_run(tmp_path, "ds", "a", 0.9)
+    write_run(tmp_path, "ds", "b", 0.8)
+    board = compare.leaderboard(compare.collect(tmp_path, ["ds"], ["a", "b"], [SEED]), "test_accuracy",
+                                {"ds": compare.read_correct(tmp_path, "ds", ["a", "b"], SEED)})
+    assert board["seeds"].tolist() == [1, 1] and board["ci"].tolist() == ["wilson", "wilson"]
+    assert board["test"].tolist() == ["", "mcnemar"] and board["accuracy_std"].isna().all()
+    header = compare.to_markdown(board).splitlines()[0]
+    assert "seeds" not in header and "±" not in compare.to_markdown(board)
+    assert "best_seed" not in header and "| ci " not in header
+
+
+def test_run_compare_over_seeds_writes_runs_pairwise_at_the_first_seed_and_the_champion_run(
+        tmp_path, monkeypatch):
+    metrics = tmp_path / "metrics"
+    _three_seeds(metrics)
+    params = {"datasets": ["ds"], "archs": list(ACCS), "seeds": SEEDS3,
+              "compare": {"rank_by": "test_accuracy", "register": False, "registry_prefix": "x",
+                          "alias": "champion"}}
+    paths = compare.ComparePaths(metrics, tmp_path / "models", tmp_path / "out", tmp_path / "curves",
+                                 pairwise=tmp_path / "pairwise")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    out = compare.report(params, paths)
+    runs = pd.read_csv(tmp_path / "out" / "runs.csv")
+    assert len(runs) == 9 and runs["seed"].tolist() == SEEDS3 * 3
+    assert runs["test_accuracy"].tolist() == pytest.approx(sum(ACCS.values(), []))
+    assert "ranked by test_accuracy, mean of 3 seeds" in (tmp_path / "out" / "leaderboard.md").read_text()
+    pairs = pd.read_csv(tmp_path / "pairwise" / "ds.csv")
+    assert set(pairs["seed"]) == {1}  # McNemar needs one run per arch: the first seed's
+    ab = pairs[(pairs["arch_a"] == "a") & (pairs["arch_b"] == "b")].iloc[0]
+    assert (ab["a_only"], ab["b_only"]) == (0, 5)  # at seed 1, b (0.95) beat a (0.90)
+    assert_png(tmp_path / "curves" / "val-curves-ds.png", 200)
+    champion = run_dir(tmp_path / "models", "ds", "a", 3) / "model.pt"  # a's best seed
+    assert f"champion     ds: a (mean test_accuracy 0.9100 over 3 seeds; seed 3) -> {champion}" in out
+
+
+def test_champion_run_is_the_best_seed_of_the_rank_1_arch(tmp_path):
+    _three_seeds(tmp_path)
+    runs = compare.collect(tmp_path, ["ds"], list(ACCS), SEEDS3)
+    board = compare.leaderboard(runs, "test_accuracy")
+    run = compare.champion_run(board, runs, "ds")
+    assert (run.arch, run.seed, run.test_accuracy) == ("a", 3, pytest.approx(0.92))
+    by_loss = compare.leaderboard(runs, "test_loss")  # lower is better: the same run here
+    assert compare.champion_run(by_loss, runs, "ds").seed == 3
+
+
+def test_gate_require_best_uses_each_archs_mean_over_seeds():
+    new = {"ds/a/seed-1": {"test_accuracy": 0.97}, "ds/a/seed-2": {"test_accuracy": 0.99},
+           "ds/b/seed-1": {"test_accuracy": 0.985}, "ds/b/seed-2": {"test_accuracy": 0.98}}
+    # a has the best single run (0.99) but the lower mean (0.98 against 0.9825)
+    (row,) = gate.check_best(new, {"ds": "a"})
+    assert row.verdict == "FAILED" and row.new == pytest.approx(0.98)
+    assert "best other: ds/b 0.9825" in row.note
+    assert gate.check_best(new, {"ds": "b"})[0].verdict == "ok"
+
+
+def test_gate_reads_and_judges_every_seeds_run(tmp_path):
+    work = tmp_path / "work"
+    params = {"datasets": ["ds"], "archs": ["a"], "seeds": [1, 2], "paths": {"metrics": "metrics"}}
+    work.mkdir()
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    for seed, acc in ((1, 0.90), (2, 0.92)):
+        write_run(work / "ds" / "metrics", "ds", "a", acc, seed=seed)
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("datasets: [ds]\nseeds: [1, 2]\n")
+    base = gate.accept(tmp_path, work, profile, tmp_path / "baseline.json", GATE)
+    assert set(base["results"]) == set(base["correct"]) == {"ds/a/seed-1", "ds/a/seed-2"}
+    write_run(work / "ds" / "metrics", "ds", "a", 0.50, seed=2)  # one seed's run regresses
+    passed, report = gate.check(work, profile, tmp_path / "baseline.json", GATE)
+    assert not passed and "- ds/a/seed-2 test_accuracy: REGRESSION" in report
+    assert "ds/a/seed-1 test_accuracy" not in report.split("**Gate FAILED**")[1]

@@ -11,13 +11,26 @@ import json
 import re
 import runpy
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers.repo import ROOT, committed_params, committed_params_text
 
 from mnistlab import artifacts
-from mnistlab.config import PARAMS_KEYS, CompareSettings, TrainSettings, load_params, load_yaml
+from mnistlab.config import (
+    PARAMS_KEYS,
+    CompareSettings,
+    TrainSettings,
+    load_params,
+    load_yaml,
+    run_dir,
+    run_key,
+    seed_arg,
+    seeds_of,
+    stage_name,
+)
 from mnistlab.errors import MnistlabError
 from mnistlab.hparams import HParams
 from mnistlab.models import ARGS, REGISTRY, Size, build_model, register
@@ -227,7 +240,7 @@ def test_a_stage_device_error_names_that_stage_key(monkeypatch, tmp_path, stage,
     params[stage]["device"] = "cuda"
     missing = paths(**{f.name: tmp_path / f.name for f in dataclasses.fields(paths)})
     with pytest.raises(MnistlabError) as e:
-        run(params, "digits", "mlp", missing)
+        run(params, "digits", "mlp", 1234, missing)
     assert one_line(e) == f"params.yaml: {stage}.device: 'cuda' requested but CUDA is not available"
     assert inspect.signature(pick_device).parameters["key"].default is inspect.Parameter.empty
 
@@ -356,3 +369,58 @@ def test_bad_train_compile_names_the_key_and_the_modes(value, fragment):
     with pytest.raises(MnistlabError) as e:
         TrainSettings.from_params(params)
     assert fragment in one_line(e)
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def test_seeds_default_to_one_and_are_read_in_order():
+    assert fresh_params()["seeds"] == [1234] and fresh_params()["seed"] == 1234
+    assert seeds_of({"seeds": [5, 1, 3]}) == (5, 1, 3)  # the first is the paired tests' seed
+    assert CompareSettings.from_params({**fresh_params(), "seeds": [2, 1]}).seeds == (2, 1)
+
+
+@pytest.mark.parametrize(("seeds", "message"), [
+    ([], "params.yaml: seeds must be a non-empty list of integers (got [])"),
+    (7, "params.yaml: seeds must be a non-empty list of integers (got 7)"),
+    ("1,2", "params.yaml: seeds must be a non-empty list of integers (got '1,2')"),
+    ([1, 2.5], "params.yaml: seeds[1] must be an integer in [0, 2**32) (got 2.5)"),
+    ([True], "params.yaml: seeds[0] must be an integer in [0, 2**32) (got True)"),
+    ([-1], "params.yaml: seeds[0] must be an integer in [0, 2**32) (got -1)"),
+    ([2**32], f"params.yaml: seeds[0] must be an integer in [0, 2**32) (got {2**32})"),
+    ([3, 1, 3], "params.yaml: seeds: 3 listed more than once"),
+])
+def test_bad_seeds_are_one_line_naming_the_key(seeds, message):
+    with pytest.raises(MnistlabError) as e:
+        seeds_of({"seeds": seeds})
+    assert one_line(e) == message
+    with pytest.raises(MnistlabError):  # what the compare stage reads first
+        CompareSettings.from_params({**fresh_params(), "seeds": seeds})
+
+
+def test_a_stage_seed_argument_is_checked_and_named():
+    assert seed_arg("0") == 0 and seed_arg(str(2**32 - 1)) == 2**32 - 1
+    with pytest.raises(MnistlabError) as e:
+        seed_arg("x1")
+    assert one_line(e) == "--seed: not an integer: 'x1' (from params.yaml seeds)"
+    with pytest.raises(MnistlabError) as e:
+        seed_arg("-3")
+    assert one_line(e) == "params.yaml: seeds must be an integer in [0, 2**32) (got -3)"
+
+
+def test_run_paths_and_stage_names_agree_with_dvc_yaml():
+    """The one naming rule (config.run_key, stage_name) is what dvc.yaml's templates spell out."""
+    assert run_key("digits", "mlp", 7) == "digits/mlp/seed-7"
+    assert run_dir(Path("metrics"), "digits", "mlp", 7) == Path("metrics/digits/mlp/seed-7")
+    assert stage_name("train", "digits", "mlp", 7) == "train@digits-mlp-7"
+    text = (ROOT / "dvc.yaml").read_text()
+    assert text.count("${item.dataset}/${item.arch}/seed-${item.seed}") >= 15
+    assert "${item.dataset}/${item.arch}/" not in text.replace(
+        "${item.dataset}/${item.arch}/seed-${item.seed}", "")
+    stages = yaml.safe_load(text)["stages"]
+    for name in ("train", "evaluate", "features"):
+        assert stages[name]["matrix"] == {"dataset": "${datasets}", "arch": "${archs}",
+                                          "seed": "${seeds}"}
+    # a seed added to `seeds` leaves the other seeds' train stages cached: no seed param dep
+    assert not {"seed", "seeds"} & set(stages["train"]["params"])
+    assert "seeds" in stages["compare"]["params"]

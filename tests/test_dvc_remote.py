@@ -17,13 +17,13 @@ from helpers.repo import edit_params, no_step_floor, run, stage_env
 
 pytestmark = pytest.mark.slow
 
-TARGET = "train@digits-mlp"
+TARGET = "train@digits-mlp-1234"
 GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 
 
 def test_push_clone_pull_then_nothing_to_reproduce(tmp_repo, tmp_path):
     def small(p: dict) -> None:
-        p["datasets"], p["archs"] = ["digits"], ["mlp"]
+        p["datasets"], p["archs"], p["seeds"] = ["digits"], ["mlp"], [1234]
         no_step_floor(p)
         p["hparams"]["mlp"]["epochs"] = 1
 
@@ -43,9 +43,9 @@ def test_push_clone_pull_then_nothing_to_reproduce(tmp_repo, tmp_path):
     run(["dvc", "pull", TARGET, "--with-deps"], clone)
 
     for rel in ("data/raw/digits/train-images-idx3-ubyte", "data/split/digits/train.pt",
-                "data/split/digits/summary.json", "models/digits/mlp/model.pt",
-                "models/digits/mlp/run.json", "checkpoints/digits/mlp/last.pt",
-                "metrics/digits/mlp/train.json"):
+                "data/split/digits/summary.json", "models/digits/mlp/seed-1234/model.pt",
+                "models/digits/mlp/seed-1234/run.json", "checkpoints/digits/mlp/seed-1234/last.pt",
+                "metrics/digits/mlp/seed-1234/train.json"):
         assert filecmp.cmp(tmp_repo / rel, clone / rel, shallow=False), rel
 
     status = run(["dvc", "status", TARGET, "--with-deps"], clone)

@@ -1,4 +1,4 @@
-"""evaluate@{dataset}-{arch}: metrics against scikit-learn, model loading, every output file, MLflow.
+"""evaluate@{dataset}-{arch}-{seed}: metrics against scikit-learn, model loading, every output file, MLflow.
 
 The helpers it shares with test_features.py and test_compare_gate.py live in ``helpers``:
 a test split made of real digits and a model record as the train stage writes it
@@ -20,6 +20,7 @@ from helpers.mlflow import open_run
 from sklearn.metrics import accuracy_score, f1_score
 
 from mnistlab import tracking
+from mnistlab.config import run_dir
 from mnistlab.errors import MnistlabError
 from mnistlab.models import load_model, save_model
 from mnistlab.stages import evaluate as evaluation
@@ -28,6 +29,7 @@ from mnistlab.stats import wilson_interval
 from mnistlab.utils import torch_save, write_json
 
 PARAMS = {"evaluate": {"device": "cpu", "batch_size": 16, "max_misclassified": 12}}
+SEED = 1234  # the training seed (params.yaml's seeds: [1234])
 
 
 # --------------------------------------------------------------------------- summarize
@@ -105,21 +107,24 @@ def test_load_model_errors_name_the_file(tmp_path):
 
 
 def test_run_evaluation_writes_valid_outputs_and_logs_them(tmp_path, mlflow_store):
-    split, model_dir = tmp_path / "split", tmp_path / "models"
+    # dvc.yaml's layout: models/<ds>/<arch>/seed-<seed>/, metrics/..., reports/.../evaluate/
+    split, model_dir = tmp_path / "split", run_dir(tmp_path / "models", "digits", "lenet5", SEED)
+    metrics_dir = run_dir(tmp_path / "metrics", "digits", "lenet5", SEED)
+    reports = run_dir(tmp_path / "reports", "digits", "lenet5", SEED) / "evaluate"
     _, labels = write_split(split, n=50)
     write_model(model_dir, "lenet5")
-    run_id = open_run(model_dir, "digits", "lenet5")
-    paths = EvalPaths(split, model_dir, tmp_path / "metrics", tmp_path / "reports")
+    run_id = open_run(model_dir, "digits", "lenet5", SEED)
+    paths = EvalPaths(split, model_dir, metrics_dir, reports)
 
-    metrics = evaluation.run_evaluation(PARAMS, "digits", "lenet5", paths)
+    metrics = evaluation.run_evaluation(PARAMS, "digits", "lenet5", SEED, paths)
 
-    test = json.loads((tmp_path / "metrics" / "test.json").read_text())
+    test = json.loads((metrics_dir / "test.json").read_text())
     assert test == metrics
     assert {"test_accuracy", "test_loss", "macro_f1"} <= set(test)
     assert all(isinstance(v, (int, float)) for v in test.values())  # flat: DVC shows each key
     assert 0 <= test["test_accuracy"] <= 1 and test["test_loss"] > 0 and test["test_samples"] == 50
 
-    with open(tmp_path / "metrics" / "predictions.csv") as f:
+    with open(metrics_dir / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 50 and set(rows[0]) == {"actual", "predicted"}
     assert [r["actual"] for r in rows] == [CLASSES[i] for i in labels.tolist()]
@@ -128,14 +133,14 @@ def test_run_evaluation_writes_valid_outputs_and_logs_them(tmp_path, mlflow_stor
     assert (test["test_accuracy_ci_low"], test["test_accuracy_ci_high"]) == \
         pytest.approx(wilson_interval(hits, 50))
 
-    with open(tmp_path / "metrics" / "per_class.csv") as f:
+    with open(metrics_dir / "per_class.csv") as f:
         per_class = list(csv.DictReader(f))
     assert [r["class"] for r in per_class] == CLASSES
     assert sum(int(r["support"]) for r in per_class) == 50
 
-    # both pictures >= 400 px each way, titled in the PNG (issue #15)
-    assert_picture(tmp_path / "reports" / "confusion.png", "digits/lenet5: test accuracy ")
-    assert_picture(tmp_path / "reports" / "misclassified.png", "digits/lenet5: ",
+    # both pictures >= 400 px each way, titled in the PNG (issue #15), naming the seed
+    assert_picture(reports / "confusion.png", "digits/lenet5 seed 1234: test accuracy ")
+    assert_picture(reports / "misclassified.png", "digits/lenet5 seed 1234: ",
                    " of 50 misclassified (most confident first)")
 
     # MLflow: the headline metrics as metrics (exactly test.json's), the per-class ones as one table
@@ -177,9 +182,9 @@ def test_rerun_evaluation_replaces_the_per_class_table(tmp_path, mlflow_store):
     run_id = open_run(model_dir, "digits", "mlp")
     paths = EvalPaths(split, model_dir, tmp_path / "metrics", tmp_path / "reports")
 
-    evaluation.run_evaluation(PARAMS, "digits", "mlp", paths)
+    evaluation.run_evaluation(PARAMS, "digits", "mlp", SEED, paths)
     evaluation.run_evaluation({"evaluate": {**PARAMS["evaluate"], "batch_size": 7}}, "digits",
-                              "mlp", paths)
+                              "mlp", str(SEED), paths)  # a str, as the stage script passes it
 
     with open(tmp_path / "metrics" / "per_class.csv") as f:
         assert_per_class_table(run_id, list(csv.DictReader(f)))
@@ -192,7 +197,7 @@ def test_run_evaluation_refuses_a_model_of_another_arch(tmp_path, mlflow_store):
     write_model(tmp_path, "mlp")
     write_json(tmp_path / "run.json", {"run_id": "x"})
     with pytest.raises(MnistlabError, match="holds arch 'mlp', expected 'lenet5'"):
-        evaluation.run_evaluation(PARAMS, "digits", "lenet5",
+        evaluation.run_evaluation(PARAMS, "digits", "lenet5", SEED,
                                   EvalPaths(tmp_path, tmp_path, tmp_path / "m", tmp_path / "r"))
     assert not (tmp_path / "m").exists()  # nothing half-written
 
@@ -201,7 +206,7 @@ def test_run_evaluation_without_a_train_run_names_run_json(tmp_path):
     write_split(tmp_path, n=10)
     write_model(tmp_path, "mlp")
     with pytest.raises(MnistlabError, match="run.json: missing or invalid MLflow run record"):
-        evaluation.run_evaluation(PARAMS, "digits", "mlp",
+        evaluation.run_evaluation(PARAMS, "digits", "mlp", SEED,
                                   EvalPaths(tmp_path, tmp_path, tmp_path / "m", tmp_path / "r"))
 
 

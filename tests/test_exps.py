@@ -21,15 +21,15 @@ from helpers.repo import ROOT, run, stage_env
 
 pytestmark = pytest.mark.slow  # several dvc subprocesses, an experiment run each
 
-# Writes every metrics/<ds>/<arch>/{train,test}.json and data/split/<ds>/summary.json.
+# Writes every metrics/<ds>/<arch>/seed-<seed>/{train,test}.json and data/split/<ds>/summary.json.
 WRITE = """\
 import json, os, yaml
 p = yaml.safe_load(open("params.yaml"))
 for ds in p["datasets"]:
     os.makedirs(f"data/split/{ds}", exist_ok=True)
     json.dump({"train": {"count": 10}, "seed": p["seed"]}, open(f"data/split/{ds}/summary.json", "w"))
-    for a in p["archs"]:
-        d = f"metrics/{ds}/{a}"
+    for a, s in ((a, s) for a in p["archs"] for s in p["seeds"]):
+        d = f"metrics/{ds}/{a}/seed-{s}"
         os.makedirs(d, exist_ok=True)
         h = p["hparams"][a]
         json.dump({"test_accuracy": 0.9 + h["lr"], "test_loss": 0.1, "macro_f1": 0.8},
@@ -50,21 +50,22 @@ def exps_command() -> str:
 
 
 def make_exps_repo(repo: Path, datasets: list[str], archs: list[str]) -> Path:
-    """A git+DVC repo with one stage per dataset x arch writing the pipeline's metric files,
-    reproduced and committed (so HEAD has metrics, as after ``make run`` and a commit)."""
+    """A git+DVC repo with one stage per dataset x arch x seed (dvc.yaml's matrix, one seed)
+    writing the pipeline's metric files, reproduced and committed (so HEAD has metrics, as
+    after ``make run`` and a commit)."""
     repo.mkdir()
-    params = {"seed": 1234, "datasets": datasets, "archs": archs,
+    params = {"seed": 1234, "seeds": [1234], "datasets": datasets, "archs": archs,
               "train": {"device": "auto", "min_steps": 1500},
               "hparams": {a: {"args": {"hidden": 8}, "lr": 0.001, "epochs": 5, "batch_size": 100}
                           for a in archs},
               "evaluate": {"batch_size": 2000}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / "write.py").write_text(WRITE)
-    stage = {"matrix": {"dataset": "${datasets}", "arch": "${archs}"},
+    stage = {"matrix": {"dataset": "${datasets}", "arch": "${archs}", "seed": "${seeds}"},
              "cmd": "python write.py", "deps": ["write.py"],
              "params": ["seed", "train", "hparams.${item.arch}"],
-             "metrics": [{f"metrics/${{item.dataset}}/${{item.arch}}/{f}.json": {"cache": False}}
-                         for f in ("train", "test")]}
+             "metrics": [{f"metrics/${{item.dataset}}/${{item.arch}}/seed-${{item.seed}}/{f}.json":
+                          {"cache": False}} for f in ("train", "test")]}
     dvc_yaml = {"stages": {"fake": stage},
                 "metrics": [f"data/split/{ds}/summary.json" for ds in datasets]}
     (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
@@ -90,7 +91,7 @@ def exp_run(repo: Path, *sets: str) -> None:
 def test_exps_shows_each_items_headline_metrics_and_only_changed_params(tmp_path):
     datasets, archs = ["digits", "fashion_mini"], ["mlp", "cnn_16_32"]
     repo = make_exps_repo(tmp_path / "repo", datasets, archs)
-    metrics = {f"metrics/{ds}/{a}/{f}.json:{m}" for ds in datasets for a in archs
+    metrics = {f"metrics/{ds}/{a}/seed-1234/{f}.json:{m}" for ds in datasets for a in archs
                for f, names in (("train", ("best_val_accuracy", "train_seconds")),
                                 ("test", ("test_accuracy",)))
                for m in names}
@@ -108,7 +109,7 @@ def test_exps_shows_each_items_headline_metrics_and_only_changed_params(tmp_path
 
 
 def test_exps_with_one_item_matches_dvcs_bare_and_file_prefixed_names(tmp_path):
-    """One dataset x arch: DVC names a column by its bare key where that key is unique
+    """One dataset x arch x seed: DVC names a column by its bare key where that key is unique
     (``test_accuracy``), ``file:key`` where two files share it (here ``seed``, also a
     key of summary.json: ``params.yaml:seed``)."""
     repo = make_exps_repo(tmp_path / "repo", ["digits"], ["mlp"])

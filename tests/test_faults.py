@@ -80,7 +80,8 @@ def kill9(proc: subprocess.Popen) -> None:
 
 
 ARCH, EPOCHS = "cnn_4_8", 5  # dropout: the resume must restore the RNG state, too
-TRAIN = f"train@digits-{ARCH}"
+SEED = 1234  # the one training seed
+TRAIN = f"train@digits-{ARCH}-{SEED}"
 
 
 def _history(path: Path) -> list[dict[str, str]]:
@@ -98,7 +99,7 @@ def test_kill9_mid_training_then_repro_resumes_bit_identical(tmp_path: Path):
     whole = make_repo(tmp_path / "whole")
 
     def small(p: dict) -> None:
-        p["datasets"], p["archs"] = ["digits"], [ARCH]
+        p["datasets"], p["archs"], p["seeds"] = ["digits"], [ARCH], [SEED]
         no_step_floor(p)
         p["hparams"][ARCH]["epochs"] = EPOCHS
 
@@ -112,7 +113,7 @@ def test_kill9_mid_training_then_repro_resumes_bit_identical(tmp_path: Path):
 
     # The same stage, killed with SIGKILL (dvc and the stage script) mid-epoch, right
     # after a checkpoint exists.
-    ckpt = cut / "checkpoints" / "digits" / ARCH / "last.pt"
+    ckpt = cut / "checkpoints" / "digits" / ARCH / f"seed-{SEED}" / "last.pt"
     proc = start_killable(["dvc", "repro", TRAIN], cut, tmp_path / "killed.log", stage_env(cut))
     try:
         deadline = time.monotonic() + 300
@@ -125,23 +126,24 @@ def test_kill9_mid_training_then_repro_resumes_bit_identical(tmp_path: Path):
     assert proc.returncode == -signal.SIGKILL
     done = torch_load(ckpt)["epoch"]  # what the kill left (a later epoch may have landed)
     assert 1 <= done < EPOCHS, f"killed too late to test a resume (epoch {done} of {EPOCHS})"
-    assert not (cut / "models" / "digits" / ARCH / "model.pt").exists()
+    assert not (cut / "models" / "digits" / ARCH / f"seed-{SEED}" / "model.pt").exists()
 
     rerun = run(["dvc", "repro", TRAIN], cut)
     log = rerun.stdout + rerun.stderr
     assert f"Running stage '{TRAIN}'" in log
-    assert f"resuming from checkpoints/digits/{ARCH}/last.pt after epoch {done}/{EPOCHS}" in log, log
+    assert f"resuming from checkpoints/digits/{ARCH}/seed-{SEED}/last.pt after epoch {done}/{EPOCHS}" in log, log
 
     # Bit-identical to the uninterrupted run: metrics (timing aside) and every weight.
+    key = f"digits/{ARCH}/seed-{SEED}"  # the run's folder (mnistlab.config.run_key)
     for repo in (whole, cut):
-        assert (repo / "metrics" / "digits" / ARCH / "train.json").is_file()
-    m_whole, m_cut = whole / "metrics" / "digits" / ARCH, cut / "metrics" / "digits" / ARCH
+        assert (repo / "metrics" / key / "train.json").is_file()
+    m_whole, m_cut = whole / "metrics" / key, cut / "metrics" / key
     assert _summary(m_cut / "train.json") == _summary(m_whole / "train.json")
     assert _history(m_cut / "history.csv") == _history(m_whole / "history.csv")
     assert len(_history(m_cut / "history.csv")) == EPOCHS
     for name in ("model.pt", "best.pt"):
-        a = torch_load(whole / "models" / "digits" / ARCH / name)
-        b = torch_load(cut / "models" / "digits" / ARCH / name)
+        a = torch_load(whole / "models" / key / name)
+        b = torch_load(cut / "models" / key / name)
         assert a.keys() == b.keys() and a["state_dict"].keys() == b["state_dict"].keys()
         for k in a["state_dict"]:
             assert torch.equal(a["state_dict"][k], b["state_dict"][k]), f"{name}: {k} differs"
@@ -152,16 +154,18 @@ def test_kill9_mid_training_then_repro_resumes_bit_identical(tmp_path: Path):
     client = MlflowClient(f"sqlite:///{cut / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("mnistlab/digits").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].info.run_id == json.loads((cut / "models/digits" / ARCH / "run.json").read_text())["run_id"]
+    assert runs[0].info.run_id == json.loads((cut / "models" / key / "run.json").read_text())["run_id"]
+    assert runs[0].info.run_name == f"digits-{ARCH}-{SEED}" and runs[0].data.tags["seed"] == str(SEED)
     steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_accuracy"))
     assert steps == list(range(1, EPOCHS + 1))
 
 
 # --------------------------------------------------------------------------- SIGTERM, kill -9 after the last epoch
 
-# The train stage of helpers.mlflow.train_workspace (mlp on digits, run as dvc.yaml runs it)
-CKPT = Path("checkpoints/digits/mlp/last.pt")
-MODEL_DIR = Path("models/digits/mlp")
+# The train stage of helpers.mlflow.train_workspace (mlp on digits, training seed 1234, run as
+# dvc.yaml runs it)
+CKPT = Path("checkpoints/digits/mlp/seed-1234/last.pt")
+MODEL_DIR = Path("models/digits/mlp/seed-1234")
 
 
 def pinned_env(work: Path) -> dict[str, str]:
@@ -263,7 +267,7 @@ def test_sigterm_mid_training_is_one_line_a_killed_run_and_a_bit_identical_resum
         if proc.poll() is None:
             kill9(proc)
     stopped = subprocess.CompletedProcess(cmd, proc.returncode, out.read_text(), err.read_text())
-    assert_one_line_error(stopped, "stopped by SIGTERM during train@digits-mlp",
+    assert_one_line_error(stopped, "stopped by SIGTERM during train@digits-mlp-1234",
                           f"rerun `dvc repro` to resume from {CKPT}", code=128 + signal.SIGTERM)
     done = checkpoint_epoch(cut / CKPT)
     assert 1 <= done < epochs, f"stopped too late to test a resume (epoch {done} of {epochs})"
@@ -285,8 +289,8 @@ def test_sigterm_mid_training_is_one_line_a_killed_run_and_a_bit_identical_resum
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), f"{name}: {k} differs"
-    assert _history(cut / "metrics/digits/mlp/history.csv") == \
-        _history(whole / "metrics/digits/mlp/history.csv")
+    assert _history(cut / "metrics/digits/mlp/seed-1234/history.csv") == \
+        _history(whole / "metrics/digits/mlp/seed-1234/history.csv")
 
 
 @pytest.mark.slow
@@ -311,9 +315,10 @@ def test_kill9_after_the_last_epoch_then_rerun_leaves_one_finished_run(tmp_path:
     client, runs = runs_in(work)
     assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "RUNNING")]
 
-    # Another leftover: a process that opened a run of digits x mlp and died without ending it.
+    # Another leftover: a process that opened a run of digits x mlp x seed 1234 and died without
+    # ending it.
     subprocess.run([sys.executable, "-c", "import os; from mnistlab import tracking; "
-                    "tracking.start_run('digits', 'mlp', {}, {}); os._exit(9)"],
+                    "tracking.start_run('digits', 'mlp', 1234, {}, {}); os._exit(9)"],
                    cwd=work, env=pinned_env(work), capture_output=True, timeout=300)
     orphan = [r.info.run_id for r in runs_in(work)[1] if r.info.run_id != run_id]
     assert len(orphan) == 1
@@ -343,17 +348,17 @@ def test_outputs_a_failed_repro_deleted_come_back_from_the_checkpoint(tmp_path: 
     a command that then fails leaves them gone. The rerun rebuilds them from the finished
     checkpoint (persist: kept): nothing retrained, the same MLflow run, bit-identical files."""
     repo = make_repo(tmp_path / "repo")
-    stage = "train@digits-mlp"
+    stage = "train@digits-mlp-1234"
 
     def small(p: dict) -> None:
-        p["datasets"], p["archs"] = ["digits"], ["mlp"]
+        p["datasets"], p["archs"], p["seeds"] = ["digits"], ["mlp"], [1234]
         no_step_floor(p)
         p["hparams"]["mlp"]["epochs"] = 3
 
     edit_params(repo, small)
     env = pinned_env(repo)
     run(["dvc", "repro", stage], repo, env=env)
-    metrics = repo / "metrics" / "digits" / "mlp"
+    metrics = repo / "metrics" / "digits" / "mlp" / "seed-1234"
     before = {name: (repo / MODEL_DIR / name).read_bytes() for name in ("model.pt", "best.pt",
                                                                          "run.json")}
     ckpt_bytes = (repo / CKPT).read_bytes()
@@ -522,7 +527,7 @@ def test_two_experiments_at_once_on_one_sqlite_store(tmp_path: Path):
         work.mkdir()
         (work / "params.yaml").write_text(yaml.safe_dump(params))
         cmd = [sys.executable, str(ROOT / "stages" / "train.py"), "--dataset", "digits", "--arch", arch,
-               "--split", str(split), "--model-dir", "models", "--metrics-dir", "metrics",
+               "--seed", "1234", "--split", str(split), "--model-dir", "models", "--metrics-dir", "metrics",
                "--checkpoint", "checkpoints/last.pt"]
         env = {**stage_env(work), "MLFLOW_TRACKING_URI": store}
         procs[arch] = start_killable(cmd, work, tmp_path / f"{arch}.log", env)
@@ -541,9 +546,9 @@ def test_two_experiments_at_once_on_one_sqlite_store(tmp_path: Path):
     client = MlflowClient(store)
     exp = client.get_experiment_by_name("mnistlab/digits")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {f"digits-{arch}" for arch in epochs}
+    assert set(runs) == {f"digits-{arch}-1234" for arch in epochs}
     for arch, n in epochs.items():
-        r = runs[f"digits-{arch}"]
+        r = runs[f"digits-{arch}-1234"]
         assert r.info.status == "FINISHED"
         assert r.info.run_id == json.loads((tmp_path / arch / "models" / "run.json").read_text())["run_id"]
         assert r.data.params["arch"] == arch and r.data.params["epochs"] == str(n)

@@ -1,4 +1,4 @@
-"""features@{dataset}-{arch}: generic extraction over every registered architecture, and the stage."""
+"""features@{dataset}-{arch}-{seed}: generic extraction over every registered architecture, and the stage."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from helpers.mlflow import open_run
 from torch import nn
 
 from mnistlab import plots, tracking
-from mnistlab.config import FeatureSettings
+from mnistlab.config import FeatureSettings, run_dir
 from mnistlab.errors import MnistlabError
 from mnistlab.models import REGISTRY, build_model
 from mnistlab.stages import features
@@ -23,6 +23,7 @@ from mnistlab.utils import torch_load
 SETTINGS = FeatureSettings(device="cpu", batch_size=16, max_channels=6, max_units=25,
                            tsne_max_points=40, tsne_perplexity=30.0)
 PARAMS = {"seed": 0, "features": {k: v for k, v in dataclasses.asdict(SETTINGS).items()}}
+SEED = 1234  # the training seed (params.yaml's seeds: [1234]); PARAMS' seed is the data seed (t-SNE)
 
 
 def digits_batch(n: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,24 +172,27 @@ def test_tsne_subsample_is_seeded_and_capped():
 
 
 def test_run_features_saves_embeddings_and_logs_pictures(tmp_path, mlflow_store):
-    split, model_dir = tmp_path / "split", tmp_path / "models"
+    # dvc.yaml's layout: models/<ds>/<arch>/seed-<seed>/, features/..., reports/.../features/
+    split, model_dir = tmp_path / "split", run_dir(tmp_path / "models", "digits", "cnn_16_32", SEED)
+    out = run_dir(tmp_path / "features", "digits", "cnn_16_32", SEED)
+    reports = run_dir(tmp_path / "reports", "digits", "cnn_16_32", SEED) / "features"
     x, y = write_split(split, n=60)
     write_model(model_dir, "cnn_16_32")
-    run_id = open_run(model_dir, "digits", "cnn_16_32")
-    paths = FeaturePaths(split, model_dir, tmp_path / "features", tmp_path / "reports")
+    run_id = open_run(model_dir, "digits", "cnn_16_32", SEED)
+    paths = FeaturePaths(split, model_dir, out, reports)
 
-    summary = features.run_features(PARAMS, "digits", "cnn_16_32", paths)
+    summary = features.run_features(PARAMS, "digits", "cnn_16_32", SEED, paths)
 
-    saved = torch_load(tmp_path / "features" / "embeddings.pt")
+    saved = torch_load(out / "embeddings.pt")
     assert saved["embeddings"].shape == (60, 32 * 7 * 7)  # test size x width of the head's input
     assert torch.equal(saved["labels"], y) and saved["classes"] == CLASSES
     assert summary["tsne_points"] == 40  # capped by tsne_max_points
-    pngs = sorted(p.name for p in (tmp_path / "reports").glob("*.png"))
+    pngs = sorted(p.name for p in reports.glob("*.png"))
     assert pngs == ["embedding-map.png", "fmaps-01-0.png", "fmaps-02-3.png",
                     "kernels-01-0.png", "kernels-02-3.png"]
     for p in pngs:
-        assert_picture(tmp_path / "reports" / p, "digits/cnn_16_32: ")
-    assert_picture(tmp_path / "reports" / "embedding-map.png", "penultimate layer, 1568 features")
+        assert_picture(reports / p, "digits/cnn_16_32 seed 1234: ")
+    assert_picture(reports / "embedding-map.png", "penultimate layer, 1568 features")
     logged = {a.path for a in tracking.client().list_artifacts(run_id, "features")}
     assert {f"features/{p}" for p in pngs} <= logged
 

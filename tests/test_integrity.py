@@ -37,18 +37,20 @@ from mnistlab.utils import DIGEST_KEY, payload_sha256, seal, torch_load, torch_s
 
 CPU = torch.device("cpu")
 ARCH = "mlp"
+RUN = "digits/mlp/seed-1234"  # the run's folder under models/ and checkpoints/ (mnistlab.config.run_key)
 
 
 def _train(out: Path, seed: int = 1) -> dict[str, Path]:
     """One epoch of mlp on 128 digits, saved as the train stage saves it:
-    ``models/digits/mlp/{model,best}.pt`` and ``checkpoints/digits/mlp/last.pt`` under ``out``."""
+    ``models/digits/mlp/seed-1234/{model,best}.pt`` and ``checkpoints/digits/mlp/seed-1234/last.pt``
+    under ``out``."""
     params = committed_params()  # not the working tree's `dvc exp run -S` edits
     params["hparams"][ARCH]["epochs"] = 1
     hp = HParams.from_params(params, ARCH)
     x, y = digits_as_mnist()
     train, val = (to_device(x[a:b], y[a:b], hp.mean, hp.std, CPU) for a, b in ((0, 128), (128, 224)))
-    files = {"model.pt": out / "models/digits/mlp/model.pt", "best.pt": out / "models/digits/mlp/best.pt",
-             "last.pt": out / "checkpoints/digits/mlp/last.pt"}
+    files = {"model.pt": out / "models" / RUN / "model.pt", "best.pt": out / "models" / RUN / "best.pt",
+             "last.pt": out / "checkpoints" / RUN / "last.pt"}
     torch.manual_seed(seed)
     result = train_fit(hp, TrainSettings(device="cpu", min_steps=0), train, val, seed=seed,
                        fingerprint="fp", checkpoint=files["last.pt"], extra_state={"run_id": "r1"})
@@ -67,7 +69,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def files(trained: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
     """A private copy of the trained files (same layout), for a test to damage."""
-    root = trained["model.pt"].parents[3]
+    root = trained["model.pt"].parents[4]  # <root>/models/digits/mlp/seed-1234/model.pt
     out = {}
     for name, src in trained.items():
         dst = tmp_path / src.relative_to(root)
@@ -124,7 +126,7 @@ def test_a_flipped_bit_in_a_weight_is_refused_naming_the_file(files: dict[str, P
     if name == "last.pt":
         assert msg.endswith("not resumed; left in place for inspection: delete it to train from scratch")
     else:
-        assert msg.endswith("rerun its train stage (dvc repro -f train@digits-mlp)")
+        assert msg.endswith("rerun its train stage (dvc repro -f train@digits-mlp-1234)")
     assert path.read_bytes() == damaged  # left for inspection
 
 
@@ -206,7 +208,7 @@ def test_a_model_file_of_the_previous_format_is_refused(files: dict[str, Path]):
         load_model(path, CPU)
     assert one_line(e) == (f"{path}: no integrity digest (written by an older mnistlab, or not by the "
                            "train stage): its weights cannot be verified; rerun its train stage "
-                           "(dvc repro -f train@digits-mlp)")
+                           "(dvc repro -f train@digits-mlp-1234)")
 
 
 # --------------------------------------------------------------------------- what still holds

@@ -44,7 +44,7 @@ def test_train_stage_logs_to_the_server_and_reads_back_over_rest(server: MlflowS
     work = tmp_path / "work"
     p = run_train(work, train_workspace(work), server.url)
     assert p.returncode == 0, p.stderr
-    run_json = json.loads((work / "models/digits/mlp/run.json").read_text())
+    run_json = json.loads((work / "models/digits/mlp/seed-1234/run.json").read_text())
     assert run_json["tracking_uri"] == server.url
 
     api = "/api/2.0/mlflow"
@@ -54,15 +54,16 @@ def test_train_stage_logs_to_the_server_and_reads_back_over_rest(server: MlflowS
         "filter": f"attributes.run_id = '{run_json['run_id']}'"})["runs"]
     assert len(found) == 1
     run = found[0]
-    assert run["info"]["run_name"] == "digits-mlp" and run["info"]["status"] == "FINISHED"
+    assert run["info"]["run_name"] == "digits-mlp-1234" and run["info"]["status"] == "FINISHED"
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert params["arch"] == "mlp" and params["lr"] == "0.001" and params["epochs"] == str(EPOCHS)
     assert params["seed"] == "1234" and params["device"] == "cpu"
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-    assert tags["dataset"] == "digits" and tags["dvc_stage"] == "train@digits-mlp"
+    assert tags["dataset"] == "digits" and tags["dvc_stage"] == "train@digits-mlp-1234"
+    assert tags["seed"] == "1234" and tags["group"] == "digits/mlp"
 
     # Every epoch's metrics, equal to the stage's history.csv.
-    history = list(csv.DictReader((work / "metrics/digits/mlp/history.csv").open()))
+    history = list(csv.DictReader((work / "metrics/digits/mlp/seed-1234/history.csv").open()))
     for name in EPOCH_METRICS:
         points = sorted(server.get(f"{api}/metrics/get-history", run_id=run_json["run_id"],
                                    metric_key=name)["metrics"], key=lambda m: m["step"])
@@ -75,7 +76,7 @@ def test_train_stage_logs_to_the_server_and_reads_back_over_rest(server: MlflowS
     assert {f["path"] for f in listed["files"]} == {
         "checkpoints/model.pt", "checkpoints/best.pt", "checkpoints/history.csv"}
     blob = server.raw("/get-artifact", path="checkpoints/model.pt", run_uuid=run_json["run_id"])
-    assert blob == (work / "models/digits/mlp/model.pt").read_bytes()
+    assert blob == (work / "models/digits/mlp/seed-1234/model.pt").read_bytes()
     assert any(server.artifacts.rglob("model.pt")), "artifacts not in --artifacts-destination"
 
     # The mlflow.pytorch model: a logged model of this run, ready, with its MLmodel.
@@ -124,7 +125,7 @@ def test_server_killed_mid_training_is_one_redacted_line_soon_and_the_checkpoint
         env = {**stage_env(work), "MLFLOW_TRACKING_URI": uri}
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        checkpoint = work / "checkpoints" / "digits" / "mlp" / "last.pt"
+        checkpoint = work / "checkpoints" / "digits" / "mlp" / "seed-1234" / "last.pt"
         deadline = time.monotonic() + 300
         while not checkpoint.exists():  # an epoch done and logged: training is under way
             assert proc.poll() is None, proc.communicate()

@@ -19,9 +19,10 @@ from mnistlab import repro
 from mnistlab.repro import Chain, Running
 
 
-def test_chains_of_the_real_pipeline_one_per_dataset_and_per_dataset_arch(tmp_repo):
+def test_chains_of_the_real_pipeline_one_per_dataset_and_per_dataset_arch_seed(tmp_repo):
     params = yaml.safe_load((tmp_repo / "params.yaml").read_text())
     params["datasets"] = ["digits", "mnist_mini"]
+    params["seeds"] = [1234, 7]  # two training seeds: a chain each
     (tmp_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     archs = params["archs"]
 
@@ -29,13 +30,15 @@ def test_chains_of_the_real_pipeline_one_per_dataset_and_per_dataset_arch(tmp_re
 
     assert rest == ["compare"]  # reads every chain's results: runs last, in the foreground
     by_key = {c.key: c for c in chains}
-    assert list(by_key) == ["digits", "mnist_mini"] + [f"{ds}-{a}" for ds in ("digits", "mnist_mini")
-                                                        for a in archs]
+    assert list(by_key) == ["digits", "mnist_mini"] + [f"{ds}-{a}-{s}" for ds in ("digits", "mnist_mini")
+                                                        for a in archs for s in (1234, 7)]
     for ds in ("digits", "mnist_mini"):
         assert by_key[ds] == Chain(ds, (f"download@{ds}", f"split@{ds}"), frozenset())
         for a in archs:
-            k = f"{ds}-{a}"
-            assert by_key[k] == Chain(k, (f"train@{k}", f"evaluate@{k}", f"features@{k}"), frozenset({ds}))
+            for seed in (1234, 7):
+                k = f"{ds}-{a}-{seed}"
+                assert by_key[k] == Chain(k, (f"train@{k}", f"evaluate@{k}", f"features@{k}"),
+                                          frozenset({ds}))
 
 
 def test_plan_gives_a_shared_unkeyed_upstream_stage_a_chain_and_leaves_the_rest():

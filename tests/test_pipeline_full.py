@@ -19,9 +19,16 @@ import yaml
 from helpers.checks import assert_png
 from helpers.repo import ROOT, no_step_floor, run, stage_env
 
+from mnistlab.config import run_key
 from mnistlab.utils import torch_load
 
 ARCHS = ["mlp", "lenet5"]
+SEED = 1234  # params.yaml's seeds: [1234]: one run per arch, under <root>/digits/<arch>/seed-1234/
+
+
+def run_of(arch: str) -> str:
+    """``digits/<arch>/seed-1234``: the run's folder under metrics/, reports/, ... and its gate key."""
+    return run_key("digits", arch, SEED)
 
 
 def configure(repo) -> dict:
@@ -29,6 +36,7 @@ def configure(repo) -> dict:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["datasets"] = ["digits"]
     params["archs"] = ARCHS
+    assert params["seeds"] == [SEED]
     no_step_floor(params)
     params["hparams"]["mlp"]["epochs"] = 3
     params["hparams"]["lenet5"]["epochs"] = 2
@@ -69,9 +77,9 @@ def test_pipeline_outputs_dvc_views_champion_and_gate(tmp_repo):
     repro = run([sys.executable, "-m", "mnistlab.repro", "--jobs", "2"], repo, timeout=900, env=env)
     assert "dvc repro on 2 workers" in repro.stdout, repro.stdout
     for arch in ARCHS:
-        assert f"digits-{arch} done in" in repro.stdout, repro.stdout
-        log = (repo / "build/run" / f"digits-{arch}.log").read_text()
-        assert "Running stage 'features@digits-" + arch in log
+        assert f"digits-{arch}-{SEED} done in" in repro.stdout, repro.stdout
+        log = (repo / "build/run" / f"digits-{arch}-{SEED}.log").read_text()
+        assert f"Running stage 'features@digits-{arch}-{SEED}'" in log
         bar = next(p for p in reversed(log.split("\r")) if "step" in p)  # the bar's last state
         assert "100%" in bar and "train_loss" in bar and "val_acc" in bar, bar
     assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}  # the lock file dvc repro writes
@@ -86,7 +94,7 @@ def test_pipeline_outputs_dvc_views_champion_and_gate(tmp_repo):
     # ---- every output exists and is valid
     n_test = json.loads((repo / "data/split/digits/summary.json").read_text())["test"]["count"]
     for arch in ARCHS:
-        m = repo / "metrics" / "digits" / arch
+        m = repo / "metrics" / run_of(arch)
         test = json.loads((m / "test.json").read_text())
         assert {"test_accuracy", "test_loss", "macro_f1"} <= set(test)
         assert test["test_samples"] == n_test
@@ -96,35 +104,40 @@ def test_pipeline_outputs_dvc_views_champion_and_gate(tmp_repo):
         assert sum(r["actual"] == r["predicted"] for r in rows) / n_test == pytest.approx(
             test["test_accuracy"])
         for png in ("confusion.png", "misclassified.png"):
-            assert_png(repo / "reports" / "digits" / arch / "evaluate" / png)
-        emb = torch_load(repo / "features" / "digits" / arch / "embeddings.pt")
+            assert_png(repo / "reports" / run_of(arch) / "evaluate" / png)
+        emb = torch_load(repo / "features" / run_of(arch) / "embeddings.pt")
         assert emb["embeddings"].shape == (n_test, {"mlp": 500, "lenet5": 84}[arch])
         assert len(emb["labels"]) == n_test
-        pics = sorted(p.name for p in (repo / "reports" / "digits" / arch / "features").iterdir())
+        pics = sorted(p.name for p in (repo / "reports" / run_of(arch) / "features").iterdir())
         assert "embedding-map.png" in pics
         assert any(p.startswith("weights-" if arch == "mlp" else "fmaps-") for p in pics), pics
         for p in pics:
-            assert_png(repo / "reports" / "digits" / arch / "features" / p)
+            assert_png(repo / "reports" / run_of(arch) / "features" / p)
     with open(repo / "reports" / "leaderboard.csv") as f:
         board = list(csv.DictReader(f))
     assert sorted(r["arch"] for r in board) == sorted(ARCHS)
+    assert all(r["seeds"] == "1" and r["best_seed"] == str(SEED) for r in board), board
+    with open(repo / "reports" / "runs.csv") as f:  # one row per dataset x arch x seed
+        assert sorted((r["arch"], r["seed"]) for r in csv.DictReader(f)) == \
+            sorted((a, str(SEED)) for a in ARCHS)
     assert "| digits" in (repo / "reports" / "leaderboard.md").read_text()
     assert_png(repo / "reports" / "curves" / "val-curves-digits.png", 200)
 
     # ---- MLflow: evaluation in the training run, and the champion alias
     champions = json.loads((repo / "reports" / "champions.json").read_text())
     best = max(board, key=lambda r: float(r["test_accuracy"]))["arch"]
-    assert champions["digits"]["arch"] == best
+    assert champions["digits"]["arch"] == best and champions["digits"]["seed"] == SEED
     probe = (
         "import json, sys; from mlflow import MlflowClient; c = MlflowClient();"
         "mv = c.get_model_version_by_alias('mnistlab-digits', 'champion');"
         "run = c.get_run(mv.run_id);"
         "arts = [a.path for d in ('evaluation', 'features') for a in c.list_artifacts(mv.run_id, d)];"
         "print(json.dumps({'run': mv.run_id, 'acc': run.data.metrics.get('test_accuracy'),"
-        " 'arch': run.data.tags.get('arch'), 'arts': arts}))"
+        " 'arch': run.data.tags.get('arch'), 'seed': run.data.tags.get('seed'), 'arts': arts}))"
     )
     got = json.loads(run([sys.executable, "-c", probe], repo).stdout.strip().splitlines()[-1])
     assert got["run"] == champions["digits"]["run_id"] and got["arch"] == best
+    assert got["seed"] == str(SEED)
     assert got["acc"] == pytest.approx(champions["digits"]["test_accuracy"])
     assert "evaluation/confusion.png" in got["arts"] and "features/embedding-map.png" in got["arts"]
 
@@ -132,17 +145,17 @@ def test_pipeline_outputs_dvc_views_champion_and_gate(tmp_repo):
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
     files = next(iter(shown.values()))["data"]
     for arch in ARCHS:
-        assert files[f"metrics/digits/{arch}/test.json"]["data"]["test_accuracy"] >= 0
-        assert "best_val_accuracy" in files[f"metrics/digits/{arch}/train.json"]["data"]
+        assert files[f"metrics/{run_of(arch)}/test.json"]["data"]["test_accuracy"] >= 0
+        assert "best_val_accuracy" in files[f"metrics/{run_of(arch)}/train.json"]["data"]
     plots = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)["data"]
     for arch in ARCHS:
-        confusion = plots[f"metrics/digits/{arch}/predictions.csv"][0]["content"]
+        confusion = plots[f"metrics/{run_of(arch)}/predictions.csv"][0]["content"]
         assert '"rect"' in json.dumps(confusion)  # DVC's confusion template
         assert len(confusion["data"]["values"]) == n_test
-        assert plots[f"metrics/digits/{arch}/history.csv"][0]["type"] == "vega"
+        assert plots[f"metrics/{run_of(arch)}/history.csv"][0]["type"] == "vega"
         for png in ("evaluate/confusion.png", "evaluate/misclassified.png",
                     "features/embedding-map.png"):
-            assert plots[f"reports/digits/{arch}/{png}"][0]["type"] == "image"
+            assert plots[f"reports/{run_of(arch)}/{png}"][0]["type"] == "image"
     assert plots["reports/curves/val-curves-digits.png"][0]["type"] == "image"
 
     # ---- the gate: unchanged results pass
@@ -157,18 +170,19 @@ def test_pipeline_outputs_dvc_views_champion_and_gate(tmp_repo):
     run(["dvc", "exp", "run", "-n", "bad-lr", "-S", "hparams.mlp.lr=0.0001"], repo, timeout=900)
     p = gate(repo, "check", tmp, check=False)
     assert p.returncode == 1, p.stdout + p.stderr
-    assert "- digits/mlp test_accuracy: REGRESSION" in p.stdout
-    assert "- digits/mlp macro_f1: REGRESSION" in p.stdout
+    assert f"- {run_of('mlp')} test_accuracy: REGRESSION" in p.stdout
+    assert f"- {run_of('mlp')} macro_f1: REGRESSION" in p.stdout
     assert "digits/lenet5" not in p.stdout.split("**Gate FAILED**")[1]  # only the culprit is named
     assert "regression gate failed" in p.stderr
 
     # DVC compares the experiment with the committed results, arch by arch
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo).stdout)
-    acc = diff["metrics/digits/mlp/test.json"]["test_accuracy"]
+    acc = diff[f"metrics/{run_of('mlp')}/test.json"]["test_accuracy"]
     assert acc["new"] < acc["old"]
-    assert "metrics/digits/lenet5/test.json" not in diff  # untouched arch: not rerun
+    assert f"metrics/{run_of('lenet5')}/test.json" not in diff  # untouched arch: not rerun
     exp = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
-    assert "bad-lr" in json.dumps(exp) and "metrics/digits/lenet5/test.json" in json.dumps(exp)
+    assert "bad-lr" in json.dumps(exp) and f"metrics/{run_of('lenet5')}/test.json" in json.dumps(exp)
     run(["dvc", "plots", "diff", "HEAD", "-o", "plots_diff"], repo)  # the HTML, both revisions
     html = (repo / "plots_diff" / "index.html").read_text()
-    assert "digits/mlp test confusion" in html and "reports_digits_mlp_evaluate_confusion_png" in html
+    assert f"digits/mlp seed {SEED} test confusion" in html  # dvc.yaml's title of the confusion plot
+    assert f"reports_digits_mlp_seed-{SEED}_evaluate_confusion_png" in html

@@ -1,7 +1,8 @@
 """End to end: ``dvc repro`` of the train stages in a temp copy of the project.
 
-One test, three reproductions: every arch trains on digits; a second repro runs
-nothing; changing one arch's lr re-runs only that arch's train stage. The temp
+One test, three reproductions: every arch trains on digits (one seed); a second repro
+runs nothing; changing one arch's lr re-runs only that arch's train stage. Then a dry
+run: adding a seed to ``seeds`` adds that seed's train stages and leaves the others cached. The temp
 repo's params.yaml is shrunk to test the mechanics, not the accuracy: one epoch
 per arch, no min_steps floor, and a test split of 80% so only ~320 digits train.
 ``dvc repro train`` targets the train stages (and what they depend on), so
@@ -17,6 +18,8 @@ import re
 import pytest
 import yaml
 from helpers.repo import no_step_floor, run
+
+from mnistlab.config import run_dir
 
 pytestmark = pytest.mark.slow
 
@@ -37,24 +40,25 @@ def test_repro_trains_every_arch_then_nothing_then_only_the_changed_one(tmp_repo
     for section in params["hparams"].values():
         section["epochs"] = 1
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    archs = params["archs"]
-    trains = {f"train@digits-{arch}" for arch in archs}
+    archs, (seed,) = params["archs"], params["seeds"]  # seeds: [1234]
+    trains = {f"train@digits-{arch}-{seed}" for arch in archs}
 
     first = run(["dvc", "repro", "train"], tmp_repo)
     assert ran(first.stdout) == {"download@digits", "split@digits"} | trains
     client = MlflowClient(f"sqlite:///{tmp_repo / 'mlflow.db'}")
     for arch in archs:
-        models, metrics = tmp_repo / "models/digits" / arch, tmp_repo / "metrics/digits" / arch
+        # models/digits/<arch>/seed-1234/, metrics/..., checkpoints/...
+        models, metrics = (run_dir(tmp_repo / d, "digits", arch, seed) for d in ("models", "metrics"))
         for f in (models / "model.pt", models / "best.pt", models / "run.json",
                   metrics / "history.csv", metrics / "train.json",
-                  tmp_repo / "checkpoints/digits" / arch / "last.pt"):
+                  run_dir(tmp_repo / "checkpoints", "digits", arch, seed) / "last.pt"):
             assert f.is_file(), f
         summary = json.loads((metrics / "train.json").read_text())
         assert summary["epochs"] == 1 and 0 <= summary["final_val_accuracy"] <= 1
         assert summary["train_images_per_second"] > 0
         assert len(list(csv.DictReader((metrics / "history.csv").open()))) == 1
         run_info = client.get_run(json.loads((models / "run.json").read_text())["run_id"]).info
-        assert run_info.run_name == f"digits-{arch}" and run_info.status == "FINISHED"
+        assert run_info.run_name == f"digits-{arch}-{seed}" and run_info.status == "FINISHED"
 
     second = run(["dvc", "repro", "train"], tmp_repo)
     assert ran(second.stdout) == set(), second.stdout
@@ -62,4 +66,10 @@ def test_repro_trains_every_arch_then_nothing_then_only_the_changed_one(tmp_repo
     params["hparams"]["mlp"]["lr"] = 0.002
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     third = run(["dvc", "repro", "train"], tmp_repo)
-    assert ran(third.stdout) == {"train@digits-mlp"}, third.stdout
+    assert ran(third.stdout) == {f"train@digits-mlp-{seed}"}, third.stdout
+
+    # A second seed: only its stages would run (no train stage reads `seeds`), the first's stay cached.
+    params["seeds"] = [seed, 7]
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    fourth = run(["dvc", "repro", "--dry", "train"], tmp_repo)
+    assert ran(fourth.stdout) == {f"train@digits-{arch}-7" for arch in archs}, fourth.stdout

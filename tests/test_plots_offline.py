@@ -4,7 +4,7 @@ dvc_render's default page loads Vega, Vega-Lite and vega-embed from cdn.jsdelivr
 without a network every plot stays blank. .dvc/config points ``plots.html_template`` at
 .dvc/plots.html, which loads them from node_modules/ (package-lock.json, ``make setup``).
 
-Here: the project's dvc.yaml and .dvc/ in a temp dir, tiny metrics files for two archs,
+Here: the project's dvc.yaml and .dvc/ in a temp dir, tiny metrics files for two archs (one seed),
 ``dvc plots show``, then the page in headless Chromium with every network path blocked.
 A probe script appended to a copy of the page counts the coloured pixels on each Vega
 canvas (data marks: lines, heat-map cells; axes and text are grey), so "drew" means
@@ -26,8 +26,10 @@ from helpers.repo import ROOT, committed_params, run
 
 from mnistlab import artifacts
 from mnistlab.ci.copies import write_no_scm
+from mnistlab.config import run_dir
 
 ARCHS = ["mlp", "lenet5"]
+SEED = 1234  # the training seed: metrics/digits/<arch>/seed-1234/
 SCRIPTS = [f"node_modules/{p}/build/{p}.min.js" for p in ("vega", "vega-lite", "vega-embed")]
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 MIN_INK = 50  # coloured pixels per plot; a drawn curve or confusion matrix has thousands
@@ -68,7 +70,7 @@ def vega_scripts() -> None:
 
 @pytest.fixture
 def plots_repo(tmp_path: Path) -> Path:
-    """dvc.yaml, .dvc/ (config + plots.html) and tiny train/evaluate plot files for ARCHS."""
+    """dvc.yaml, .dvc/ (config + plots.html) and tiny train/evaluate plot files for ARCHS (seed 1234)."""
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copy2(ROOT / "dvc.yaml", repo / "dvc.yaml")
@@ -77,10 +79,10 @@ def plots_repo(tmp_path: Path) -> Path:
     (repo / "node_modules").symlink_to(ROOT / "node_modules")
 
     params = committed_params()
-    params["datasets"], params["archs"] = ["digits"], ARCHS
+    params["datasets"], params["archs"], params["seeds"] = ["digits"], ARCHS, [SEED]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for arch in ARCHS:
-        metrics = repo / params["paths"]["metrics"] / "digits" / arch
+        metrics = run_dir(repo / params["paths"]["metrics"], "digits", arch, SEED)  # .../seed-1234
         metrics.mkdir(parents=True)
         artifacts.write_history(metrics / artifacts.HISTORY, [
             {"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "val_accuracy": 1 - 0.2 / e}
@@ -156,7 +158,7 @@ def test_dvc_plots_show_draws_offline(plots_repo, chromium, vega_scripts, tmp_pa
         assert f'src="../{script}"' in html and (page.parent / ".." / script).is_file(), script
 
     ink = drawn(chromium, page, tmp_path)
-    assert len(ink) == 2 * len(ARCHS), ink  # per arch: the val_accuracy curve and the confusion matrix
+    assert len(ink) == 2 * len(ARCHS), ink  # per arch (one seed): the val_accuracy curve and the confusion matrix
     assert all(v >= MIN_INK for v in ink.values()), f"plots that drew nothing offline: {ink}"
 
     # The same data through DVC's default page (Vega from the CDN): nothing may draw offline,

@@ -44,11 +44,12 @@ MIN_AGREEMENT = 0.99
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """The canonical digits split (as data/split/digits), a model trained on it, its test images."""
+    """The canonical digits split (as data/split/digits), a model trained on it (as
+    models/digits/mlp/seed-1234/model.pt), its test images."""
     base = tmp_path_factory.mktemp("predict")
     images, labels = canonical_digits()
     split = write_split(base / "split" / "digits", images, labels)
-    model = train_model(split, base / "models" / "digits" / "mlp" / "model.pt")
+    model = train_model(split, base / "models" / "digits" / "mlp" / "seed-1234" / "model.pt")
     test_images, test_labels = artifacts.load_split(split, "test")
     return SimpleNamespace(base=base, split=split, model=model, images=test_images,
                            labels=test_labels, evaluate=evaluate_predictions(model, test_images))
@@ -269,7 +270,7 @@ def test_registry_uri_that_does_not_resolve_is_one_line(work, champion, capsys):
 def test_a_model_logged_without_the_serving_flavor_is_named(work, mlflow_store):
     from mnistlab.stages.compare import register_champion
 
-    run_id = tracking.start_run("digits", "mlp", {}, {"dvc_stage": "test"})
+    run_id = tracking.start_run("digits", "mlp", 1234, {}, {"dvc_stage": "test"})
     tracking.log_pytorch_model(run_id, build_model("mlp"), np.zeros((2, 1, 28, 28), np.float32))
     register_champion("mnistlab-plain", run_id, "champion", {})
     with pytest.raises(MnistlabError, match="not a raw-image classifier"):
@@ -320,7 +321,7 @@ def test_compare_exports_the_champion_and_logs_it_to_its_run(work, champion, tmp
     """The compare stage: exports/<ds>/champion.onnx from the rank-1 model, logged to its run."""
     from mnistlab.stages.compare import ComparePaths, run_compare
 
-    metrics = tmp_path / "metrics" / "digits" / "mlp"
+    metrics = tmp_path / "metrics" / "digits" / "mlp" / "seed-1234"
     metrics.mkdir(parents=True)
     (metrics / "train.json").write_text(json.dumps({
         "parameters": 397510, "train_seconds": 1.0, "train_images_per_second": 1000.0,
@@ -328,7 +329,7 @@ def test_compare_exports_the_champion_and_logs_it_to_its_run(work, champion, tmp
     (metrics / "test.json").write_text(json.dumps({"test_accuracy": 0.9, "test_loss": 0.3,
                                                    "macro_f1": 0.9}))
     (metrics / "history.csv").write_text("epoch,val_accuracy,val_loss\n1,0.8,0.5\n2,0.9,0.3\n")
-    params = {"datasets": ["digits"], "archs": ["mlp"],
+    params = {"datasets": ["digits"], "archs": ["mlp"], "seeds": [1234],
               "compare": {"rank_by": "test_accuracy", "register": True, "registry_prefix": "mnistlab",
                           "alias": "champion"}}
     paths = ComparePaths(tmp_path / "metrics", work.base / "models", tmp_path / "reports",
@@ -338,5 +339,6 @@ def test_compare_exports_the_champion_and_logs_it_to_its_run(work, champion, tmp
     assert onnx_file.is_file() and (tmp_path / "exports" / "digits" / "champion.json").is_file()
     champions = json.loads((tmp_path / "reports" / "champions.json").read_text())
     assert champions["digits"]["onnx"] == str(onnx_file) and champions["digits"]["run_id"] == champion
+    assert champions["digits"]["seed"] == 1234
     logged = {a.path for a in tracking.client().list_artifacts(champion, "onnx")}
     assert logged == {"onnx/champion.onnx", "onnx/champion.json"}

@@ -20,14 +20,18 @@ from mnistlab.errors import MnistlabError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+SEED = 1234  # params.yaml's seeds: [1234]: a copy's one training run
+
+
 def write_run(work: Path, ds: str, arch: str, actual: list[int], predicted: list[int],
               epochs: int = 1) -> None:
-    """A finished copy's outputs, as the train and evaluate stages write them."""
+    """A finished copy's outputs, as the train and evaluate stages write them
+    (``metrics/<ds>/<arch>/seed-<seed>/``)."""
     shard = work / f"{ds}-{arch}"
-    metrics = shard / "metrics" / ds / arch
+    metrics = shard / "metrics" / ds / arch / f"seed-{SEED}"
     metrics.mkdir(parents=True)
     (shard / "params.yaml").write_text(yaml.safe_dump(
-        {"paths": {"metrics": "metrics"}, "hparams": {arch: {"epochs": epochs}}}))
+        {"seeds": [SEED], "paths": {"metrics": "metrics"}, "hparams": {arch: {"epochs": epochs}}}))
     acc = sum(a == p for a, p in zip(actual, predicted, strict=True)) / len(actual)
     (metrics / "test.json").write_text(json.dumps({"test_accuracy": acc, "test_samples": len(actual)}))
     (metrics / "train.json").write_text(json.dumps({
@@ -135,7 +139,7 @@ def test_repo_config_covers_the_five_tutorials_and_resnet_bn_on_both():
     from mnistlab.models import REGISTRY
     assert runs | {tuple(r) for r in cfg["also"]} == {(ds, a) for ds in ("mnist", "fashion_mnist") for a in REGISTRY}
     # Nothing in the overrides may change how a network is trained.
-    assert not {"hparams", "train", "seed", "split"} & set(cfg.get("overrides") or {})
+    assert not {"hparams", "train", "seed", "seeds", "split"} & set(cfg.get("overrides") or {})
 
 
 def test_committed_reproduction_matches_the_config():
@@ -189,7 +193,8 @@ def test_other_runs_get_no_verdict_and_the_timings_are_summed(tmp_path):
     for ds, arch in (["m", "tut"], ["m", "ours"], ["n", "tut"]):
         write_run(tmp_path, ds, arch, list(range(10)) * 2, list(range(10)) * 2)
         (tmp_path / f"{ds}-{arch}" / "timings.json").write_text(json.dumps({
-            "stages": [{"stage": f"train@{ds}-{arch}", "seconds": 3.0}, {"stage": "compare", "seconds": 1.0}],
+            "stages": [{"stage": f"train@{ds}-{arch}-{SEED}", "seconds": 3.0},
+                       {"stage": "compare", "seconds": 1.0}],
             "total_seconds": 4.5}))
     rows = [reproduce.measure(cfg, tmp_path, r) for r in reproduce.runs_of(cfg)]
     assert [r["kind"] for r in rows] == ["tutorial", "target", "other"]

@@ -190,7 +190,7 @@ def test_tracking_credentials_never_leave_the_environment(request, tmp_path_fact
     p = run_train(work, train_workspace(work, epochs=1), f"http://alice:s3cret-in-uri@{host}",
                   MLFLOW_TRACKING_USERNAME="bob", MLFLOW_TRACKING_PASSWORD="s3cret-in-env")
     assert p.returncode == 0, p.stderr
-    run_id = json.loads((work / "models/digits/mlp/run.json").read_text())["run_id"]
+    run_id = json.loads((work / "models/digits/mlp/seed-1234/run.json").read_text())["run_id"]
 
     run = server.get("/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
     assert run["info"]["status"] == "FINISHED"  # the control: it did log through that URI

@@ -190,9 +190,9 @@ def test_a_lease_sets_torch_threads_from_the_runs_beside_it(tmp_path, caplog):
         with Lease(env) as lease:
             caplog.set_level("INFO", logger="mnistlab.threads")
             cores = threads.usable_cores()
-            n = lease.apply("auto", "train.threads", "digits-mlp")
+            n = lease.apply("auto", "train.threads", "digits-mlp-1234")
             assert n == share(cores, 2, 1) == torch.get_num_threads()
-            assert f"digits-mlp: {n} torch thread(s) (train.threads=auto: {cores} usable core(s) " \
+            assert f"digits-mlp-1234: {n} torch thread(s) (train.threads=auto: {cores} usable core(s) " \
                    "shared by 2 concurrent training runs)" in caplog.text
             assert lease.apply(1) == 1 == torch.get_num_threads()
         assert Slots(tmp_path / "s").census() == (1, 0)  # released: only `other`'s is held
@@ -262,7 +262,7 @@ def test_the_train_stage_records_the_count_it_chose(tmp_path, monkeypatch, mlflo
     before = torch.get_num_threads()
     try:
         p = TrainPaths(tmp_path / "split", tmp_path / "m", tmp_path / "metrics", tmp_path / "c" / "last.pt")
-        summary = train(params, "digits", "mlp", p)
+        summary = train(params, "digits", "mlp", params["seeds"][0], p)
     finally:
         other.release()
         torch.set_num_threads(before)

@@ -27,7 +27,7 @@ from helpers.repo import no_step_floor
 
 from mnistlab import tracking
 from mnistlab.artifacts import split_digest as data_digest
-from mnistlab.config import load_params
+from mnistlab.config import load_params, run_dir
 from mnistlab.data.digits import write_digits
 from mnistlab.data.sources import resolve_source
 from mnistlab.data.split import split
@@ -37,6 +37,7 @@ from mnistlab.models import build_model
 from mnistlab.stages.train import TrainPaths, train
 from mnistlab.utils import torch_load
 
+SEED = 1234  # the training seed of these runs (params.yaml's seeds: [1234])
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
 
 
@@ -82,9 +83,11 @@ def workdir(tmp_path, monkeypatch, store_uri):
     return tmp_path
 
 
-def paths_in(base: Path, split_dir: Path, arch: str = "mlp") -> TrainPaths:
-    return TrainPaths(split_dir, base / "models" / arch, base / "metrics" / arch,
-                      base / "checkpoints" / arch / "last.pt")
+def paths_in(base: Path, split_dir: Path, arch: str = "mlp", seed: int = SEED) -> TrainPaths:
+    """dvc.yaml's layout under ``base``: models/digits/<arch>/seed-<seed>/, ..."""
+    return TrainPaths(split_dir, run_dir(base / "models", "digits", arch, seed),
+                      run_dir(base / "metrics", "digits", arch, seed),
+                      run_dir(base / "checkpoints", "digits", arch, seed) / "last.pt")
 
 
 def run_id_of(paths: TrainPaths) -> str:
@@ -129,8 +132,10 @@ def test_mlflow_content_read_back(params, split_dir, workdir, monkeypatch):
     monkeypatch.setattr(requirements_utils, "_check_requirement_satisfied",
                         lambda req: checked.append(req) or real_check(req))
     warn = requirements_utils.warn_dependency_requirement_mismatches
-    p = paths_in(workdir, split_dir)
-    summary = train(params, "digits", "mlp", p)
+    seed = 7  # not params.yaml's data seed (1234): the run is the training seed's
+    assert seed != params["seed"]
+    p = paths_in(workdir, split_dir, seed=seed)
+    summary = train(params, "digits", "mlp", seed, p)
     assert checked == []
     for module in (environment, mlflow.pyfunc):  # both checks are back in place
         assert module.warn_dependency_requirement_mismatches is warn
@@ -138,23 +143,24 @@ def test_mlflow_content_read_back(params, split_dir, workdir, monkeypatch):
     run_id = run_id_of(p)
     client = MlflowClient(tracking.tracking_uri())
     run = client.get_run(run_id)
-    assert run.info.run_name == "digits-mlp" and run.info.status == "FINISHED"
+    assert run.info.run_name == "digits-mlp-7" and run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "mnistlab/digits"
 
-    # params: every hyperparameter, seed, device, data digest
+    # params: every hyperparameter, the training seed, device, data digest
     hp = HParams.from_params(params, "mlp")
     logged = run.data.params
     for k, v in hp.flat().items():
         assert logged[k] == str(v), k
-    assert logged["seed"] == str(params["seed"]) and logged["device"] == "cpu"
+    assert logged["seed"] == str(seed) and logged["device"] == "cpu"
     assert logged["data_digest"] == data_digest(split_dir)
     assert logged["min_steps"] == "0" and logged["effective_epochs"] == "2"
 
     # tags
     tags = run.data.tags
     assert tags["git_commit"] == git(workdir, "rev-parse", "HEAD") and tags["git_dirty"] == "false"
-    assert tags["dvc_stage"] == "train@digits-mlp" and tags["dvc_exp_name"] == "exp-42"
+    assert tags["dvc_stage"] == "train@digits-mlp-7" and tags["dvc_exp_name"] == "exp-42"
     assert tags["dataset"] == "digits" and tags["arch"] == "mlp"
+    assert tags[tracking.SEED_TAG] == "7" and tags[tracking.GROUP_TAG] == "digits/mlp@exp-42"
 
     # per-epoch metrics with step=epoch, equal to history.csv
     history = list(csv.DictReader((p.metrics_dir / "history.csv").open()))
@@ -229,7 +235,7 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run(params, split_dir, wor
 
     monkeypatch.setattr(EpochLogger, "__call__", killed_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        train(params, "digits", "mlp", p)
+        train(params, "digits", "mlp", SEED, p)
     first_id = torch_load(p.checkpoint)["run_id"]  # run.json is written only on success
     assert not (p.model_dir / "run.json").exists()
     client = MlflowClient(tracking.tracking_uri())
@@ -237,7 +243,7 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run(params, split_dir, wor
     assert torch_load(p.checkpoint)["epoch"] == 1
 
     monkeypatch.setattr(EpochLogger, "__call__", real)
-    train(params, "digits", "mlp", p)
+    train(params, "digits", "mlp", SEED, p)
     assert run_id_of(p) == first_id
     assert client.get_run(first_id).info.status == "FINISHED"
     assert steps(client, first_id, "val_accuracy") == [1, 2]
@@ -249,7 +255,7 @@ def test_reruns_reuse_finished_checkpoints_and_restart_on_changed_params(params,
 
     client = MlflowClient(tracking.tracking_uri())
     p = paths_in(workdir / "a", split_dir)
-    first = train(params, "digits", "mlp", p)
+    first = train(params, "digits", "mlp", SEED, p)
     first_id = run_id_of(p)
 
     # A setting outside the fingerprint changed (DVC re-runs the stage): the finished
@@ -265,7 +271,7 @@ def test_reruns_reuse_finished_checkpoints_and_restart_on_changed_params(params,
 
     runs_before = run_ids()
     with caplog.at_level(logging.INFO, logger="mnistlab"):
-        again = train(other_eval, "digits", "mlp", p)
+        again = train(other_eval, "digits", "mlp", SEED, p)
     assert "reusing it" in caplog.text
     # same history, same timings: nothing was retrained (only logging time differs)
     assert {k: v for k, v in again.items() if k != "tracking_seconds"} == \
@@ -283,7 +289,7 @@ def test_reruns_reuse_finished_checkpoints_and_restart_on_changed_params(params,
     new_lr = copy.deepcopy(params)
     new_lr["hparams"]["mlp"]["lr"] = 0.002
     with caplog.at_level(logging.INFO, logger="mnistlab"):
-        train(new_lr, "digits", "mlp", p)
+        train(new_lr, "digits", "mlp", SEED, p)
     assert "fingerprint differs" in caplog.text and "resuming" not in caplog.text
     new_id = run_id_of(p)
     assert new_id not in (first_id, reuse_id)
@@ -291,7 +297,7 @@ def test_reruns_reuse_finished_checkpoints_and_restart_on_changed_params(params,
     assert steps(client, new_id, "val_accuracy") == [1, 2]
 
     fresh = paths_in(workdir / "b", split_dir)  # the same new params in a clean directory
-    train(new_lr, "digits", "mlp", fresh)
+    train(new_lr, "digits", "mlp", SEED, fresh)
     a, b = torch_load(p.model_dir / "model.pt"), torch_load(fresh.model_dir / "model.pt")
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
@@ -306,15 +312,15 @@ def test_a_run_left_running_is_ended_when_a_new_run_replaces_it(params, split_di
 
     client = MlflowClient(tracking.tracking_uri())
     p = paths_in(workdir, split_dir)
-    train(params, "digits", "mlp", p)
+    train(params, "digits", "mlp", SEED, p)
     old = run_id_of(p)
     client.update_run(old, status="RUNNING")
     client.delete_tag(old, tracking.OWNER_TAG)
-    live = tracking.start_run("digits", "mlp", {}, {"dvc_stage": "test"})  # held by this process
+    live = tracking.start_run("digits", "mlp", SEED, {}, {"dvc_stage": "test"})  # held by this process
 
     new_lr = copy.deepcopy(params)
     new_lr["hparams"]["mlp"]["lr"] = 0.002
-    train(new_lr, "digits", "mlp", p)
+    train(new_lr, "digits", "mlp", SEED, p)
     new = run_id_of(p)
     assert new != old and client.get_run(new).info.status == "FINISHED"
     ended = client.get_run(old)
@@ -322,6 +328,54 @@ def test_a_run_left_running_is_ended_when_a_new_run_replaces_it(params, split_di
     assert f"replaced by run {new}" in ended.data.tags[tracking.ENDED_TAG]
     assert client.get_run(live).info.status == "RUNNING"
     tracking.set_terminated(live, "KILLED")
+
+
+def test_stale_runs_are_ended_per_seed_and_runs_carry_seed_and_group_tags(workdir):
+    """Each seed of a dataset x arch has a train stage of its own, and they may train side by
+    side (``make run``, a DVC queue): a stage ends only its own seed's runs whose process is
+    gone (and a run from before seeds, which has no seed tag), never another seed's. Every
+    run is tagged with its seed and its group (dataset/arch, @ the DVC experiment if any),
+    which the MLflow UI groups the seeds by. No training: runs are made by start_run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking.tracking_uri())
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    gone = f"{socket.gethostname()}:{int(ended.stdout)}:"  # a train process that was killed
+    assert tracking.owner_gone(gone)
+
+    arch = "cnn_4_8"  # no other test of this module trains it: no runs of theirs in the way
+    seed1 = tracking.start_run("digits", arch, 1, {}, {"dvc_stage": "test"})
+    seed2 = tracking.start_run("digits", arch, "2", {}, {"dvc_stage": "test"})  # as the CLI gives it
+    legacy = tracking.start_run("digits", arch, 1, {}, {"dvc_stage": "test"})
+    client.delete_tag(legacy, tracking.SEED_TAG)  # made before runs had seeds
+    for run_id in (seed1, seed2, legacy):
+        client.set_tag(run_id, tracking.OWNER_TAG, gone)
+    exp = tracking.start_run("digits", arch, 1, {}, {"dvc_stage": "test", "dvc_exp_name": "exp-7"})
+
+    # tags and names
+    for run_id, seed, group in ((seed1, "1", "digits/cnn_4_8"), (seed2, "2", "digits/cnn_4_8"),
+                                (exp, "1", "digits/cnn_4_8@exp-7")):
+        run = client.get_run(run_id)
+        assert run.info.run_name == f"digits-cnn_4_8-{seed}"
+        assert run.data.tags[tracking.SEED_TAG] == seed, run_id
+        assert run.data.tags[tracking.GROUP_TAG] == group, run_id
+        assert run.data.tags["dataset"] == "digits" and run.data.tags["arch"] == arch
+
+    # seed 1's stage (its own run: exp) ends seed 1's dead run and the seedless one, not seed 2's
+    assert sorted(tracking.end_stale_runs("digits", arch, 1, keep=exp)) == sorted([seed1, legacy])
+    for run_id in (seed1, legacy):
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED", run_id
+        assert "killed before it could end the run" in run.data.tags[tracking.ENDED_TAG]
+    other = client.get_run(seed2)
+    assert other.info.status == "RUNNING" and tracking.ENDED_TAG not in other.data.tags
+    assert client.get_run(exp).info.status == "RUNNING"  # keep: never touched
+
+    # seed 2's own stage does end it
+    assert tracking.end_stale_runs("digits", arch, "2", keep=exp) == [seed2]
+    assert client.get_run(seed2).info.status == "KILLED"
+    tracking.set_terminated(exp, "KILLED")
 
 
 def test_a_runs_owner_is_gone_only_when_that_is_sure():
@@ -347,7 +401,7 @@ def test_unreachable_server_fails_before_training(params, split_dir, workdir, mo
     p = paths_in(workdir, split_dir)
     start = time.monotonic()
     with pytest.raises(MnistlabError) as e:
-        train(params, "digits", "mlp", p)
+        train(params, "digits", "mlp", SEED, p)
     msg = str(e.value)
     assert "\n" not in msg and uri in msg and "unreachable" in msg
     assert time.monotonic() - start < 30  # fails fast, not after MLflow's minutes of retries
@@ -358,7 +412,7 @@ def test_stage_script_reports_unreachable_server_in_one_line(root, params_file, 
     uri = f"http://127.0.0.1:{closed_port()}"
     env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": uri}
     cmd = [sys.executable, str(root / "stages" / "train.py"), "--dataset", "digits", "--arch", "mlp",
-           "--split", str(tmp_path / "split"), "--model-dir", str(tmp_path / "m"),
+           "--seed", str(SEED), "--split", str(tmp_path / "split"), "--model-dir", str(tmp_path / "m"),
            "--metrics-dir", str(tmp_path / "x"), "--checkpoint", str(tmp_path / "c" / "last.pt"),
            "--params", str(params_file)]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
@@ -374,7 +428,7 @@ def test_unusable_store_is_one_line_naming_the_uri(params, split_dir, workdir, m
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     p = paths_in(workdir, split_dir)
     with pytest.raises(MnistlabError) as e:
-        train(params, "digits", "mlp", p)
+        train(params, "digits", "mlp", SEED, p)
     assert "\n" not in str(e.value) and uri in str(e.value)
     assert not p.checkpoint.exists()
 
@@ -456,7 +510,7 @@ def test_credentials_in_the_uri_never_reach_tags_params_outputs_or_logs(
     one_epoch["hparams"]["mlp"]["epochs"] = 1
     p = paths_in(workdir, split_dir)
     with caplog.at_level(logging.DEBUG, logger="mnistlab"):
-        train(one_epoch, "digits", "mlp", p)
+        train(one_epoch, "digits", "mlp", SEED, p)
 
     assert _Health.seen == ["/health"]  # probed, without the credentials
     run_json = (p.model_dir / "run.json").read_text()

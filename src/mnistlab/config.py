@@ -171,7 +171,7 @@ def seeds_of(params: dict[str, Any]) -> tuple[int, ...]:
     out = tuple(_seed(f"seeds[{i}]", s) for i, s in enumerate(seeds))
     twice = sorted({s for s in out if out.count(s) > 1})
     if twice:
-        raise MnistlabError(f"params.yaml: seeds: {', '.join(map(str, twice))} listed twice")
+        raise MnistlabError(f"params.yaml: seeds: {', '.join(map(str, twice))} listed more than once")
     return out
 
 

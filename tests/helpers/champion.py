@@ -111,13 +111,15 @@ def reopened(im: Image.Image, fmt: str = "PNG") -> Image.Image:
     return Image.open(buf)
 
 
-def log_champion(model_pt: Path, name: str = "mnistlab-digits", dataset: str = "digits") -> str:
-    """Log ``model_pt`` as the train stage does (raw-pixel pyfunc) into the current store and
-    register it as ``name@champion``; returns the run id."""
+def log_champion(model_pt: Path, name: str = "mnistlab-digits", dataset: str = "digits",
+                 seed: int = 1234) -> str:
+    """Log ``model_pt`` as the train stage of training seed ``seed`` does (raw-pixel pyfunc) into
+    the current store and register it as ``name@champion``; returns the run id."""
     from mnistlab.stages.compare import register_champion
 
     net, record = load_model(model_pt, CPU)
-    run_id = tracking.start_run(dataset, record["arch"], {"arch": record["arch"]}, {"dvc_stage": "test"})
+    run_id = tracking.start_run(dataset, record["arch"], seed, {"arch": record["arch"]},
+                                {"dvc_stage": "test"})
     example = torch.randint(0, 256, (2, 1, 28, 28), generator=torch.Generator().manual_seed(0))
     tracking.log_pytorch_model(run_id, net, example.float().numpy(), functools.partial(
         serving.log_model, classes=record["classes"], normalize=record["normalize"]))

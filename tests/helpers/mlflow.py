@@ -23,17 +23,19 @@ import yaml
 
 from helpers.repo import ROOT, VENV_BIN, committed_params, no_step_floor, stage_env
 from mnistlab import tracking
+from mnistlab.config import run_key
 from mnistlab.data.digits import write_digits
 from mnistlab.data.sources import DIGIT_CLASSES
 from mnistlab.data.split import split
 from mnistlab.utils import write_json
 
 EPOCHS = 2
+SEED = 1234  # the training seed of params.yaml's ``seeds: [1234]``
 
 
-def open_run(model_dir: Path, dataset: str, arch: str) -> str:
+def open_run(model_dir: Path, dataset: str, arch: str, seed: int = SEED) -> str:
     """An MLflow run in the current store, recorded in ``run.json`` as the train stage does."""
-    run_id = tracking.start_run(dataset, arch, {"arch": arch}, {"dvc_stage": "test"})
+    run_id = tracking.start_run(dataset, arch, seed, {"arch": arch}, {"dvc_stage": "test"})
     write_json(model_dir / "run.json", {"run_id": run_id})
     return run_id
 
@@ -131,9 +133,9 @@ def shared_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     return _SHARED["server"]
 
 
-def train_workspace(work: Path, epochs: int = EPOCHS) -> list[str]:
-    """A folder with the digits split and a small params.yaml; returns the train command
-    (the arguments dvc.yaml passes, paths relative to the folder)."""
+def train_workspace(work: Path, epochs: int = EPOCHS, seed: int = SEED) -> list[str]:
+    """A folder with the digits split and a small params.yaml; returns the train command of
+    ``train@digits-mlp-<seed>`` (the arguments dvc.yaml passes, paths relative to the folder)."""
     work.mkdir(parents=True, exist_ok=True)
     write_digits(work / "data" / "raw" / "digits")
     split(work / "data" / "raw" / "digits", work / "data" / "split" / "digits",
@@ -142,9 +144,10 @@ def train_workspace(work: Path, epochs: int = EPOCHS) -> list[str]:
     no_step_floor(params)
     params["hparams"]["mlp"]["epochs"] = epochs
     (work / "params.yaml").write_text(yaml.safe_dump(params))
+    run = run_key("digits", "mlp", seed)
     return [sys.executable, str(ROOT / "stages" / "train.py"), "--dataset", "digits", "--arch", "mlp",
-            "--split", "data/split/digits", "--model-dir", "models/digits/mlp",
-            "--metrics-dir", "metrics/digits/mlp", "--checkpoint", "checkpoints/digits/mlp/last.pt"]
+            "--seed", str(seed), "--split", "data/split/digits", "--model-dir", f"models/{run}",
+            "--metrics-dir", f"metrics/{run}", "--checkpoint", f"checkpoints/{run}/last.pt"]
 
 
 def run_train(work: Path, cmd: list[str], uri: str, **env: str) -> subprocess.CompletedProcess:

@@ -168,7 +168,7 @@ def aggregate(runs: pd.DataFrame, rank_by: str) -> pd.DataFrame:
                **{c: float(g[c].mean()) for c in MEANS},
                "accuracy_std": float(g["test_accuracy"].std(ddof=1)) if len(g) > 1 else math.nan,
                "best_seed": int(best_run(g, rank_by)["seed"])}
-        row["parameters"], row["epochs"] = int(g["parameters"].iloc[0]), row["epochs"]
+        row["parameters"] = int(g["parameters"].iloc[0])  # one network, whatever the seed
         if len(g) == 1:
             row["accuracy_ci_low"], row["accuracy_ci_high"] = (
                 float(g["accuracy_ci_low"].iloc[0]), float(g["accuracy_ci_high"].iloc[0]))
@@ -338,10 +338,10 @@ def to_markdown(board: pd.DataFrame) -> str:
     fmt["p_vs_best"] = board["p_vs_best"].map(lambda v: "—" if math.isnan(v) else f"{v:.2g}")
     fmt = fmt.drop(columns=["accuracy_std", "accuracy_ci_low", "accuracy_ci_high"])
     if multi:  # how many seeds beside the arch; how the interval and the test were made beside them
-        first = ["dataset", "rank", "arch", "seeds"]
-        rest = [c for c in fmt.columns if c not in first and c not in ("ci", "test", "best_seed")]
-        at = rest.index("accuracy_ci") + 1
-        fmt = fmt[first + rest[:at] + ["ci"] + rest[at:at + 1] + ["test"] + rest[at + 1:] + ["best_seed"]]
+        fmt = fmt[["dataset", "rank", "arch", "seeds", "test_accuracy", "test_loss", "macro_f1",
+                   "parameters", "train_seconds", "images_per_second", "epochs",
+                   "best_val_accuracy", "accuracy_ci", "ci", "p_vs_best", "test", "below_best",
+                   "best_seed"]]
     else:
         fmt = fmt.drop(columns=["seeds", "best_seed", "ci", "test"])
     return fmt.to_markdown(index=False, disable_numparse=True) + "\n"
