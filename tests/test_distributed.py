@@ -32,7 +32,7 @@ def _train(tmp: Path, params: dict, launcher: list[str], arch: str = "mlp") -> s
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     cmd = [*launcher, str(ROOT / "stages" / "train.py"), "--dataset", "digits", "--arch", arch,
-           "--split", str(tmp.parent / "split"), "--model-dir", str(tmp / "model"),
+           "--seed", "1234", "--split", str(tmp.parent / "split"), "--model-dir", str(tmp / "model"),
            "--metrics-dir", str(tmp / "metrics"), "--checkpoint", str(tmp / "ckpt" / "last.pt"),
            "--params", str(tmp / "params.yaml")]
     return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
