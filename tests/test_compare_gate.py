@@ -702,8 +702,9 @@ def test_several_seeds_rank_by_the_mean_with_std_t_interval_and_welch(tmp_path):
     for arch, accs in ACCS.items():
         assert row.at[arch, "test_accuracy"] == pytest.approx(np.mean(accs))
         assert row.at[arch, "accuracy_std"] == pytest.approx(np.std(accs, ddof=1))
+        lo, hi = seed_interval(accs)  # clipped to [0, 1]: b's reaches past 1
         assert (row.at[arch, "accuracy_ci_low"], row.at[arch, "accuracy_ci_high"]) == \
-            pytest.approx(seed_interval(accs))
+            pytest.approx((max(lo, 0.0), min(hi, 1.0)))
         assert row.at[arch, "test_loss"] == pytest.approx(1 - np.mean(accs))
         assert row.at[arch, "ci"] == "t, 3 seeds"
     assert row["best_seed"].to_dict() == {"a": 3, "b": 1, "c": 3}  # c: 0.91 at seed 3
@@ -792,3 +793,16 @@ def test_gate_reads_and_judges_every_seeds_run(tmp_path):
     passed, report = gate.check(work, profile, tmp_path / "baseline.json", GATE)
     assert not passed and "- ds/a/seed-2 test_accuracy: REGRESSION" in report
     assert "ds/a/seed-1 test_accuracy" not in report.split("**Gate FAILED**")[1]
+
+
+def test_a_seed_interval_is_clipped_to_an_accuracys_range(tmp_path):
+    """lenet5 on digits over five seeds: 0.95, 0.83, 0.96, 0.88 and 0.23 (stuck at chance):
+    the t interval of the mean reaches past 1; an accuracy's does not."""
+    accs = [0.95, 0.83, 0.96, 0.88, 0.23]
+    for seed, acc in enumerate(accs, 1):
+        write_run(tmp_path, "ds", "a", acc, seed=seed)
+    board = compare.leaderboard(compare.collect(tmp_path, ["ds"], ["a"], [1, 2, 3, 4, 5]),
+                                "test_accuracy")
+    lo, hi = seed_interval(accs)
+    assert hi > 1 and 0 < lo
+    assert (board.at[0, "accuracy_ci_low"], board.at[0, "accuracy_ci_high"]) == (pytest.approx(lo), 1.0)

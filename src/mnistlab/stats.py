@@ -103,7 +103,8 @@ def seed_interval(values, level: float = 0.95) -> tuple[float, float]:
     """Student's t interval for the mean of per-seed results (NaN below two values).
 
     Zero spread (every seed the same) gives the mean itself at both ends: nothing was seen
-    to vary. Not clipped to [0, 1]: a mean near 1 with a wide spread says so honestly.
+    to vary. Not clipped: the caller knows the range of what it averages (an accuracy's is
+    [0, 1]: :func:`mnistlab.stages.compare.aggregate` clips).
     """
     x = np.asarray(values, dtype=float)
     if len(x) < 2:
