@@ -9,4 +9,4 @@ from mnistlab.stages import cli
 from mnistlab.stages.evaluate import EvalPaths, run_evaluation
 
 if __name__ == "__main__":
-    cli(run_evaluation, EvalPaths, __doc__, items=("dataset", "arch", "seed"))
+    cli(run_evaluation, EvalPaths, __doc__)

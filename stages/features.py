@@ -9,4 +9,4 @@ from mnistlab.stages import cli
 from mnistlab.stages.features import FeaturePaths, run_features
 
 if __name__ == "__main__":
-    cli(run_features, FeaturePaths, __doc__, items=("dataset", "arch", "seed"))
+    cli(run_features, FeaturePaths, __doc__)

@@ -9,4 +9,4 @@ from mnistlab.stages import cli
 from mnistlab.stages.train import TrainPaths, train
 
 if __name__ == "__main__":
-    cli(train, TrainPaths, __doc__, items=("dataset", "arch", "seed"))
+    cli(train, TrainPaths, __doc__)

@@ -420,6 +420,12 @@ def render(rows: list[Row], problems: list[str], title: str) -> str:
 # --------------------------------------------------------------------------- files
 
 
+def runs_of(params: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """Every (dataset, arch, seed) the profile runs: the runs the gate reads and judges."""
+    return [(ds, arch, seed) for ds in get(params, "datasets") for arch in get(params, "archs")
+            for seed in seeds_of(params)]
+
+
 def read_results(workdir: Path, params: dict[str, Any]) -> dict[str, dict[str, float]]:
     """``{dataset/arch/seed-<seed>: metrics}`` of every shard: train.json overlaid by test.json.
 
@@ -427,21 +433,19 @@ def read_results(workdir: Path, params: dict[str, Any]) -> dict[str, dict[str, f
     earlier profile must not stand in for a result that is no longer produced.
     """
     out = {}
-    for ds in get(params, "datasets"):
-        root = shard_dir(workdir, ds) / str(get(params, "paths.metrics"))
-        for arch, seed in ((a, s) for a in get(params, "archs") for s in seeds_of(params)):
-            key = run_key(ds, arch, seed)
-            merged: dict[str, float] = {}
-            for name in ("train.json", "test.json"):
-                p = root / key / name
-                if p.is_file():
-                    try:
-                        merged.update({k: float(v) for k, v in json.loads(p.read_text()).items()
-                                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
-                    except ValueError:
-                        raise MnistlabError(f"{p}: not valid JSON") from None
-            if merged:
-                out[key] = merged
+    for ds, arch, seed in runs_of(params):
+        key = run_key(ds, arch, seed)
+        merged: dict[str, float] = {}
+        for name in ("train.json", "test.json"):
+            p = shard_dir(workdir, ds) / str(get(params, "paths.metrics")) / key / name
+            if p.is_file():
+                try:
+                    merged.update({k: float(v) for k, v in json.loads(p.read_text()).items()
+                                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
+                except ValueError:
+                    raise MnistlabError(f"{p}: not valid JSON") from None
+        if merged:
+            out[key] = merged
     return out
 
 
@@ -454,13 +458,12 @@ def read_correct(workdir: Path, params: dict[str, Any]) -> dict[str, np.ndarray]
     from mnistlab import artifacts  # here: it imports torch, which `check` otherwise never needs
 
     out = {}
-    for ds in get(params, "datasets"):
-        root = shard_dir(workdir, ds) / str(get(params, "paths.metrics"))
-        for arch, seed in ((a, s) for a in get(params, "archs") for s in seeds_of(params)):
-            p = root / run_key(ds, arch, seed) / artifacts.PREDICTIONS
-            if p.is_file():
-                actual, predicted = artifacts.read_predictions(p)
-                out[run_key(ds, arch, seed)] = actual == predicted
+    for ds, arch, seed in runs_of(params):
+        key = run_key(ds, arch, seed)
+        p = shard_dir(workdir, ds) / str(get(params, "paths.metrics")) / key / artifacts.PREDICTIONS
+        if p.is_file():
+            actual, predicted = artifacts.read_predictions(p)
+            out[key] = actual == predicted
     return out
 
 
@@ -514,8 +517,7 @@ def accept(root: Path, workdir: Path, profile: Path, baseline_path: Path,
     rules = gate_rules(settings)
     new = read_results(workdir, params)
     correct = read_correct(workdir, params)
-    expected = [run_key(ds, a, seed) for ds in get(params, "datasets") for a in get(params, "archs")
-                for seed in seeds_of(params)]
+    expected = [run_key(*run) for run in runs_of(params)]
     missing = [k for k in expected if not set(rules) <= set(new.get(k, {}))]
     if missing:
         raise MnistlabError(f"{workdir}: no complete results for {', '.join(missing)} "

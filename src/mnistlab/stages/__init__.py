@@ -15,8 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mnistlab.config import load_params
+from mnistlab.config import load_params, seed_arg
 from mnistlab.errors import run_stage
+
+# How an item's text becomes its value (any other item stays a string): done here, once, so that
+# every stage function gets a checked ``seed: int`` and a bad --seed is one line like any error.
+ITEM_TYPES: dict[str, Callable[[str], Any]] = {"seed": seed_arg}
 
 
 def cli(fn: Callable[..., Any], paths_cls: type, doc: str | None,
@@ -37,7 +41,7 @@ def cli(fn: Callable[..., Any], paths_cls: type, doc: str | None,
         ap.add_argument("--params", default="params.yaml")
         args = vars(ap.parse_args())
         paths = paths_cls(**{f.name: args[f.name] for f in dataclasses.fields(paths_cls)})
-        values = [args[i] for i in items]
+        values = [ITEM_TYPES.get(i, str)(args[i]) for i in items]
         result = fn(load_params(args["params"]), *values, paths)
         out = show(result) if show else json.dumps({**dict(zip(items, values, strict=True)), **result})
         print(out, end="" if out.endswith("\n") else "\n")

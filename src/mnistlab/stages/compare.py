@@ -525,7 +525,7 @@ def run_compare(params: dict[str, Any], paths: ComparePaths) -> pd.DataFrame:
                              float_format="%.6g")
 
         # ONNX first: an export that fails its check stops the stage before the registry changes.
-        exported = export_champions(board, runs, paths, stage) if paths.exports is not None else {}
+        exported = export_champions(board, paths, stage) if paths.exports is not None else {}
         champions: dict[str, Any] = {}
         if s.register:
             champions = register_champions(board, runs, paths.models, s.registry_prefix, s.alias)
@@ -538,8 +538,8 @@ def run_compare(params: dict[str, Any], paths: ComparePaths) -> pd.DataFrame:
     return board
 
 
-def export_champions(board: pd.DataFrame, runs: pd.DataFrame, paths: ComparePaths,
-                     stage: Staging) -> dict[str, Path]:
+def export_champions(board: pd.DataFrame, paths: ComparePaths, stage: Staging
+                     ) -> dict[str, Path]:
     """Each dataset's rank-1 model → ``exports/<ds>/champion.onnx`` (+ ``.json``), checked
     against PyTorch on its test split, written to ``stage``; returns ``{dataset: staged file}``."""
     from mnistlab.export import export_onnx
@@ -551,8 +551,7 @@ def export_champions(board: pd.DataFrame, runs: pd.DataFrame, paths: ComparePath
     for row in board[board["rank"] == 1].itertuples():
         final = paths.exports / row.dataset / "champion.onnx"
         onnx = stage.path(final)
-        seed = champion_run(board, runs, row.dataset).seed
-        check = export_onnx(run_dir(paths.models, row.dataset, row.arch, seed)
+        check = export_onnx(run_dir(paths.models, row.dataset, row.arch, row.best_seed)
                             / artifacts.MODEL, onnx, paths.split / row.dataset)["check"]
         log.info("%s: %s exported to %s (same class as PyTorch on %.2f%% of %d test images, "
                  "max |dp| %.1e)", row.dataset, row.arch, final, 100 * check["argmax_agreement"],

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from mnistlab import artifacts, plots, tracking
 from mnistlab.artifacts import write_csv
-from mnistlab.config import EvaluateSettings, seed_arg, stage_name
+from mnistlab.config import EvaluateSettings, stage_name
 from mnistlab.errors import MnistlabError
 from mnistlab.inference import scores
 from mnistlab.models import load_model
@@ -193,7 +193,7 @@ def plot_misclassified(path: Path, images: torch.Tensor, ev: Evaluation, classes
 # --------------------------------------------------------------------------- the stage
 
 
-def run_evaluation(params: dict[str, Any], dataset: str, arch: str, seed: int | str,
+def run_evaluation(params: dict[str, Any], dataset: str, arch: str, seed: int,
                    paths: EvalPaths) -> dict[str, float]:
     """Evaluate ``models/<ds>/<arch>/seed-<seed>/model.pt`` on the test split; write and log every output.
 
@@ -203,7 +203,6 @@ def run_evaluation(params: dict[str, Any], dataset: str, arch: str, seed: int | 
         The headline metrics written to ``test.json``.
     """
     settings = EvaluateSettings.from_params(params)
-    seed = seed_arg(str(seed))
     device = pick_device(settings.device, "evaluate.device")
     tracking.check_reachable()  # before any compute is spent
     run_id = artifacts.read_run_id(paths.model_dir / artifacts.RUN)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnistlab import artifacts, plots, tracking
-from mnistlab.config import FeatureSettings, seed_arg, seed_of, stage_name
+from mnistlab.config import FeatureSettings, seed_of, stage_name
 from mnistlab.errors import MnistlabError
 from mnistlab.inference import predict, to_device
 from mnistlab.models import load_model
@@ -325,7 +325,7 @@ def extract(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, classes: li
     return emb.flatten(1), head_name, written
 
 
-def run_features(params: dict[str, Any], dataset: str, arch: str, seed: int | str,
+def run_features(params: dict[str, Any], dataset: str, arch: str, seed: int,
                  paths: FeaturePaths) -> dict[str, Any]:
     """Kernels, feature maps, embeddings and their 2-D maps for ``models/<ds>/<arch>/seed-<seed>/model.pt``.
 
@@ -333,7 +333,6 @@ def run_features(params: dict[str, Any], dataset: str, arch: str, seed: int | st
         A summary (layers drawn, embedding shape, t-SNE size and time).
     """
     settings = FeatureSettings.from_params(params)
-    seed = seed_arg(str(seed))
     tag = f"{dataset}/{arch} seed {seed}"
     device = pick_device(settings.device, "features.device")
     tracking.check_reachable()  # before any compute is spent

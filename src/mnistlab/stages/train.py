@@ -23,7 +23,7 @@ import torch
 
 from mnistlab import artifacts, distributed, serving, threads, tracking
 from mnistlab.checkpoint import code_digest, load_resumable, recorded_run_id, save_checkpoint
-from mnistlab.config import PROGRESS_ENV, TrainSettings, seed_arg, stage_name
+from mnistlab.config import PROGRESS_ENV, TrainSettings, stage_name
 from mnistlab.errors import MnistlabError, Stopped, describe, redact_text
 from mnistlab.hparams import HParams
 from mnistlab.inference import DeviceSplit, native_bf16, to_device
@@ -167,7 +167,7 @@ def _tidy(fn: Any, *args: Any, **kwargs: Any) -> None:
                                 type(e).__name__))
 
 
-def train(params: dict[str, Any], dataset: str, arch: str, seed: int | str, paths: TrainPaths
+def train(params: dict[str, Any], dataset: str, arch: str, seed: int, paths: TrainPaths
           ) -> dict[str, float]:
     """Train ``arch`` on ``dataset`` and write every output of ``train@{dataset}-{arch}-{seed}``.
 
@@ -190,7 +190,6 @@ def train(params: dict[str, Any], dataset: str, arch: str, seed: int | str, path
     """
     hp = HParams.from_params(params, arch)
     settings = TrainSettings.from_params(params)
-    seed = seed_arg(str(seed))
     stage = stage_name("train", dataset, arch, seed)
     dist = distributed.from_env()  # torchrun's RANK/WORLD_SIZE, or a single process
     if dist.is_main:
