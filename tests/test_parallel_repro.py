@@ -224,3 +224,21 @@ def test_a_failing_chain_is_shown_and_the_run_exits_2_without_starting_the_rest(
     assert p.stderr.strip().splitlines()[-1] == (
         f"error: dvc repro: chain(s) digits failed; see the lines above and {repro.LOGS}/<chain>.log")
     assert "Traceback" not in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize(("seeds", "message"), [
+    ("7", "error: params.yaml: seeds must be a non-empty list of integers (got 7)"),
+    ("[1, 1]", "error: params.yaml: seeds: 1 listed more than once"),
+])
+def test_bad_seeds_stop_make_run_before_dvc_with_one_line(tmp_path, seeds, message):
+    """Was: DVC's "unexpected error - 'Value' object is not iterable" for `seeds: 7`, and a
+    seed listed twice trained twice before compare refused it."""
+    from helpers.repo import committed_params_text
+
+    text = committed_params_text()
+    assert "\nseeds: [1234]\n" in text
+    (tmp_path / "params.yaml").write_text(text.replace("\nseeds: [1234]\n", f"\nseeds: {seeds}\n"))
+    p = subprocess.run([sys.executable, "-m", "mnistlab.repro"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip() == message, p.stderr
+    assert p.stdout == "" and not (tmp_path / "build").exists()  # nothing started

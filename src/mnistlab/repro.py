@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from mnistlab.config import PROGRESS_ENV
+from mnistlab.config import PROGRESS_ENV, CompareSettings, load_params
 from mnistlab.errors import MnistlabError, run_stage
 from mnistlab.threads import usable_cores
 
@@ -294,6 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.jobs is not None and args.jobs < 1:
         ap.error(f"--jobs must be at least 1, got {args.jobs}")
     root = Path.cwd()
+    # DVC expands dvc.yaml's matrices over `datasets`, `archs` and `seeds` before any stage
+    # runs; one that is not a list stops it with "unexpected error - 'Value' object is not
+    # iterable", and a seed listed twice trains twice before compare refuses it. Checked here
+    # first (compare's own reading of them), the error names the key. Without a params.yaml
+    # (not this project's pipeline), DVC says what it cannot read.
+    if (root / "params.yaml").is_file():
+        CompareSettings.from_params(load_params(root / "params.yaml"))
 
     chains, rest = ([], []) if args.jobs == 1 else plan(*read_pipeline(root))
     n = workers(args.jobs, chains)
