@@ -63,6 +63,10 @@ class MlflowServer:
     def start(self, timeout: float = 180) -> None:
         """Start it and wait (bounded) until ``/health`` answers; record how long that took."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        # A tracking server is all the tests need. MLflow 3's job execution (GenAI judges,
+        # trace rollups) would start a job runner and three Huey consumers, four more Python
+        # processes importing MLflow, at every start.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{self.db}",
                "--artifacts-destination", str(self.artifacts)]
