@@ -205,9 +205,10 @@ def test_the_floor_still_applies_below_the_threshold(params):
     n = settings.min_steps_below - 1
     hp = HParams.from_params(params, "mlp")  # the shared floor
     assert hp.min_steps is None and step_floor(hp, settings, n) == settings.min_steps
-    hp = HParams.from_params(params, "lenet5")  # its own floor
-    assert step_floor(hp, settings, n) == hp.min_steps == 1500
-    assert effective_epochs(hp, settings, 1293) * steps_per_epoch(1293, hp.batch_size) >= 1500
+    hp = HParams.from_params(params, "lenet5")  # its own floor, above the shared one
+    own = params["hparams"]["lenet5"]["min_steps"]
+    assert own > settings.min_steps and step_floor(hp, settings, n) == hp.min_steps == own
+    assert effective_epochs(hp, settings, 1293) * steps_per_epoch(1293, hp.batch_size) >= own
 
 
 def test_steps_per_epoch_drops_the_last_partial_batch():
