@@ -66,7 +66,16 @@ from mnistlab.ci.copies import (
     write_no_scm,
     write_params,
 )
-from mnistlab.config import choice, get, load_params, non_negative, positive, run_key, seeds_of
+from mnistlab.config import (
+    choice,
+    get,
+    load_params,
+    non_negative,
+    positive,
+    run_dir,
+    run_key,
+    seeds_of,
+)
 from mnistlab.errors import MnistlabError, run_stage
 from mnistlab.stats import McNemar, mcnemar
 from mnistlab.utils import atomic_path, git_info, json_digest, write_json
@@ -426,6 +435,11 @@ def runs_of(params: dict[str, Any]) -> list[tuple[str, str, int]]:
             for seed in seeds_of(params)]
 
 
+def metrics_dir(workdir: Path, params: dict[str, Any], dataset: str, arch: str, seed: int) -> Path:
+    """A run's metrics folder in its dataset's shard: what the gate reads of that run."""
+    return run_dir(shard_dir(workdir, dataset) / str(get(params, "paths.metrics")), dataset, arch, seed)
+
+
 def read_results(workdir: Path, params: dict[str, Any]) -> dict[str, dict[str, float]]:
     """``{dataset/arch/seed-<seed>: metrics}`` of every shard: train.json overlaid by test.json.
 
@@ -437,7 +451,7 @@ def read_results(workdir: Path, params: dict[str, Any]) -> dict[str, dict[str, f
         key = run_key(ds, arch, seed)
         merged: dict[str, float] = {}
         for name in ("train.json", "test.json"):
-            p = shard_dir(workdir, ds) / str(get(params, "paths.metrics")) / key / name
+            p = metrics_dir(workdir, params, ds, arch, seed) / name
             if p.is_file():
                 try:
                     merged.update({k: float(v) for k, v in json.loads(p.read_text()).items()
@@ -459,11 +473,10 @@ def read_correct(workdir: Path, params: dict[str, Any]) -> dict[str, np.ndarray]
 
     out = {}
     for ds, arch, seed in runs_of(params):
-        key = run_key(ds, arch, seed)
-        p = shard_dir(workdir, ds) / str(get(params, "paths.metrics")) / key / artifacts.PREDICTIONS
+        p = metrics_dir(workdir, params, ds, arch, seed) / artifacts.PREDICTIONS
         if p.is_file():
             actual, predicted = artifacts.read_predictions(p)
-            out[key] = actual == predicted
+            out[run_key(ds, arch, seed)] = actual == predicted
     return out
 
 
