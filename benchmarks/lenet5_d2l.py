@@ -36,7 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from benchlib import cpu, unpack_idx
+from benchlib import IDX_NAMES, cpu, unpack_idx
 from scipy.stats import binomtest
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -198,11 +198,18 @@ def main() -> None:
     args = ap.parse_args()
     stem = args.out / "lenet5-d2l-program-cpu"
     if args.report:
+        if not stem.with_suffix(".json").is_file():
+            ap.error(f"--report: {stem.with_suffix('.json')} not found (run without --report first)")
         saved = json.loads(stem.with_suffix(".json").read_text())
         text = report(saved["runs"], saved["machine"])
         stem.with_suffix(".md").write_text(text)
         print(text)
         return
+    # Checked here, before the workers start: a missing file would otherwise end each of them
+    # in a traceback.
+    missing = [n for n in IDX_NAMES if not (args.data / n).is_file() and not (args.data / f"{n}.gz").is_file()]
+    if missing:
+        ap.error(f"--data {args.data}: no {', '.join(missing)} (.gz or not)")
     model, flags = cpu()
     machine = (f"{dt.date.today()}, {model} ({', '.join(flags)}), torch {torch.__version__}, "
                f"{args.jobs} process(es) of 1 torch thread")

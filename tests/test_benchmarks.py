@@ -86,6 +86,18 @@ def test_lenet5_d2l_program_records_every_last_epoch_step_and_the_partial_batch(
     assert (tmp_path / "results" / "lenet5-d2l-program-cpu.md").read_text() == md
 
 
+def test_lenet5_d2l_missing_data_or_results_is_one_line_before_any_work(tmp_path: Path):
+    script = str(ROOT / "benchmarks" / "lenet5_d2l.py")
+    for args, culprit in ((["--data", str(tmp_path / "none"), "--out", str(tmp_path / "out")],
+                           f"--data {tmp_path / 'none'}: no train-images-idx3-ubyte"),
+                          (["--report", "--out", str(tmp_path / "out")],
+                           f"--report: {tmp_path / 'out' / 'lenet5-d2l-program-cpu.json'} not found")):
+        p = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 2 and culprit in p.stderr.strip().splitlines()[-1], p.stderr
+        assert "Traceback" not in p.stderr and not (tmp_path / "out").exists()
+
+
 def test_stagetimer_records_start_up_work_and_the_exit_code(tmp_path: Path):
     """benchmarks/stagetimer.py runs the stage unchanged (its one-line error and exit 2 too)
     and appends when the process began, when the stage's main was entered, and when it ended."""
