@@ -12,12 +12,15 @@ arch at its tutorial epochs, its own ``mlflow.db``, no git), on whatever device
 time of the one ``dvc repro`` splits into:
 
 - training: the training loops, per-epoch validation included (history.csv's epoch_seconds);
-- evaluation: the evaluate stages' work;
+- evaluation: the evaluate stages' work, their MLflow calls excepted;
+- features: the features stages' work (embeddings, t-SNE, pictures), their MLflow calls excepted;
 - stage start-up: each stage process from its creation until the stage's main is entered
-  (interpreter, imports of torch, MLflow, ...);
-- other stage work: loading data and models, checkpoints, MLflow runs and model logging,
-  features (t-SNE, pictures), download, split, compare (of which MLflow's per-epoch logging,
-  train.json's tracking_seconds, is shown on its own);
+  (interpreter, imports of torch, ...);
+- MLflow: every stage's time inside MLflow after start-up (its import, the store, runs,
+  metrics, artifacts, ``log_model``), sampled by stagetimer.py (of which the per-epoch
+  logging, train.json's tracking_seconds, is shown on its own);
+- other stage work: the rest of the stages' work: loading data and models, checkpoints,
+  download, split, compare's tables, pictures and ONNX export;
 - DVC and stages/run.sh: the wall time outside every stage process (DVC's start-up, hashing,
   dvc.lock; run.sh's check that the interpreter imports mnistlab).
 
@@ -124,6 +127,7 @@ def summarize(work: Path, params: dict, dataset: str, wall: float, device: str,
         main_at = r["main"] if r["main"] is not None else r["end"]
         stages.append({"stage": label, "kind": kind, "seconds": r["end"] - r["start"],
                        "startup": main_at - r["start"], "work": r["end"] - main_at,
+                       "mlflow": r.get("mlflow", 0.0),  # absent in files from before the sampler
                        "exit": r["exit"]})
     # a train stage stopped by --timeout has no history.csv: only finished ones count
     trained = {s["stage"].split("@", 1)[1] for s in stages if s["kind"] == "train" and s["exit"] in (0, None)}
@@ -132,11 +136,15 @@ def summarize(work: Path, params: dict, dataset: str, wall: float, device: str,
                                                     if f"{dataset}-{a}-{seed}" in trained]}, dataset)
     training = sum(v["loop"] for v in loops.values())
     tracking = sum(v["tracking"] for v in loops.values())
-    evaluation = sum(s["work"] for s in stages if s["kind"] == "evaluate")
+    # evaluate's and features' own work, without their MLflow calls (counted under MLflow)
+    evaluation, features = (sum(s["work"] - s["mlflow"] for s in stages if s["kind"] == kind)
+                            for kind in ("evaluate", "features"))
     startup = sum(s["startup"] for s in stages)
+    mlflow = sum(s["mlflow"] for s in stages)
     in_stages = sum(s["seconds"] for s in stages)
-    split = {"training": training, "evaluation": evaluation, "stage start-up": startup,
-             "other stage work": in_stages - startup - training - evaluation,
+    split = {"training": training, "evaluation": evaluation, "features": features,
+             "stage start-up": startup, "MLflow": mlflow,
+             "other stage work": in_stages - startup - training - evaluation - features - mlflow,
              "DVC and stages/run.sh": wall - in_stages}
     overhead = (wall - training - evaluation) / wall
     gpu = device.startswith("cuda")
@@ -149,10 +157,10 @@ def summarize(work: Path, params: dict, dataset: str, wall: float, device: str,
 
     per_kind: dict[str, dict[str, float]] = {}
     for s in stages:
-        k = per_kind.setdefault(s["kind"], {"n": 0, "seconds": 0.0, "startup": 0.0})
+        k = per_kind.setdefault(s["kind"], {"n": 0, "seconds": 0.0, "startup": 0.0, "mlflow": 0.0})
         k["n"] += 1
-        k["seconds"] += s["seconds"]
-        k["startup"] += s["startup"]
+        for key in ("seconds", "startup", "mlflow"):
+            k[key] += s[key]
     head = f"**Wall time: {wall:.1f} s**" if finished else \
         (f"**Not finished: `dvc repro` stopped at its limit of {wall:.0f} s**, after {len(stages)} stage "
          "processes (below: what they recorded; the wall time is a lower bound)")
@@ -161,11 +169,13 @@ def summarize(work: Path, params: dict, dataset: str, wall: float, device: str,
              head + (f" (target on one H100: <= {GPU_WALL_TARGET:.0f} s)" if gpu else ""),
              "", "| where | seconds | share |", "|---|---:|---:|"]
     lines += [f"| {k} | {v:.1f} | {100 * v / wall:.1f} % |" for k, v in split.items()]
-    lines += [f"| (of other stage work: MLflow per-epoch logging) | {tracking:.1f} | {100 * tracking / wall:.1f} % |",
+    lines += [f"| (of MLflow: per-epoch logging) | {tracking:.1f} | {100 * tracking / wall:.1f} % |",
               "", f"Not training or evaluation: {100 * overhead:.1f} % (target < {100 * OVERHEAD_TARGET:.0f} %); "
               f"targets {'met' if met else 'NOT met'}.",
-              "", "| stage kind | processes | seconds | of which start-up |", "|---|---:|---:|---:|"]
-    lines += [f"| {k} | {v['n']} | {v['seconds']:.1f} | {v['startup']:.1f} |" for k, v in per_kind.items()]
+              "", "| stage kind | processes | seconds | of which start-up | of which MLflow |",
+              "|---|---:|---:|---:|---:|"]
+    lines += [f"| {k} | {v['n']} | {v['seconds']:.1f} | {v['startup']:.1f} | {v['mlflow']:.1f} |"
+              for k, v in per_kind.items()]
     lines += ["", "| arch | epochs | training loop s | train stage s |", "|---|---:|---:|---:|"]
     stage_s = {s["stage"].split("@", 1)[1]: s["seconds"] for s in stages if s["kind"] == "train"}
     lines += [f"| {a} | {v['epochs']} | {v['loop']:.1f} | {stage_s[f'{dataset}-{a}-{seed}']:.1f} |"

@@ -119,17 +119,49 @@ def test_stagetimer_records_start_up_work_and_the_exit_code(tmp_path: Path):
                                 "--split", "x"]) == ("train", "train@d-mlp-1234")
 
 
+def test_stagetimer_samples_the_time_spent_in_mlflow(tmp_path: Path):
+    """The MLflow column: time with an MLflow frame on the main thread's stack after the stage's
+    main is entered, sampled; time outside it (and MLflow imported at start-up) does not count."""
+    fake = tmp_path / "site" / "mlflow" / "slow.py"  # a file in an `mlflow` package folder
+    fake.parent.mkdir(parents=True)
+    fake.write_text("import time\n\ndef call(seconds):\n    time.sleep(seconds)\n")
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "import importlib.util, time\n"
+        "from mnistlab.errors import run_stage\n"
+        f"spec = importlib.util.spec_from_file_location('slow', {str(fake)!r})\n"
+        "slow = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(slow)\n"
+        "slow.call(0.5)  # start-up: before main\n"
+        "def main():\n"
+        "    slow.call(0.6)\n"
+        "    time.sleep(0.4)\n"
+        "    return 0\n"
+        "raise SystemExit(run_stage(main))\n")
+    times = tmp_path / "times.jsonl"
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stagetimer.py"), str(script)],
+                         cwd=tmp_path, env={**os.environ, "MNISTLAB_STAGE_TIMES": str(times)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    (row,) = [json.loads(line) for line in times.read_text().splitlines()]
+    assert row["main"] - row["start"] >= 0.5 and row["end"] - row["main"] >= 1.0
+    assert 0.5 <= row["mlflow"] <= 0.75, row
+
+
 def test_pipeline_summary_splits_the_wall_time(tmp_path: Path):
-    """Training = the loops' epoch_seconds, evaluation = evaluate's work after start-up, DVC =
-    the wall time outside every stage process; an unfinished run says so and reports its stages."""
+    """Training = the loops' epoch_seconds, evaluation and features = those stages' work after
+    start-up less their MLflow time, MLflow = every stage's sampled MLflow time, DVC = the wall
+    time outside every stage process; an unfinished run says so and reports its stages."""
     pipeline = _pipeline_module()
-    rows = [("stages/download.py", ["--dataset", "d"], 0, 2, 3),
-            ("stages/split.py", ["--dataset", "d"], 4, 6, 8),
-            ("stages/train.py", ["--dataset", "d", "--arch", "mlp", "--seed", "1234"], 9, 12, 30),
-            ("stages/evaluate.py", ["--dataset", "d", "--arch", "mlp", "--seed", "1234"], 31, 34, 39)]
+    run = ["--dataset", "d", "--arch", "mlp", "--seed", "1234"]
+    rows = [("stages/download.py", ["--dataset", "d"], 0, 2, 3, 0.0),
+            ("stages/split.py", ["--dataset", "d"], 4, 6, 8, 0.0),
+            ("stages/train.py", run, 9, 12, 30, 4.0),
+            ("stages/evaluate.py", run, 31, 34, 39, 1.0),
+            ("stages/features.py", run, 40, 42, 48, 2.0)]
     (tmp_path / "stage-times.jsonl").write_text("".join(
-        json.dumps({"argv": [script, *args], "start": a, "main": b, "end": c, "exit": 0}) + "\n"
-        for script, args, a, b, c in rows))
+        json.dumps({"argv": [script, *args], "start": a, "main": b, "end": c, "exit": 0, "mlflow": m})
+        + "\n" for script, args, a, b, c, m in rows))
     metrics = tmp_path / "metrics" / "d" / "mlp" / "seed-1234"  # the first training seed's run
     metrics.mkdir(parents=True)
     (metrics / "history.csv").write_text("epoch,epoch_seconds\n1,5.0\n2,5.0\n")
@@ -137,12 +169,15 @@ def test_pipeline_summary_splits_the_wall_time(tmp_path: Path):
     params = {"archs": ["mlp"], "seeds": [1234], "paths": {"metrics": "metrics"}}
     result, lines = pipeline.summarize(tmp_path, params, "d", 50.0, "cpu (test)", True)
     assert result["split_seconds"] == pytest.approx({
-        "training": 10.0, "evaluation": 5.0, "stage start-up": 2 + 2 + 3 + 3,
-        "other stage work": 3 + 4 + 21 + 8 - 10 - 10 - 5, "DVC and stages/run.sh": 50 - 3 - 4 - 21 - 8})
+        "training": 10.0, "evaluation": 5 - 1, "features": 6 - 2, "stage start-up": 2 + 2 + 3 + 3 + 2,
+        "MLflow": 4 + 1 + 2, "other stage work": 3 + 4 + 21 + 8 + 8 - 10 - 4 - 4 - 12 - 7,
+        "DVC and stages/run.sh": 50 - 3 - 4 - 21 - 8 - 8})
     assert sum(result["split_seconds"].values()) == pytest.approx(50.0)
-    assert result["overhead_share"] == pytest.approx(35 / 50)
+    assert result["overhead_share"] == pytest.approx((50 - 10 - 4) / 50)
     assert result["targets_met"] is False and "wall_seconds" not in result["targets"]
     assert "**Wall time: 50.0 s**" in lines
+    assert "| MLflow | 7.0 | 14.0 % |" in lines and "| (of MLflow: per-epoch logging) | 0.5 | 1.0 % |" in lines
+    assert "| train | 1 | 21.0 | 3.0 | 4.0 |" in lines
     assert "| mlp | 2 | 10.0 | 21.0 |" in lines
     # a run stopped before evaluate: only what finished, a lower bound, never "met"
     # (a train stage stopped mid-run has no history.csv and is not counted as trained)
