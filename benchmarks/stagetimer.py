@@ -28,14 +28,30 @@ import time
 
 import psutil
 
-start = psutil.Process().create_time()  # before this file ran: the interpreter's start counts
+
+def process_start() -> float:
+    """When this process was created (epoch seconds): the interpreter's own start-up counts.
+
+    On Linux from /proc/self/stat's start time (clock ticks since boot) and the boot instant
+    from CLOCK_BOOTTIME, precise to a tick; psutil's create_time adds the start time to the
+    kernel's boot time in whole seconds (btime), up to a second early, always the same
+    amount on one machine, which would move that much from DVC's time to start-up.
+    """
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, AttributeError, ValueError, IndexError):
+        return psutil.Process().create_time()
+
+
+start = process_start()
 marks: dict[str, float] = {}
 INTERVAL = 0.005
 MLFLOW_FILES = (f"{os.sep}mlflow{os.sep}", f"{os.sep}mnistlab{os.sep}tracking.py")
 
 import mnistlab.errors as errors  # noqa: E402 - after the start mark, like the stage's own imports
 
-run_stage = errors.run_stage
+run_stage, exit_process = errors.run_stage, errors.exit_process
 
 
 def in_mlflow(frame) -> bool:
@@ -72,9 +88,27 @@ def timed(main):
     return run_stage(main)
 
 
-# Every stage script enters through run_stage, imported from mnistlab.errors (directly, or by
-# mnistlab.stages for its cli) only when the script runs, so after this patch.
-errors.run_stage = timed
+def record(code: object) -> None:
+    """Append this stage's line (once: the fast exit and the ``finally`` below may both get here)."""
+    if "end" in marks:
+        return
+    marks["end"] = time.time()
+    sampler.stopped.set()
+    sampler.join()
+    with open(os.environ["MNISTLAB_STAGE_TIMES"], "a") as f:
+        f.write(json.dumps({"argv": sys.argv, "start": start, "main": marks.get("main"),
+                            "end": marks["end"], "exit": code, "mlflow": sampler.seconds}) + "\n")
+
+
+def timed_exit(code: object = 0):
+    record(code)
+    return exit_process(code)
+
+
+# Every stage script enters through run_stage and leaves through exit_process (errors.run_script,
+# directly or by mnistlab.stages' cli), looked up in mnistlab.errors when the script runs, so
+# after these patches. The line is written before the process ends without Python's teardown.
+errors.run_stage, errors.exit_process = timed, timed_exit
 script, sys.argv = sys.argv[1], sys.argv[1:]
 code: object = 0
 sampler = MlflowSampler()
@@ -85,8 +119,4 @@ except SystemExit as e:
     code = e.code
     raise
 finally:
-    sampler.stopped.set()
-    sampler.join()
-    with open(os.environ["MNISTLAB_STAGE_TIMES"], "a") as f:
-        f.write(json.dumps({"argv": sys.argv, "start": start, "main": marks.get("main"),
-                            "end": time.time(), "exit": code, "mlflow": sampler.seconds}) + "\n")
+    record(code)

@@ -11,7 +11,7 @@ from pathlib import Path
 from mnistlab.config import DownloadSettings, load_params
 from mnistlab.data.download import fetch
 from mnistlab.data.sources import resolve_source
-from mnistlab.errors import run_stage
+from mnistlab.errors import run_script
 
 
 def main() -> None:
@@ -29,4 +29,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_script(main)

@@ -11,7 +11,7 @@ from pathlib import Path
 from mnistlab.config import load_params, section, seed_of
 from mnistlab.data.sources import resolve_source
 from mnistlab.data.split import split
-from mnistlab.errors import run_stage
+from mnistlab.errors import run_script
 
 
 def main() -> None:
@@ -33,4 +33,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_script(main)

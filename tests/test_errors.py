@@ -144,3 +144,63 @@ def test_a_failed_per_epoch_flush_says_where_training_stopped(capsys, monkeypatc
     assert line == ("error: MLflow tracking store http://127.0.0.1:5999: [Errno 111] Connection "
                     "refused (while logging epoch 7: training stopped; rerun to resume from the "
                     "last checkpoint)")
+
+
+# --------------------------------------------------------------------------- leaving a command
+
+EXITING = '''
+import atexit, sys, threading, time
+from pathlib import Path
+from mnistlab.errors import MnistlabError, exit_process, run_script
+
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))  # still runs: a normal exit's handlers
+sys.stdout.write("buffered, no newline")  # flushed on the way out
+how = sys.argv[2]
+if how == "thread":  # a non-daemon thread still working: waited for, as at a normal exit
+    threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").write_text("done"))).start()
+    exit_process(3)
+if how == "message":
+    exit_process("stopped: a message")
+def main():
+    if how == "user-error":
+        raise MnistlabError("params.yaml: train.lr: not a number")
+    return int(how)
+run_script(main)
+raise AssertionError("run_script returned")
+'''
+
+
+@pytest.mark.parametrize("how, status, stderr", [
+    ("0", 0, ""), ("1", 1, ""), ("user-error", 2, "error: params.yaml: train.lr: not a number\n"),
+    ("message", 1, "stopped: a message\n"), ("thread", 3, "")])
+def test_a_command_exits_with_its_code_its_output_and_atexit_handlers_without_teardown(
+        tmp_path, how, status, stderr):
+    """run_script / exit_process: the exit code sys.exit would give, stdout flushed, the atexit
+    handlers run; a still-running non-daemon thread is waited for (a plain sys.exit then)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "cmd.py"
+    script.write_text(EXITING)
+    p = subprocess.run([sys.executable, str(script), str(tmp_path), how], capture_output=True,
+                       text=True, timeout=120)
+    assert (p.returncode, p.stdout) == (status, "buffered, no newline"), p.stderr
+    assert p.stderr.endswith(stderr) and "Traceback" not in p.stderr, p.stderr
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "thread").exists() == (how == "thread")
+
+
+def test_exit_process_skips_the_interpreter_teardown(tmp_path):
+    """What it is for: an object freed only at teardown (a cycle's __del__) never runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom mnistlab.errors import exit_process\n"
+            "class Noisy:\n    def __del__(self):\n        sys.stdout.write('torn down')\n"
+            "a = Noisy(); a.me = a\n"
+            "exit_process(0) if sys.argv[1] == 'fast' else sys.exit(0)\n")
+    fast, slow = (subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True,
+                                 timeout=120) for how in ("fast", "normal"))
+    assert (fast.returncode, fast.stdout) == (0, "")
+    assert (slow.returncode, slow.stdout) == (0, "torn down")

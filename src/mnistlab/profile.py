@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from mnistlab.config import load_params
-from mnistlab.errors import MnistlabError, run_stage
+from mnistlab.errors import MnistlabError, run_script
 
 PROFILES = Path("profiles")
 
@@ -59,4 +59,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_script(main)

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import TextIO
 
 from mnistlab.config import PROGRESS_ENV, CompareSettings, load_params
-from mnistlab.errors import MnistlabError, run_stage
+from mnistlab.errors import MnistlabError, run_script
 from mnistlab.threads import usable_cores
 
 LOGS = Path("build/run")
@@ -338,4 +338,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_script(main)

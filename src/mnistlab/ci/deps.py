@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from mnistlab import codegraph
-from mnistlab.errors import MnistlabError, run_stage
+from mnistlab.errors import MnistlabError, run_script
 
 CODE_DEP = re.compile(r"^(\s*)- (src/mnistlab/\S+\.py)\s*$")
 
@@ -96,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_script(main)

@@ -76,7 +76,7 @@ from mnistlab.config import (
     run_key,
     seeds_of,
 )
-from mnistlab.errors import MnistlabError, run_stage
+from mnistlab.errors import MnistlabError, run_script
 from mnistlab.stats import McNemar, mcnemar
 from mnistlab.utils import atomic_path, git_info, json_digest, write_json
 
@@ -611,4 +611,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_script(main)

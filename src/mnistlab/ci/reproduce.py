@@ -39,7 +39,7 @@ from typing import Any
 
 from mnistlab.ci import copies
 from mnistlab.config import get, load_params, positive, run_dir, seeds_of
-from mnistlab.errors import MnistlabError, run_stage
+from mnistlab.errors import MnistlabError, run_script
 from mnistlab.utils import atomic_path, write_json
 
 CONFIG = Path("ci/reproduce.yaml")
@@ -338,4 +338,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_script(main)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mnistlab.config import load_params, seed_arg
-from mnistlab.errors import run_stage
+from mnistlab.errors import run_script
 
 # How an item's text becomes its value (any other item stays a string): done here, once, so that
 # every stage function gets a checked ``seed: int`` and a bad --seed is one line like any error.
@@ -29,7 +29,8 @@ def cli(fn: Callable[..., Any], paths_cls: type, doc: str | None,
     """Parse ``--<item>`` and one ``--<field>`` per ``paths_cls`` field, run ``fn``, print its result.
 
     ``fn(params, *items, paths)`` runs under :func:`mnistlab.errors.run_stage` (one-line
-    errors, exit 2); its result is printed as one JSON line, or with ``show``.
+    errors, exit 2); its result is printed as one JSON line, or with ``show``. Then the
+    process exits (:func:`mnistlab.errors.run_script`): this is a stage script's top level.
     """
     def main() -> None:
         ap = argparse.ArgumentParser(description=doc,
@@ -46,4 +47,4 @@ def cli(fn: Callable[..., Any], paths_cls: type, doc: str | None,
         out = show(result) if show else json.dumps({**dict(zip(items, values, strict=True)), **result})
         print(out, end="" if out.endswith("\n") else "\n")
 
-    run_stage(main)
+    run_script(main)
