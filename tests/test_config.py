@@ -18,7 +18,7 @@ import torch
 import yaml
 from helpers.repo import ROOT, committed_params, committed_params_text
 
-from mnistlab import artifacts
+from mnistlab import artifacts, errors
 from mnistlab.config import (
     PARAMS_KEYS,
     CompareSettings,
@@ -304,6 +304,8 @@ def test_an_unknown_split_key_stops_the_split_script(tmp_path, monkeypatch, caps
     (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["split.py", "--dataset", "digits", "--raw", "raw", "--out", "out"])
+    # a script's top level ends its process (errors.run_script); here, the SystemExit instead
+    monkeypatch.setattr(errors, "exit_process", lambda code=0: sys.exit(code))
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(ROOT / "stages" / "split.py"), run_name="__main__")
     assert e.value.code == 2
