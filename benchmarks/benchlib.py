@@ -15,16 +15,25 @@ IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
+def idx_file(src: Path, name: str) -> Path | None:
+    """``src``'s file for the official IDX ``name``: ``<name>.gz`` first, else ``<name>``; None if neither."""
+    for path in (src / f"{name}.gz", src / name):
+        if path.is_file():
+            return path
+    return None
+
+
 def unpack_idx(src: Path, dest: Path) -> Path:
     """The MNIST files of ``src`` (``.gz`` or not) uncompressed in ``dest``, under their
     official names (a missing t10k pair is skipped); returns ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in IDX_NAMES:
-        if (src / f"{name}.gz").is_file():
-            with gzip.open(src / f"{name}.gz", "rb") as r, open(dest / name, "wb") as w:
+        path = idx_file(src, name)
+        if path is not None and path.suffix == ".gz":
+            with gzip.open(path, "rb") as r, open(dest / name, "wb") as w:
                 shutil.copyfileobj(r, w)
-        elif (src / name).is_file():
-            shutil.copyfile(src / name, dest / name)
+        elif path is not None:
+            shutil.copyfile(path, dest / name)
     return dest
 
 

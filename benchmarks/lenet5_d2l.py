@@ -36,7 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from benchlib import IDX_NAMES, cpu, unpack_idx
+from benchlib import IDX_NAMES, cpu, idx_file, unpack_idx
 from scipy.stats import binomtest
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -207,7 +207,7 @@ def main() -> None:
         return
     # Checked here, before the workers start: a missing file would otherwise end each of them
     # in a traceback.
-    missing = [n for n in IDX_NAMES if not (args.data / n).is_file() and not (args.data / f"{n}.gz").is_file()]
+    missing = [n for n in IDX_NAMES if idx_file(args.data, n) is None]
     if missing:
         ap.error(f"--data {args.data}: no {', '.join(missing)} (.gz or not)")
     model, flags = cpu()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 import sqlalchemy.exc
@@ -178,9 +180,6 @@ def test_a_command_exits_with_its_code_its_output_and_atexit_handlers_without_te
         tmp_path, how, status, stderr):
     """run_script / exit_process: the exit code sys.exit would give, stdout flushed, the atexit
     handlers run; a still-running non-daemon thread is waited for (a plain sys.exit then)."""
-    import subprocess
-    import sys
-
     script = tmp_path / "cmd.py"
     script.write_text(EXITING)
     p = subprocess.run([sys.executable, str(script), str(tmp_path), how], capture_output=True,
@@ -193,9 +192,6 @@ def test_a_command_exits_with_its_code_its_output_and_atexit_handlers_without_te
 
 def test_exit_process_skips_the_interpreter_teardown(tmp_path):
     """What it is for: an object freed only at teardown (a cycle's __del__) never runs."""
-    import subprocess
-    import sys
-
     code = ("import sys\nfrom mnistlab.errors import exit_process\n"
             "class Noisy:\n    def __del__(self):\n        sys.stdout.write('torn down')\n"
             "a = Noisy(); a.me = a\n"
