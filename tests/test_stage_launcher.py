@@ -139,3 +139,20 @@ def test_system_python_without_mnistlab_is_named(tmp_path: Path):
     p = launch(repo, "python", "stages/split.py", "--dataset", "digits", env=launcher_env(BARE_PATH))
     line = assert_one_line_error(p, f"{system}", FIX)
     assert line.startswith("error: cannot import mnistlab with ")
+
+
+@pytest.mark.skipif(not (VENV / ".installed").is_file(), reason="tests not run from a `make setup` venv")
+def test_make_setup_leaves_the_libraries_byte_compiled():
+    """`make setup` installs with pip's --no-compile and byte-compiles on every core itself: the
+    libraries each stage imports must still have their bytecode, or every stage process (with
+    PYTHONDONTWRITEBYTECODE set, which keeps none) compiles them again at each start."""
+    import importlib.util
+
+    missing = []
+    for name in ("torch", "torch.nn.modules.conv", "mlflow", "mlflow.store.tracking.sqlalchemy_store",
+                 "sqlalchemy", "alembic", "sklearn.metrics", "scipy.stats", "dvc.repo"):
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin, name
+        if not Path(importlib.util.cache_from_source(spec.origin)).is_file():
+            missing.append(f"{name} ({spec.origin})")
+    assert not missing, f"not byte-compiled by make setup: {missing}"
