@@ -20,11 +20,12 @@ VEGA   := node_modules/.installed
 setup: $(STAMP) $(VEGA)
 
 # Re-installs only when the lock or the project metadata changes (idempotent).
-# pip byte-compiles what it installs one file at a time: 50 of the 131 s a fresh venv took here
-# (2 cores). compileall does the same on every core (33 s), with pip's tolerance: a module that
-# does not compile on this Python (torch ships one in 3.12 syntax) stays uncompiled, as pip
-# leaves it. Byte-compiled at setup because a stage process imports ~2,000 modules and may run
-# with PYTHONDONTWRITEBYTECODE set, where nothing compiled at import is kept.
+# pip byte-compiles what it installs one file at a time (~50 s here); compileall does the same on
+# every core (~33 s on 2), with pip's tolerance: a module that does not compile on this Python
+# (torch ships one in 3.12 syntax) stays uncompiled, as pip leaves it. A fresh venv on 2 cores,
+# alternating: 149 / 121 s with pip compiling, 134 / 113 s this way. Compiled at setup because a
+# stage process imports ~2,000 modules and may run with PYTHONDONTWRITEBYTECODE set, where
+# nothing compiled at import is kept.
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile --disable-pip-version-check -r requirements.lock
