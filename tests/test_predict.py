@@ -259,9 +259,9 @@ def test_registry_and_run_uris_predict_like_the_model_file(work, champion, capsy
     assert row[0] == str(png) and row[1] == CLASSES[int(local.probabilities(work.images[:1]).argmax())]
 
 
-def test_registry_uri_that_does_not_resolve_is_one_line(work, champion, capsys):
+def test_registry_uri_that_does_not_resolve_is_one_line(bad, champion, capsys):
     with pytest.raises(SystemExit):
-        predict.main([str(work.base / "bad" / "good.png"), "--model", "models:/mnistlab-nope@champion"])
+        predict.main([str(bad / "good.png"), "--model", "models:/mnistlab-nope@champion"])
     err = capsys.readouterr().err
     assert err.startswith("error: models:/mnistlab-nope@champion: cannot load it from MLflow store "
                           f"{tracking.tracking_uri()}") and err.count("\n") == 1, err
