@@ -29,10 +29,12 @@ def unpack_idx(src: Path, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in IDX_NAMES:
         path = idx_file(src, name)
-        if path is not None and path.suffix == ".gz":
+        if path is None:
+            continue
+        if path.suffix == ".gz":
             with gzip.open(path, "rb") as r, open(dest / name, "wb") as w:
                 shutil.copyfileobj(r, w)
-        elif path is not None:
+        else:
             shutil.copyfile(path, dest / name)
     return dest
 

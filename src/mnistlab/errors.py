@@ -250,11 +250,18 @@ def exit_process(code: object = 0) -> NoReturn:
         os._exit(status & 0xFF)
 
 
-def run_script(main: Callable[[], int | None]) -> NoReturn:
-    """:func:`run_stage` for a command's top level (``if __name__ == "__main__":``), then
-    :func:`exit_process` with its exit code. In-process callers (tests) use ``run_stage``."""
+def exit_after(command: Callable[[], object]) -> NoReturn:
+    """Run ``command``, then :func:`exit_process` with the exit code it gives (its
+    ``SystemExit``'s, else 0): the top level of a command whose ``main`` already reports
+    its errors through :func:`run_stage` (``mnistlab.predict``, ``mnistlab.export``)."""
     try:
-        run_stage(main)
+        command()
     except SystemExit as e:
         exit_process(e.code)
     exit_process(0)
+
+
+def run_script(main: Callable[[], int | None]) -> NoReturn:
+    """:func:`run_stage` for a command's top level (``if __name__ == "__main__":``), then
+    :func:`exit_process` with its exit code. In-process callers (tests) use ``run_stage``."""
+    exit_after(lambda: run_stage(main))

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from mnistlab import artifacts
-from mnistlab.errors import MnistlabError, run_script, run_stage
+from mnistlab.errors import MnistlabError, exit_after, run_stage
 from mnistlab.models import load_model
 from mnistlab.serving import RawImageClassifier, check_classes
 from mnistlab.utils import atomic_path, write_json
@@ -152,4 +152,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_script(main)  # main() reports errors itself (run_stage); this adds the fast exit
+    exit_after(main)

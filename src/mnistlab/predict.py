@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from mnistlab.artifacts import SIDE
-from mnistlab.errors import MnistlabError, run_script, run_stage
+from mnistlab.errors import MnistlabError, exit_after, run_stage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BOX = 20            # MNIST: the digit's bounding box is scaled to fit 20x20 ...
@@ -388,4 +388,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_script(main)  # main() reports errors itself (run_stage); this adds the fast exit
+    exit_after(main)
