@@ -548,6 +548,23 @@ def test_pairwise_table_and_heat_map(tmp_path):
     assert "accuracy_ci" in (tmp_path / "out" / "leaderboard.md").read_text()
 
 
+def test_one_arch_writes_a_pairwise_table_without_pairs_and_no_heat_map(tmp_path):
+    # `dvc exp run -S 'archs=[mlp]'`: no pair to test, but the table is there (DVC warns of an
+    # empty output folder), with the columns of a full one
+    metrics = tmp_path / "metrics"
+    write_run(metrics, "ds", "a", 0.90)
+    params = {"datasets": ["ds"], "archs": ["a"], "seeds": [SEED],
+              "compare": {"rank_by": "test_accuracy", "register": False, "registry_prefix": "x",
+                          "alias": "champion"}}
+    paths = compare.ComparePaths(metrics, tmp_path / "models", tmp_path / "out", tmp_path / "curves",
+                                 pairwise=tmp_path / "pairwise")
+    compare.run_compare(params, paths)
+    pairs = pd.read_csv(tmp_path / "pairwise" / "ds.csv")
+    assert list(pairs.columns) == compare.PAIRWISE and pairs.empty
+    assert not (tmp_path / "curves" / "pairwise-ds.png").exists()
+    assert (tmp_path / "curves" / "val-curves-ds.png").is_file()
+
+
 def test_paired_tests_need_the_same_test_images(tmp_path):
     write_run(tmp_path, "ds", "a", 0.9)
     write_run(tmp_path, "ds", "b", 0.8, n=90)

@@ -7,8 +7,8 @@ Reads what the train and evaluate stages wrote (``metrics/<run>/{train,test}.jso
     reports/leaderboard.csv, reports/leaderboard.md   one row per dataset x arch, ranked per dataset
     reports/runs.csv                                   one row per dataset x arch x seed
     reports/curves/val-curves-<ds>.png                 every arch's validation curves overlaid
-    reports/pairwise/<ds>.csv                          McNemar's test of every pair of archs
-    reports/curves/pairwise-<ds>.png                   the same as a heat map
+    reports/pairwise/<ds>.csv                          McNemar's test of every pair of archs (no rows: one arch)
+    reports/curves/pairwise-<ds>.png                   the same as a heat map (two archs or more)
     reports/champions.json                             the registered champion of each dataset
     exports/<ds>/champion.onnx, champion.json          each dataset's rank-1 model in ONNX
 
@@ -510,16 +510,17 @@ def run_compare(params: dict[str, Any], paths: ComparePaths) -> pd.DataFrame:
             f"# Leaderboard (ranked by {s.rank_by}{over} within each dataset)\n\n"
             + to_markdown(board))
         if paths.pairwise is not None:
-            stage.folder(paths.pairwise)  # the DVC output exists even if empty
+            stage.folder(paths.pairwise)  # the DVC output exists even with no dataset
         for ds in s.datasets:
             plot_curves(paths.metrics, ds, list(s.archs), list(s.seeds),
                         stage.path(paths.curves / f"val-curves-{ds}.png"))
             ranked = board.loc[board["dataset"] == ds, "arch"].tolist()
-            if len(correct[ds]) < 2:
-                continue
             pairs = pairwise(correct[ds], ranked, first)
-            plot_pairwise(pairs, ranked, ds, first,
-                          stage.path(paths.curves / f"pairwise-{ds}.png"))
+            if len(pairs):  # one arch (or one with predictions) makes no pair to draw
+                plot_pairwise(pairs, ranked, ds, first,
+                              stage.path(paths.curves / f"pairwise-{ds}.png"))
+            # the table even with no rows: "no pairs" is an answer, and DVC warns of an
+            # empty output folder
             if paths.pairwise is not None:
                 pairs.to_csv(stage.path(paths.pairwise / f"{ds}.csv"), index=False,
                              float_format="%.6g")
