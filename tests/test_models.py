@@ -86,6 +86,27 @@ def test_rebuilds_from_its_model_record(params, arch):
         assert torch.equal(model(x), rebuilt(x))
 
 
+def test_resnet_bn_logit_scale_multiplies_the_logits_and_defaults_to_one(params):
+    """logit_scale is a constant on the output, no weights: a model file from before it
+    (args without the key) rebuilds as the network it was (scale 1.0)."""
+    args = HParams.from_params(params, "resnet_bn").args
+    assert args["logit_scale"] == 0.125  # params.yaml's (models.ResNetBN says why)
+    x = torch.randn(4, 1, 28, 28)
+    out = {}
+    for scale in (None, 1.0, 0.125):
+        torch.manual_seed(0)
+        kw = {} if scale is None else {"logit_scale": scale}
+        model = build_model("resnet_bn", width=8, **kw).eval()
+        with torch.inference_mode():
+            out[scale] = model(x)
+    assert torch.equal(out[None], out[1.0])
+    torch.testing.assert_close(out[0.125], out[1.0] * 0.125, rtol=0, atol=0)
+    for bad in (0.0, -0.5, float("inf"), "0.125"):
+        with pytest.raises(MnistlabError, match=r"^arch 'resnet_bn'\.logit_scale: must be a finite "
+                           r"number > 0 \(got "):
+            build_model("resnet_bn", logit_scale=bad)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(params, arch, digits_batch):
     """Each arch with its own optimizer and lr from params.yaml (constant schedule)."""
