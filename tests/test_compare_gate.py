@@ -66,6 +66,21 @@ def write_predictions(d, correct) -> None:
 # --------------------------------------------------------------------------- compare
 
 
+def compare_params(datasets: list[str], archs: list[str], seeds: list[int] = (SEED,),
+                   rank_by: str = "test_accuracy") -> dict:
+    """The params.yaml keys the compare stage reads, with the registry off."""
+    return {"datasets": datasets, "archs": archs, "seeds": list(seeds),
+            "compare": {"rank_by": rank_by, "register": False, "registry_prefix": "x",
+                        "alias": "champion"}}
+
+
+def compare_paths(tmp_path, pairwise: bool = False) -> compare.ComparePaths:
+    """dvc.yaml's compare outputs under ``tmp_path`` (reading ``tmp_path/metrics``)."""
+    return compare.ComparePaths(tmp_path / "metrics", tmp_path / "models", tmp_path / "out",
+                                tmp_path / "curves",
+                                pairwise=tmp_path / "pairwise" if pairwise else None)
+
+
 def test_leaderboard_ranks_each_dataset_with_tie_breaks(tmp_path):
     write_run(tmp_path, "ds", "a", 0.90)
     write_run(tmp_path, "ds", "b", 0.95, loss=0.2, params=500)
@@ -109,10 +124,8 @@ def test_run_compare_writes_leaderboard_and_curves_without_registry(tmp_path):
     for ds in ("d1", "d2"):
         write_run(metrics, ds, "a", 0.9, epochs=4)
         write_run(metrics, ds, "b", 0.8, epochs=40)
-    params = {"datasets": ["d1", "d2"], "archs": ["a", "b"], "seeds": [SEED],
-              "compare": {"rank_by": "macro_f1", "register": False, "registry_prefix": "x",
-                          "alias": "champion"}}
-    paths = compare.ComparePaths(metrics, tmp_path / "models", tmp_path / "out", tmp_path / "curves")
+    params = compare_params(["d1", "d2"], ["a", "b"], rank_by="macro_f1")
+    paths = compare_paths(tmp_path)
     board = compare.run_compare(params, paths)
     csv = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
     assert len(csv) == 4 and csv["test_accuracy"].tolist() == board["test_accuracy"].tolist()
@@ -130,10 +143,8 @@ def test_compare_output_ends_with_where_to_look(tmp_path, monkeypatch):
     for ds in ("d1", "d2"):
         write_run(metrics, ds, "a", 0.9)
         write_run(metrics, ds, "b", 0.8)
-    params = {"datasets": ["d1", "d2"], "archs": ["a", "b"], "seeds": [SEED],
-              "compare": {"rank_by": "test_accuracy", "register": False, "registry_prefix": "x",
-                          "alias": "champion"}}
-    paths = compare.ComparePaths(metrics, tmp_path / "models", tmp_path / "out", tmp_path / "curves")
+    params = compare_params(["d1", "d2"], ["a", "b"])
+    paths = compare_paths(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     out = compare.report(params, paths)
     board, block = out.split("\nWhere to look:\n")
@@ -529,12 +540,7 @@ def test_pairwise_table_and_heat_map(tmp_path):
     write_run(metrics, "ds", "a", 0.90)
     write_run(metrics, "ds", "b", 0.80)
     write_run(metrics, "ds", "c", 0.89)
-    params = {"datasets": ["ds"], "archs": ["a", "b", "c"], "seeds": [SEED],
-              "compare": {"rank_by": "test_accuracy", "register": False, "registry_prefix": "x",
-                          "alias": "champion"}}
-    paths = compare.ComparePaths(metrics, tmp_path / "models", tmp_path / "out", tmp_path / "curves",
-                                 pairwise=tmp_path / "pairwise")
-    compare.run_compare(params, paths)
+    compare.run_compare(compare_params(["ds"], ["a", "b", "c"]), compare_paths(tmp_path, pairwise=True))
     pairs = pd.read_csv(tmp_path / "pairwise" / "ds.csv")
     assert list(pairs.columns) == compare.PAIRWISE
     # in rank order a, c, b
@@ -553,12 +559,7 @@ def test_one_arch_writes_a_pairwise_table_without_pairs_and_no_heat_map(tmp_path
     # empty output folder), with the columns of a full one
     metrics = tmp_path / "metrics"
     write_run(metrics, "ds", "a", 0.90)
-    params = {"datasets": ["ds"], "archs": ["a"], "seeds": [SEED],
-              "compare": {"rank_by": "test_accuracy", "register": False, "registry_prefix": "x",
-                          "alias": "champion"}}
-    paths = compare.ComparePaths(metrics, tmp_path / "models", tmp_path / "out", tmp_path / "curves",
-                                 pairwise=tmp_path / "pairwise")
-    compare.run_compare(params, paths)
+    compare.run_compare(compare_params(["ds"], ["a"]), compare_paths(tmp_path, pairwise=True))
     pairs = pd.read_csv(tmp_path / "pairwise" / "ds.csv")
     assert list(pairs.columns) == compare.PAIRWISE and pairs.empty
     assert not (tmp_path / "curves" / "pairwise-ds.png").exists()
@@ -755,11 +756,8 @@ def test_run_compare_over_seeds_writes_runs_pairwise_at_the_first_seed_and_the_c
         tmp_path, monkeypatch):
     metrics = tmp_path / "metrics"
     _three_seeds(metrics)
-    params = {"datasets": ["ds"], "archs": list(ACCS), "seeds": SEEDS3,
-              "compare": {"rank_by": "test_accuracy", "register": False, "registry_prefix": "x",
-                          "alias": "champion"}}
-    paths = compare.ComparePaths(metrics, tmp_path / "models", tmp_path / "out", tmp_path / "curves",
-                                 pairwise=tmp_path / "pairwise")
+    params = compare_params(["ds"], list(ACCS), SEEDS3)
+    paths = compare_paths(tmp_path, pairwise=True)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     out = compare.report(params, paths)
     runs = pd.read_csv(tmp_path / "out" / "runs.csv")
