@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -66,7 +67,7 @@ def write_predictions(d, correct) -> None:
 # --------------------------------------------------------------------------- compare
 
 
-def compare_params(datasets: list[str], archs: list[str], seeds: list[int] = (SEED,),
+def compare_params(datasets: list[str], archs: list[str], seeds: Sequence[int] = (SEED,),
                    rank_by: str = "test_accuracy") -> dict:
     """The params.yaml keys the compare stage reads, with the registry off."""
     return {"datasets": datasets, "archs": archs, "seeds": list(seeds),
