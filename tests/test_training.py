@@ -74,6 +74,10 @@ def run_fit(hp, data, checkpoint: Path, *, fingerprint="fp", seed=1, **kw):
                      checkpoint=checkpoint, **kw)
 
 
+class Interrupted(Exception):
+    """Raised from ``on_epoch`` to stop a fit mid-run, as a kill would."""
+
+
 def without_timing(history):
     return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
 
@@ -302,10 +306,6 @@ def test_history_and_summary(params, digits, tmp_path):
             assert float(row[k]) == pytest.approx(ref[k], rel=1e-5)
 
 
-class _Enough(Exception):
-    pass
-
-
 def test_resnet_bn_warm_up_lowers_the_loss_from_the_first_epoch(params, digits, tmp_path):
     """params.yaml's resnet_bn as the quickstart trains it on digits: 10 steps an epoch,
     one-cycle planned over 22 epochs. With its logits unscaled (logit_scale 1.0) the training
@@ -319,9 +319,9 @@ def test_resnet_bn_warm_up_lowers_the_loss_from_the_first_epoch(params, digits, 
     def keep(row):
         rows.append(row)
         if row["epoch"] == 4:
-            raise _Enough
+            raise Interrupted
 
-    with pytest.raises(_Enough):
+    with pytest.raises(Interrupted):
         run_fit(hp, data, tmp_path / "last.pt", seed=1234, on_epoch=keep)
     losses = [round(row["train_loss"], 3) for row in rows]
     assert all(loss <= losses[0] for loss in losses[1:]), losses
@@ -413,10 +413,6 @@ def test_same_seed_same_bits_other_seed_other_weights(params, digits, tmp_path, 
     c = run_fit(dataclasses.replace(hp, epochs=1), data, tmp_path / "c.pt", seed=2)
     assert not torch.equal(a.model.state_dict()[next(iter(a.model.state_dict()))],
                            c.model.state_dict()[next(iter(c.model.state_dict()))])
-
-
-class Interrupted(Exception):
-    pass
 
 
 @pytest.mark.parametrize("arch, override", [

@@ -509,8 +509,6 @@ def run_compare(params: dict[str, Any], paths: ComparePaths) -> pd.DataFrame:
         stage.path(paths.out / "leaderboard.md").write_text(
             f"# Leaderboard (ranked by {s.rank_by}{over} within each dataset)\n\n"
             + to_markdown(board))
-        if paths.pairwise is not None:
-            stage.folder(paths.pairwise)  # the DVC output exists even with no dataset
         for ds in s.datasets:
             plot_curves(paths.metrics, ds, list(s.archs), list(s.seeds),
                         stage.path(paths.curves / f"val-curves-{ds}.png"))
