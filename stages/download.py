@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from mnistlab.config import DownloadSettings, load_params
-from mnistlab.data.download import fetch
+from mnistlab.data.download import fetch, unverified
 from mnistlab.data.sources import resolve_source
 from mnistlab.errors import run_script
 
@@ -24,8 +24,10 @@ def main() -> None:
     params = load_params(args.params)
     source = resolve_source(params, args.dataset)
     counts = fetch(source, args.out, DownloadSettings.from_params(params))
+    loose = unverified(args.out)
     print(f"{args.dataset}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
-          + f" samples verified in {args.out}")
+          + (f" samples in {args.out}, NOT verified ({len(loose)} of its files have no digest "
+             f"in params.yaml)" if loose else f" samples verified in {args.out}"))
 
 
 if __name__ == "__main__":

@@ -421,6 +421,26 @@ def test_folder_without_test_pair_is_fine(tmp_path: Path):
     assert fetch(folder_source(src), tmp_path / "raw", QUICK) == {"train": 60}
 
 
+def test_relative_folder_is_found_from_a_queued_experiments_copy(tmp_path: Path, monkeypatch):
+    """`dvc exp run --queue` / `--temp` run the stages in <repo>/.dvc/tmp/exps/<...>/, a copy
+    of the tracked files only: params.yaml's ``../shared/datasets/...`` means <repo>/../shared
+    there too, not a folder beside the copy (found by a new user: download failed offline)."""
+    repo = tmp_path / "work" / "repo"
+    src = write_folder(tmp_path / "work" / "shared" / "byo", dataset_files())
+    for copy in (repo / ".dvc/tmp/exps/tmpa1b2c3", repo / ".dvc/tmp/exps/run/4f5e6d"):
+        copy.mkdir(parents=True)
+        monkeypatch.chdir(copy)
+        out = copy / "data" / "raw"
+        assert fetch(folder_source("../shared/byo"), out, QUICK) == {"train": 60, "test": 20}
+        files = json.loads((out / MANIFEST).read_text())["files"]
+        assert {e["from"] for e in files.values()} == {f"{src}/{n}.gz" for n in FILES}
+    monkeypatch.chdir(repo)  # the workspace itself: relative to it, as ever
+    assert fetch(folder_source("../shared/byo"), repo / "raw", QUICK) == {"train": 60, "test": 20}
+    monkeypatch.chdir(repo / ".dvc")  # not inside an experiment's copy: no rebasing
+    with raises_one_line(r"\.\./shared/byo: folder not found"):
+        fetch(folder_source("../shared/byo"), tmp_path / "raw2", QUICK)
+
+
 def test_test_images_without_labels_is_an_error(tmp_path: Path):
     files = dataset_files()
     del files[LABELS["test"]]
@@ -731,19 +751,32 @@ def test_failed_rerun_keeps_the_earlier_raw_folder(tmp_path: Path):
 def test_download_stage_errors_exit_2_with_one_line(tmp_path: Path):
     files, _ = corrupt(dataset_files(), "bad magic")
     write_folder(tmp_path / "bad", files)
-    write_folder(tmp_path / "good", dataset_files())
-    params = {"sources": {"bad": "bad", "good": "good", "digits": {"embedded": "sklearn_digits"}}}
+    files = dataset_files()
+    write_folder(tmp_path / "good", files)
+    pinned = {"mirrors": ["good"], "content_md5": {n: md5(b) for n, b in files.items()}}
+    params = {"sources": {"bad": "bad", "good": "good", "pinned": pinned,
+                          "digits": {"embedded": "sklearn_digits"}}}
 
     p = run_stage("download.py", "--dataset", "bad", "--out", "raw/bad", params=params, cwd=tmp_path)
     assert_one_line_error(p, "error: bad/train-images-idx3-ubyte.gz: not an IDX file (bad magic 0x12340803)")
     assert not (tmp_path / "raw" / "bad").exists()
 
     p = run_stage("download.py", "--dataset", "nope", "--out", "raw/nope", cwd=tmp_path)
-    assert_one_line_error(p, "unknown dataset 'nope'", "known: bad, digits, good")
+    assert_one_line_error(p, "unknown dataset 'nope'", "known: bad, digits, good, pinned")
 
+    # No digest in params.yaml: used, and said to be unverified, file by file and in the summary
+    # (it once read "samples verified" whatever was pinned).
     p = run_stage("download.py", "--dataset", "good", "--out", "raw/good", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    assert "good: train 60, test 20 samples verified in raw/good" in p.stdout
+    assert ("good: train 60, test 20 samples in raw/good, NOT verified (4 of its files have no "
+            "digest in params.yaml)") in p.stdout
+    for name in files:
+        assert (f"good/{name}.gz: no MD5 or SHA-256 pinned for it (sources.good in params.yaml); "
+                f"used as it is, not verified") in p.stderr
+    p = run_stage("download.py", "--dataset", "pinned", "--out", "raw/pinned", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "pinned: train 60, test 20 samples verified in raw/pinned" in p.stdout
+    assert "not verified" not in p.stderr
 
 
 @pytest.mark.slow  # runs the stage script in a subprocess

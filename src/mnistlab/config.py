@@ -46,6 +46,30 @@ PARAMS_KEYS = ("seed", "seeds", "datasets", "archs", "paths", "sources", "downlo
                "hparams", "evaluate", "features", "compare")
 
 
+def exp_origin(cwd: Path | None = None) -> Path | None:
+    """The repo a queued or ``--temp`` DVC experiment runs for, when ``cwd`` is its throwaway copy.
+
+    ``dvc exp run --queue`` / ``--temp`` run the stages in ``<repo>/.dvc/tmp/exps/<...>/``,
+    a copy of the repo's tracked files that is deleted afterwards. There, what params.yaml
+    or a default names relative to the repo root but outside its tracked files (a source
+    folder such as ``../shared/datasets/mnist``, the default ``mlflow.db``) is found from
+    ``<repo>``, as in the workspace. Returns None anywhere else (the working directory is
+    the repo root, where DVC runs every stage).
+    """
+    for d in (cwd or Path.cwd()).absolute().parents:
+        if d.name == "exps" and d.parent.name == "tmp" and d.parent.parent.name == ".dvc":
+            return d.parent.parent.parent
+    return None
+
+
+def local_path(path: str) -> Path:
+    """A local path from params.yaml: ``~`` expanded; a relative one from the repo root,
+    also inside a queued or ``--temp`` experiment's copy (:func:`exp_origin`)."""
+    p = Path(path).expanduser()
+    origin = None if p.is_absolute() else exp_origin()
+    return (origin / p).resolve() if origin is not None else p
+
+
 def load_params(path: str | Path = "params.yaml", what: str = "params file",
                 keys: tuple[str, ...] | None = PARAMS_KEYS) -> dict[str, Any]:
     """Load a YAML mapping such as params.yaml (a user error if missing, unreadable, not UTF-8,

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mnistlab.config import exp_origin
 from mnistlab.errors import MnistlabError
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,8 @@ def tracking_uri() -> str:
     """
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    for d in Path.cwd().parents:
-        if d.name == "exps" and d.parent.name == "tmp" and d.parent.parent.name == ".dvc":
-            return f"sqlite:///{d.parent.parent.parent / 'mlflow.db'}"
-    return DEFAULT_URI
+    origin = exp_origin()
+    return DEFAULT_URI if origin is None else f"sqlite:///{origin / 'mlflow.db'}"
 
 
 def redact(uri: str) -> str:

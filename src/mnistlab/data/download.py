@@ -26,7 +26,7 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
-from mnistlab.config import DownloadSettings
+from mnistlab.config import DownloadSettings, local_path
 from mnistlab.data.digits import write_digits
 from mnistlab.data.idx import FILES, IMAGES, LABELS, read_pair, validate_raw, write_idx
 from mnistlab.data.sources import Source
@@ -116,6 +116,12 @@ def _mismatch(path: Path, md5: str | None, sha256: str | None) -> str | None:
     return None
 
 
+# The manifest's ``verified`` entry of a file no digest was pinned for: from a folder, and from a
+# URL or a kept download (where only gzip's own CRC checked it).
+FOLDER_UNPINNED, URL_UNPINNED = "no md5 given", "gzip only"
+UNPINNED = (FOLDER_UNPINNED, URL_UNPINNED)
+
+
 def _verified(md5: str | None, sha256: str | None, otherwise: str) -> str:
     """The manifest's ``verified`` entry: which digests a file was checked against."""
     return "+".join(a for a, d in (("md5", md5), ("sha256", sha256)) if d) or otherwise
@@ -185,7 +191,7 @@ def _download(url: str, gz: Path, dest: Path, pins: _Pins, settings: DownloadSet
             with _socket_timeout(settings.timeout):
                 _tvu().download_url(url, str(gz.parent), filename=gz.name, md5=None)
             _extract(gz, dest)
-            return _verify(gz, dest, pins, "gzip only", url)
+            return _verify(gz, dest, pins, URL_UNPINNED, url)
         except urllib.error.HTTPError as e:
             problem = f"HTTP {e.code}"
             if 400 <= e.code < 500 and e.code not in (408, 429):
@@ -220,11 +226,9 @@ def _from_folder(folder: Path, fname: str, source: Source, dest: Path) -> tuple[
     if local is None:
         return _Miss(str(folder), f"no {fname}.gz or {fname}", absent=True)
     pins = _Pins.of(source, local.name, fname)
-    if not pins and (source.md5 or source.sha256 or source.content_md5 or source.content_sha256):
-        log.warning("%s: no MD5 or SHA-256 known for this name; not verified", local)
     try:
         _extract(local, dest)
-        return str(local), _verify(local, dest, pins, "no md5 given", str(local))
+        return str(local), _verify(local, dest, pins, FOLDER_UNPINNED, str(local))
     except _BadFile as e:
         dest.unlink(missing_ok=True)
         # Without a content digest, a wrong digest is the reason given, even when the
@@ -262,7 +266,7 @@ def _reuse(out: Path, stage: Path, fname: str, pins: _Pins, urls: list[str],
     shutil.copyfile(path, stage / gz)
     try:
         _extract(stage / gz, stage / fname)
-        verified = _verify(stage / gz, stage / fname, pins, "gzip only", str(path))
+        verified = _verify(stage / gz, stage / fname, pins, URL_UNPINNED, str(path))
     except _BadFile as e:  # changed, or verified by MD5 yet unreadable: fetch it again
         log.info("%s: %s; fetching it again", path, e)
         (stage / gz).unlink(missing_ok=True)
@@ -307,7 +311,7 @@ def _fetch_files(source: Source, out: Path, stage: Path, settings: DownloadSetti
                                        "verified": got}
                     break
             else:
-                got = _from_folder(Path(mirror).expanduser(), fname, source, stage / fname)
+                got = _from_folder(local_path(mirror), fname, source, stage / fname)
                 if not isinstance(got, _Miss):
                     local, verified = got
                     manifest[fname] = {"from": local, "md5": _tvu().calculate_md5(Path(local)),
@@ -345,6 +349,15 @@ def _not_found_message(source: Source, gz: str, misses: list[_Miss]) -> str:
     return msg
 
 
+def unverified(out: str | os.PathLike) -> list[str]:
+    """The files of a fetched dataset (``out``'s manifest) that no pinned digest checked."""
+    try:
+        files = json.loads((Path(out) / MANIFEST).read_text()).get("files", {})
+    except (OSError, ValueError):
+        return []
+    return sorted(f for f, e in files.items() if isinstance(e, dict) and e.get("verified") in UNPINNED)
+
+
 def fetch(source: Source, out: str | os.PathLike, settings: DownloadSettings) -> dict[str, int]:
     """Bring ``source``'s files into ``out`` (uncompressed IDX), validate them; return counts.
 
@@ -369,6 +382,10 @@ def fetch(source: Source, out: str | os.PathLike, settings: DownloadSettings) ->
         else:
             manifest = _fetch_files(source, out, stage, settings)
             shown = {f: entry["from"] for f, entry in manifest.items()}
+            for entry in manifest.values():
+                if entry["verified"] in UNPINNED:
+                    log.warning("%s: no MD5 or SHA-256 pinned for it (sources.%s in params.yaml); "
+                                "used as it is, not verified", entry["from"], source.name)
         counts = validate_raw(stage, len(source.classes), shown)
         record: dict[str, Any] = {"dataset": source.name, "files": manifest}
         if source.take:
