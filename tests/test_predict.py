@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 
 from mnistlab import artifacts, predict, tracking
 from mnistlab.data.idx import write_idx
-from mnistlab.errors import MnistlabError
+from mnistlab.errors import MnistlabError, describe
 from mnistlab.models import build_model, model_record, save_model
 from mnistlab.utils import torch_save
 
@@ -226,6 +226,21 @@ def test_bad_inputs_and_models_are_one_line_errors(bad, work, capsys, inputs, mo
     assert message in err, err
 
 
+def test_an_image_past_pillows_pixel_limit_is_one_line(bad, work, capsys, monkeypatch, recwarn):
+    """Between Pillow's limit and twice it, Pillow only warns (a new user's 12,000 x 12,000
+    PNG printed the warning and its source line); past twice it, it refuses. One line either
+    way. The limit is lowered so a small image stands for a huge one."""
+    Image.new("L", (100, 100), 0).save(bad / "huge.png")
+    for limit in (6_000, 4_000):  # 10,000 pixels: warned about; refused
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        with pytest.raises(SystemExit):
+            predict.main([str(bad / "huge.png"), "--model", str(work.model)])
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {bad / 'huge.png'}: unreadable image (Image size (10000 "
+                              f"pixels) exceeds limit") and err.count("\n") == 1, err
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
 def test_the_command_exits_2_without_a_traceback(bad, work):
     p = subprocess.run([sys.executable, "-m", "mnistlab.predict", str(bad / "notes.png"), "--model",
                         str(work.model)], capture_output=True, text=True, timeout=120)
@@ -265,6 +280,22 @@ def test_registry_uri_that_does_not_resolve_is_one_line(bad, champion, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: models:/mnistlab-nope@champion: cannot load it from MLflow store "
                           f"{tracking.tracking_uri()}") and err.count("\n") == 1, err
+
+
+def test_a_registry_uri_outside_the_project_makes_no_store(bad, tmp_path, monkeypatch, capsys):
+    """Found by a new user: predict run from another folder said the model was not found
+    and left an empty mlflow.db there (MLflow creates the default store to look it up)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(SystemExit):
+        predict.main([str(bad / "good.png"), "--model", "models:/mnistlab-digits@champion"])
+    err = capsys.readouterr().err
+    assert err == (f"error: models:/mnistlab-digits@champion: no MLflow store at {elsewhere}/mlflow.db "
+                   f"(the default is mlflow.db where the command runs: run it from the project's "
+                   f"folder, or set MLFLOW_TRACKING_URI)\n")
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_a_model_logged_without_the_serving_flavor_is_named(work, mlflow_store):
@@ -315,6 +346,18 @@ def test_an_export_that_misses_the_check_is_not_written(work, tmp_path, monkeypa
                                             r"on .*max \|probability difference\|"):
         export.export_onnx(work.model, out, work.split)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_to_a_folder_names_it_and_leaves_no_report(work, tmp_path):
+    """Found by a new user: `python -m mnistlab.export model.pt some_folder` failed on the
+    rename naming the hidden temp file, and wrote some_folder.json all the same."""
+    from mnistlab.export import export_onnx
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        export_onnx(work.model, tmp_path / "taken", work.split)
+    assert describe(e.value) == f"{tmp_path / 'taken'}: Is a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no .json, no temp file
 
 
 def test_compare_exports_the_champion_and_logs_it_to_its_run(work, champion, tmp_path):

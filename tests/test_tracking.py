@@ -540,3 +540,30 @@ def test_logging_the_model_leaves_mlflows_global_uri_as_it_was(monkeypatch, tmp_
         assert mlflow.get_tracking_uri().endswith("other.db")
     assert mlflow_tracking_utils._tracking_uri is None
     assert os.environ["MLFLOW_TRACKING_URI"] == mine and mlflow.get_tracking_uri() == mine
+
+
+def test_logging_a_channels_last_conv_model_prints_no_pt2_warning(monkeypatch, tmp_path, recwarn):
+    """torch's pt2 writer warned "No complete tensor found in the group! ... may cause issues
+    when your weights are not on CPU" for every conv arch trained channels-last (found in the
+    train logs by a new user): the logged copy is on the CPU, so the warning is silenced there,
+    and the logged model still loads and answers as the network does."""
+    import functools
+
+    import mlflow.pyfunc
+    import numpy as np
+
+    from mnistlab import serving
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    net = build_model("cnn_16_32").to(memory_format=torch.channels_last).eval()
+    run_id = tracking.start_run("digits", "cnn_16_32", 1, {}, {"dvc_stage": "test"})
+    classes = [str(i) for i in range(10)]
+    example = np.random.default_rng(0).integers(0, 256, (2, 1, 28, 28)).astype(np.float32)
+    tracking.log_pytorch_model(run_id, net, example, functools.partial(
+        serving.log_model, classes=classes, normalize={"mean": 0.0, "std": 1.0}))
+    assert not [w for w in recwarn if "No complete tensor" in str(w.message)]
+    with tracking.fluent_uri(tracking.tracking_uri()):
+        got = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(example)
+    with torch.inference_mode():
+        want = net(torch.from_numpy(example) / 255).softmax(1).numpy()  # grey levels in, as served
+    np.testing.assert_allclose(got[classes].to_numpy(), want, atol=1e-5)

@@ -92,7 +92,8 @@ def export_onnx(model_pt: Path, out: Path, test_split: Path | None = None) -> di
                 f"{out}: the ONNX export disagrees with PyTorch on {source}: same class for "
                 f"{check['argmax_agreement']:.4%} of {check['n']} images (need {MIN_AGREEMENT:.1%}), "
                 f"max |probability difference| {check['max_abs_diff']:.2e} (need < {MAX_DIFF:g})")
-        write_json(out.with_suffix(".json"), report)
+    # Only once the .onnx is in place: a failed export leaves no report of it behind.
+    write_json(out.with_suffix(".json"), report)
     return report
 
 

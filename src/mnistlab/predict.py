@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,9 +161,15 @@ def read_image(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            return to_mnist(img)
+        with warnings.catch_warnings():
+            # Pillow only warns between its pixel limit and twice it (and prints the warning's
+            # source line): one error line instead, as above twice the limit.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return to_mnist(img)
+    except Image.DecompressionBombWarning as e:
+        raise MnistlabError(f"{path}: unreadable image ({' '.join(str(e).split())})") from None
     except UnidentifiedImageError:
         raise MnistlabError(f"{path}: not an image Pillow can read, nor an IDX images file") from None
     except ValueError as e:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -145,10 +146,18 @@ def log_model(model: nn.Module, example: np.ndarray, pip_requirements: list[str]
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]))]),
         outputs=Schema([ColSpec("string", "class"), ColSpec("double", "probability"),
                         *[ColSpec("double", c) for c in classes]]))
-    return Model.log(None, flavor=sys.modules[__name__], name="model", pytorch_model=model,
-                     classes=classes, normalize=dict(normalize), signature=signature,
-                     input_example=example.astype(np.float32), pip_requirements=pip_requirements,
-                     serialization_format="pt2")
+    with warnings.catch_warnings():
+        # torch's pt2 writer warns "No complete tensor found in the group! ... may cause issues
+        # when your weights are not on CPU" for a weight stored as part of a larger storage,
+        # which it then saves whole: this copy's weights are on the CPU, and MLflow reloads
+        # the saved model on the input example before the log counts. Every conv arch's train
+        # log carried the line.
+        warnings.filterwarnings("ignore", message="No complete tensor found in the group",
+                                category=UserWarning)
+        return Model.log(None, flavor=sys.modules[__name__], name="model", pytorch_model=model,
+                         classes=classes, normalize=dict(normalize), signature=signature,
+                         input_example=example.astype(np.float32),
+                         pip_requirements=pip_requirements, serialization_format="pt2")
 
 
 def save_model(path: str, mlflow_model, pytorch_model: nn.Module, classes: list[str],

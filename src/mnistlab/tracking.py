@@ -598,6 +598,13 @@ def load_pyfunc(uri: str):
 
     store = tracking_uri()
     check_reachable(store)
+    db = store.removeprefix("sqlite:///") if store.startswith("sqlite:///") else None
+    if db and not Path(db).is_file():
+        # MLflow would create an empty store there to look the model up in (from any folder
+        # the command runs in): nothing can be found in it, and it stays behind.
+        raise MnistlabError(f"{uri}: no MLflow store at {Path(db).absolute()} (the default is "
+                            f"mlflow.db where the command runs: run it from the project's folder, "
+                            f"or set MLFLOW_TRACKING_URI)")
     try:
         with fluent_uri(store):
             return mlflow.pyfunc.load_model(uri, suppress_warnings=True)

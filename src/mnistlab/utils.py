@@ -43,7 +43,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp.chmod(0o666 & ~umask)
     try:
         yield tmp
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:  # its message would name the hidden temp file first: name the target
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     except OSError as e:
         if e.filename is not None:
             raise
