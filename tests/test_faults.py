@@ -39,6 +39,7 @@ from helpers.repo import (
 )
 
 from mnistlab import tracking
+from mnistlab.checkpoint import kept_copy
 from mnistlab.data.digits import write_digits
 from mnistlab.data.sources import DIGIT_CLASSES
 from mnistlab.data.split import split as split_dataset
@@ -268,9 +269,12 @@ def test_sigterm_mid_training_is_one_line_a_killed_run_and_a_bit_identical_resum
             kill9(proc)
     stopped = subprocess.CompletedProcess(cmd, proc.returncode, out.read_text(), err.read_text())
     assert_one_line_error(stopped, "stopped by SIGTERM during train@digits-mlp-1234",
-                          f"rerun `dvc repro` to resume from {CKPT}", code=128 + signal.SIGTERM)
+                          f"rerun `dvc repro` or `dvc exp run` to resume from {CKPT}",
+                          code=128 + signal.SIGTERM)
     done = checkpoint_epoch(cut / CKPT)
     assert 1 <= done < epochs, f"stopped too late to test a resume (epoch {done} of {epochs})"
+    kept = kept_copy(cut / CKPT)  # where a rerun `dvc exp run` finds it (test_tracking)
+    assert kept.read_bytes() == (cut / CKPT).read_bytes()
     run_id = torch_load(cut / CKPT)["run_id"]
     client, runs = runs_in(cut)
     assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "KILLED")]
@@ -278,6 +282,7 @@ def test_sigterm_mid_training_is_one_line_a_killed_run_and_a_bit_identical_resum
 
     rerun = rerun_stage(cmd, cut)
     assert f"resuming from {CKPT} after epoch {done}/{epochs}" in rerun.stderr, rerun.stderr
+    assert not kept.exists()  # finished: the checkpoint DVC records is the one to resume
     assert_one_finished_run(cut, run_id)
     assert len(runs_in(cut)[1]) == 1
     steps = {m.step for m in client.get_metric_history(run_id, "val_accuracy")}

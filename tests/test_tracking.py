@@ -249,6 +249,55 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run(params, split_dir, wor
     assert steps(client, first_id, "val_accuracy") == [1, 2]
 
 
+def test_a_stopped_experiment_resumes_after_dvc_restores_the_committed_checkpoint(
+        params, split_dir, workdir, monkeypatch, tmp_path_factory):
+    """`dvc exp run -S ...` stopped mid-training, then run again: DVC first checks out every
+    output of dvc.lock, replacing the experiment's last.pt with the committed run's (found by
+    a new user: the rerun said "fingerprint differs" and started over). The copy kept beside
+    the DVC output resumes it: same MLflow run, each epoch once, the weights of a run that
+    was never stopped, and no copy left once it has finished."""
+    from mlflow.tracking import MlflowClient
+
+    from mnistlab.checkpoint import kept_copy
+    from mnistlab.stages.train import EpochLogger
+
+    p = paths_in(workdir, split_dir)
+    kept = kept_copy(p.checkpoint)
+    assert kept == workdir / "checkpoints" / "digits" / "mlp" / "seed-1234.unfinished.pt"
+    train(params, "digits", "mlp", SEED, p)  # the committed run (params.yaml's lr)
+    assert not kept.exists()
+    committed = p.checkpoint.read_bytes()
+
+    exp = copy.deepcopy(params)
+    exp["hparams"]["mlp"]["lr"] = 0.002  # dvc exp run -S hparams.mlp.lr=0.002
+    real = EpochLogger.__call__
+
+    def stopped_in_epoch_2(self, row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+        real(self, row)
+
+    monkeypatch.setattr(EpochLogger, "__call__", stopped_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(exp, "digits", "mlp", SEED, p)
+    stopped_id = torch_load(kept)["run_id"]
+    assert torch_load(kept)["epoch"] == 1 and kept.read_bytes() == p.checkpoint.read_bytes()
+
+    p.checkpoint.write_bytes(committed)  # what `dvc exp run`'s checkout does first
+    monkeypatch.setattr(EpochLogger, "__call__", real)
+    train(exp, "digits", "mlp", SEED, p)
+    assert run_id_of(p) == stopped_id and not kept.exists()
+    client = MlflowClient(tracking.tracking_uri())
+    assert client.get_run(stopped_id).info.status == "FINISHED"
+    assert steps(client, stopped_id, "val_accuracy") == [1, 2]
+
+    whole = tmp_path_factory.mktemp("whole")  # the reference: the experiment never stopped
+    ref = paths_in(whole, split_dir)
+    train(exp, "digits", "mlp", SEED, ref)
+    a, b = torch_load(p.model_dir / "model.pt"), torch_load(ref.model_dir / "model.pt")
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
 def test_reruns_reuse_finished_checkpoints_and_restart_on_changed_params(params, split_dir, workdir,
                                                                         caplog):
     from mlflow.tracking import MlflowClient

@@ -14,13 +14,22 @@ bit-identical to one that was never interrupted. Files are written and read with
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mnistlab.errors import MnistlabError, UnsafeFileError
-from mnistlab.utils import check_seal, file_sha256, json_digest, seal, torch_load, torch_save
+from mnistlab.utils import (
+    atomic_path,
+    check_seal,
+    file_sha256,
+    json_digest,
+    seal,
+    torch_load,
+    torch_save,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +65,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 KEEP = "not resumed; left in place for inspection: delete it to train from scratch"
 
 
-def load_resumable(path: Path, fingerprint: str) -> dict[str, Any] | None:
+def load_resumable(path: Path, fingerprint: str, kept: Path | None = None) -> dict[str, Any] | None:
     """The checkpoint at ``path`` if it belongs to this exact run (same fingerprint), else None.
+
+    With ``kept`` (:func:`kept_copy`), the copy of an unfinished run's last checkpoint is
+    looked at too, and resumed when it is this run's and further along than ``path``:
+    ``dvc exp run`` restores ``path`` from dvc.lock before it runs (the finished checkpoint
+    of the committed params), which would otherwise throw an interrupted experiment's
+    epochs away.
 
     Not resumed, with a warning (training starts from scratch and its first checkpoint
     replaces the file): a checkpoint of other params, data or code, and one without a
@@ -72,8 +87,23 @@ def load_resumable(path: Path, fingerprint: str) -> dict[str, Any] | None:
     be tampering, and overwriting it would destroy the evidence; deleting it is one
     command, which the error names.
     """
+    ckpt, why_not = _judge(path, fingerprint)
+    if kept is not None:
+        copy, _ = _judge(kept, fingerprint)  # another run's copy: replaced by this run's first
+        if copy is not None and (ckpt is None or copy["epoch"] > ckpt["epoch"]):
+            log.info("%s: resuming from %s, the last checkpoint of this unfinished run (%s: %s)",
+                     path, kept, path.name, why_not or f"epoch {ckpt['epoch']}, further back")
+            return copy
+    if why_not:
+        log.warning("%s: %s; not resumed, training from scratch", path, why_not)
+    return ckpt
+
+
+def _judge(path: Path, fingerprint: str) -> tuple[dict[str, Any] | None, str | None]:
+    """``(checkpoint, None)`` if ``path`` resumes this run; ``(None, why not)`` if it is
+    another's; ``(None, None)`` if there is none. Raises on a file it refuses (above)."""
     if not path.is_file():
-        return None
+        return None, None
     try:
         ckpt = torch_load(path)
     except UnsafeFileError:
@@ -82,16 +112,37 @@ def load_resumable(path: Path, fingerprint: str) -> dict[str, Any] | None:
         raise MnistlabError(f"{e}; {KEEP}") from None
     if not check_seal(ckpt, path, KEEP):
         if isinstance(ckpt, dict) and "fingerprint" in ckpt:
-            log.warning("%s: no integrity digest (written by an older mnistlab); not resumed, "
-                        "training from scratch", path)
-            return None
+            return None, "no integrity digest (written by an older mnistlab)"
         raise MnistlabError(f"{path}: not a checkpoint (a tensor file without mnistlab's "
                             f"integrity digest); {KEEP}")
     if ckpt.get("fingerprint") != fingerprint:
-        log.warning("%s: made with other params, data or code (fingerprint differs); not resumed, "
-                    "training from scratch", path)
-        return None
-    return ckpt
+        return None, "made with other params, data or code (fingerprint differs)"
+    return ckpt, None
+
+
+def kept_copy(checkpoint: Path) -> Path:
+    """Where the last checkpoint of an unfinished run is also kept: beside the folder DVC
+    tracks (``checkpoints/<ds>/<arch>/seed-<seed>.unfinished.pt``), outside it.
+
+    Why: ``dvc exp run`` checks out every output recorded in dvc.lock before it runs,
+    ``persist`` ones included, and a directory output loses any file it does not record.
+    An experiment stopped mid-training and run again would find the committed run's
+    checkpoint instead of its own and start over. The copy exists only while the run is
+    unfinished (:func:`keep`, :func:`drop_kept`).
+    """
+    folder = checkpoint.parent
+    return folder.with_name(f"{folder.name}.unfinished.pt")
+
+
+def keep(checkpoint: Path) -> None:
+    """Copy ``checkpoint`` to :func:`kept_copy` (atomically: a kill leaves the previous copy)."""
+    with atomic_path(kept_copy(checkpoint)) as tmp:
+        shutil.copyfile(checkpoint, tmp)
+
+
+def drop_kept(checkpoint: Path) -> None:
+    """The run has finished: its checkpoint is what DVC records; the copy goes."""
+    kept_copy(checkpoint).unlink(missing_ok=True)
 
 
 def recorded_run_id(path: Path) -> str | None:

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mnistlab.checkpoint import rng_state, save_checkpoint, set_rng_state
+from mnistlab.checkpoint import keep, rng_state, save_checkpoint, set_rng_state
 from mnistlab.config import TrainSettings
 from mnistlab.distributed import SINGLE, Dist, all_reduce_sum
 from mnistlab.errors import MnistlabError
@@ -367,7 +367,7 @@ class TrainResult:
 
 def fit(built: Built, train: DeviceSplit, val: DeviceSplit, *, hp: HParams,
         settings: TrainSettings, dataset: str, seed: int, fingerprint: str, checkpoint: Path,
-        resume: dict[str, Any] | None = None,
+        resume: dict[str, Any] | None = None, keep_copy: bool = False,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
         extra_state: dict[str, Any] | None = None,
         dist: Dist = SINGLE,
@@ -387,6 +387,9 @@ def fit(built: Built, train: DeviceSplit, val: DeviceSplit, *, hp: HParams,
         checkpoint: Where the resumable checkpoint is written (atomically) every
             ``settings.checkpoint_every`` epochs and after the last one.
         resume: A checkpoint from :func:`mnistlab.checkpoint.load_resumable` to continue from.
+        keep_copy: Also copy each checkpoint beside its DVC output folder
+            (:func:`mnistlab.checkpoint.keep`), where ``dvc exp run`` cannot replace it; the
+            train stage removes the copy once the run has finished.
         on_epoch: Called with each finished epoch's row (epoch, train/val loss and
             accuracy, lr at the epoch's start, epoch_seconds, train_seconds) *before*
             that epoch's checkpoint is written: if it fails, the epoch is redone on
@@ -446,6 +449,8 @@ def fit(built: Built, train: DeviceSplit, val: DeviceSplit, *, hp: HParams,
             "history": history, "best_val_accuracy": best_acc, "best_model": best_state,
             **(extra_state or {}),
         })
+        if keep_copy:
+            keep(checkpoint)
 
     n_steps = steps_per_epoch(len(train), hp.batch_size)
     seen_per_epoch = n_steps * min(hp.batch_size, len(train))  # drop_last: full batches only

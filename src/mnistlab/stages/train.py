@@ -22,7 +22,15 @@ from typing import Any
 import torch
 
 from mnistlab import artifacts, distributed, serving, threads, tracking
-from mnistlab.checkpoint import code_digest, load_resumable, recorded_run_id, save_checkpoint
+from mnistlab.checkpoint import (
+    code_digest,
+    drop_kept,
+    keep,
+    kept_copy,
+    load_resumable,
+    recorded_run_id,
+    save_checkpoint,
+)
 from mnistlab.config import PROGRESS_ENV, TrainSettings, stage_name
 from mnistlab.errors import MnistlabError, Stopped, describe, redact_text
 from mnistlab.hparams import HParams
@@ -207,7 +215,7 @@ def train(params: dict[str, Any], dataset: str, arch: str, seed: int, paths: Tra
         n_train = len(train_xy[1])
         digest = artifacts.split_digest(paths.split)
         fingerprint = fingerprint_of(hp, settings, seed, digest, device, dist.world, n_train)
-        resume = load_resumable(paths.checkpoint, fingerprint)
+        resume = load_resumable(paths.checkpoint, fingerprint, kept_copy(paths.checkpoint))
         # Counted now, after the data is read, so that runs launched together see each other;
         # fixed for the run (see mnistlab.threads).
         n_threads = lease.apply(settings.threads, "train.threads", f"{dataset}-{arch}-{seed}")
@@ -216,7 +224,7 @@ def train(params: dict[str, Any], dataset: str, arch: str, seed: int, paths: Tra
         built = build(hp, settings, num_classes=len(classes), n_train=n_train, device=device,
                       seed=seed, dist=dist)
         run = dict(hp=hp, settings=settings, dataset=dataset, seed=seed, fingerprint=fingerprint,
-                   checkpoint=paths.checkpoint, resume=resume, dist=dist,
+                   checkpoint=paths.checkpoint, resume=resume, keep_copy=True, dist=dist,
                    progress_file=sys.stderr if os.environ.get(PROGRESS_ENV) == "always" else None)
         if not dist.is_main:
             return fit(built, train_d, val_d, **run).summary
@@ -238,6 +246,7 @@ def train(params: dict[str, Any], dataset: str, arch: str, seed: int, paths: Tra
                 # Its run was gone: the checkpoint now names the new one, so that a kill
                 # before the next checkpoint (or any rerun of a finished one) goes on in it.
                 save_checkpoint(paths.checkpoint, {**resume, "run_id": run_id})
+                keep(paths.checkpoint)
             summary = _fit_and_write(built, train_d, val_d, run, run_id, classes, paths,
                                      train_xy[0][:2])
             # Only now: until the new model.pt exists, run.json must keep naming the run of
@@ -246,6 +255,7 @@ def train(params: dict[str, Any], dataset: str, arch: str, seed: int, paths: Tra
             artifacts.write_run(paths.model_dir, run_id, tracking.experiment_name(dataset),
                                 tracking.redact(tracking.tracking_uri()))
             tracking.set_terminated(run_id, "FINISHED")
+            drop_kept(paths.checkpoint)
         except BaseException as e:
             # Close the run so the MLflow UI does not show it running forever; a later
             # resume re-opens it. Never let a tracking failure hide the real error.
@@ -271,7 +281,7 @@ def _stopped_where(stage: str, checkpoint: Path, started_ns: int, resumed: bool)
     except OSError:
         saved = False
     if saved:
-        return f"during {stage}; rerun `dvc repro` to resume from {checkpoint}"
+        return f"during {stage}; rerun `dvc repro` or `dvc exp run` to resume from {checkpoint}"
     return f"during {stage}, before its first checkpoint; rerun `dvc repro` to start it again"
 
 
