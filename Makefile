@@ -62,19 +62,22 @@ test: setup
 predict: setup
 	PATH="$(BIN):$$PATH" $(PY) -m mnistlab.predict $(ARGS)
 
-# `dvc exp show` with ~20 of its ~230 columns: Experiment, Created, each <ds>/<arch>/seed-<seed>'s
-# test_accuracy, best_val_accuracy and train_seconds, and seed, seeds, datasets, archs and
-# hparams.<arch>.lr/epochs where they differ between rows. More flags: make exps ARGS="-A --md".
-# --keep protects columns from every drop; the (?!...) --drop removes all but those params (and
-# State, shown while a queue runs), which --only-changed then thins (tests/test_exps.py).
-EXPS_FLAGS := --keep '(Experiment|Created)$$' \
+# `dvc exp show` with ~20 of its ~230 columns: Experiment (rev: the workspace's and baseline's
+# name), Created, each <ds>/<arch>/seed-<seed>'s test_accuracy, best_val_accuracy and
+# train_seconds, and seed, seeds, datasets, archs and hparams.<arch>.lr/epochs where they differ
+# between rows; printed by src/mnistlab/exps.py with short column names (DVC's own table cuts
+# columns past 1,024 characters). More flags: make exps ARGS="-A --sort-by test_accuracy";
+# ARGS=--csv/--md/--json: DVC's output. --keep protects columns from every drop; the (?!...)
+# --drop removes all but those params (and State, shown while a queue runs), which
+# --only-changed then thins (tests/test_exps.py).
+EXPS_FLAGS := --keep '(Experiment|rev|Created)$$' \
 	--keep '(.+/test\.json:)?test_accuracy$$' \
 	--keep '(.+/train\.json:)?(best_val_accuracy|train_seconds)$$' \
 	--drop '(?!(State|(params\.yaml:)?(seeds?|datasets|archs|hparams\.[^.:]+\.(lr|epochs)))$$)' \
 	--only-changed
 
 exps: setup
-	PATH="$(BIN):$$PATH" dvc exp show $(EXPS_FLAGS) $(ARGS)
+	PATH="$(BIN):$$PATH" $(BIN)/python -m mnistlab.exps $(EXPS_FLAGS) $(ARGS)
 
 # The CI regression gate (src/mnistlab/ci/gate.py, settings in ci/gate.yaml): the real
 # pipeline up to compare (gate.yaml's targets: all the gate reads; features is left out)

@@ -39,14 +39,22 @@ for ds in p["datasets"]:
 """
 
 
-def exps_command() -> str:
-    """The shell lines ``make exps ARGS=--csv`` runs (setup assumed done, as after ``make test``)."""
+def exps_command(args: str = "--csv") -> str:
+    """The shell lines ``make exps ARGS=...`` runs (setup assumed done, as after ``make test``)."""
     if shutil.which("make") is None:
         pytest.skip("make not installed")
-    p = subprocess.run(["make", "--no-print-directory", "-n", "-o", "setup", "exps", "ARGS=--csv"],
+    p = subprocess.run(["make", "--no-print-directory", "-n", "-o", "setup", "exps", f"ARGS={args}"],
                        cwd=ROOT, capture_output=True, text=True, check=True)
-    assert "dvc exp show" in p.stdout, p.stdout
+    assert "-m mnistlab.exps" in p.stdout, p.stdout
     return p.stdout
+
+
+def make_exps(repo: Path, args: str = "--csv") -> str:
+    """What ``make exps ARGS=...`` prints in ``repo``."""
+    out = subprocess.run(["bash", "-c", exps_command(args)], cwd=repo, env=stage_env(repo),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def make_exps_repo(repo: Path, datasets: list[str], archs: list[str]) -> Path:
@@ -78,10 +86,7 @@ def make_exps_repo(repo: Path, datasets: list[str], archs: list[str]) -> Path:
 
 def columns(repo: Path) -> list[str]:
     """The header of what ``make exps ARGS=--csv`` prints in ``repo``."""
-    out = subprocess.run(["bash", "-c", exps_command()], cwd=repo, env=stage_env(repo),
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return next(csv.reader(io.StringIO(out.stdout)))
+    return next(csv.reader(io.StringIO(make_exps(repo))))
 
 
 def exp_run(repo: Path, *sets: str) -> None:
@@ -98,14 +103,14 @@ def test_exps_shows_each_items_headline_metrics_and_only_changed_params(tmp_path
 
     # no experiment yet: no param differs, so none is shown (nor the ~40 other columns)
     cols = columns(repo)
-    assert cols[:2] == ["Experiment", "Created"]
-    assert set(cols[2:]) == metrics
+    assert cols[:3] == ["Experiment", "rev", "Created"]
+    assert set(cols[3:]) == metrics
 
     # an experiment: the one changed param joins (not batch_size, train.*, deps, ...)
     exp_run(repo, "hparams.mlp.lr=0.01")
     cols = columns(repo)
-    assert cols[:2] == ["Experiment", "Created"]
-    assert set(cols[2:]) == metrics | {"hparams.mlp.lr"}
+    assert cols[:3] == ["Experiment", "rev", "Created"]
+    assert set(cols[3:]) == metrics | {"hparams.mlp.lr"}
 
 
 def test_exps_with_one_item_matches_dvcs_bare_and_file_prefixed_names(tmp_path):
@@ -115,10 +120,42 @@ def test_exps_with_one_item_matches_dvcs_bare_and_file_prefixed_names(tmp_path):
     repo = make_exps_repo(tmp_path / "repo", ["digits"], ["mlp"])
     exp_run(repo, "hparams.mlp.epochs=3", "seed=7", "train.min_steps=0")
     cols = columns(repo)
-    assert cols[:2] == ["Experiment", "Created"]
-    assert set(cols[2:]) == {"test_accuracy", "best_val_accuracy", "train_seconds",
+    assert cols[:3] == ["Experiment", "rev", "Created"]
+    assert set(cols[3:]) == {"test_accuracy", "best_val_accuracy", "train_seconds",
                              "hparams.mlp.epochs", "params.yaml:seed"}
     # both changed, as plain --only-changed shows, and are dropped all the same
     plain = run(["dvc", "exp", "show", "--csv", "--only-changed"], repo).stdout
     assert {"train.min_steps", "data/split/digits/summary.json:seed"} <= \
         set(next(csv.reader(io.StringIO(plain))))
+
+
+def test_exps_table_shows_every_arch_of_six_and_the_changed_param(tmp_path):
+    """Six archs: DVC's own table cut every column past its 1,024 characters (the last three
+    archs' metrics and the changed lr, found by a new user). The printed table has them all,
+    named short, and names the workspace and baseline rows."""
+    archs = ["resnet_bn", "lenet5", "cnn_4_8", "cnn_32_64", "cnn_16_32", "mlp"]
+    repo = make_exps_repo(tmp_path / "repo", ["digits"], archs)
+    exp_run(repo, "hparams.mlp.lr=0.01")
+    lines = make_exps(repo, "").splitlines()
+    who, what, rule, *rows = lines
+    assert who.split() == [a for a in archs for _ in range(3)]  # one line: what varies (the arch)
+    assert what.split()[:2] == ["Experiment", "Created"] and what.count("test acc") == 6
+    assert what.split()[2:6] == ["test", "acc", "best", "val"]  # a run's headline first
+    assert what.count("best val acc") == 6 and what.count("train s") == 6
+    assert what.split()[-1] == "hparams.mlp.lr" and set(rule) <= {"-", " "}
+    assert max(map(len, lines)) < 1024
+    by_name = {r.split()[0]: r.split() for r in rows}
+    assert len(by_name) == 3 and "workspace" in by_name  # and the baseline, by its branch
+    # mlp's test acc is 0.9 + lr (WRITE), then its best val acc and train s; the lr last
+    assert sorted(r[-4:] for name, r in by_name.items() if name != "workspace") == [
+        ["0.9010", "0.9500", "1.5", "0.001"], ["0.9100", "0.9500", "1.5", "0.01"]]
+
+
+def test_exps_headers_name_what_varies():
+    from mnistlab.exps import headers
+
+    one = ["metrics/digits/mlp/seed-1234/test.json:test_accuracy", "params.yaml:seed", "archs"]
+    assert headers(one) == ["mlp\ntest acc", "\nseed", "\narchs"]
+    two = [f"metrics/{ds}/mlp/seed-{s}/train.json:train_seconds" for ds in ("digits", "mnist")
+           for s in (1, 2)]
+    assert headers(two) == [f"{ds}/{s}\ntrain s" for ds in ("digits", "mnist") for s in (1, 2)]
