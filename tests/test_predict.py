@@ -282,6 +282,17 @@ def test_registry_uri_that_does_not_resolve_is_one_line(bad, champion, capsys):
                           f"{tracking.tracking_uri()}") and err.count("\n") == 1, err
 
 
+def test_a_uri_mlflow_cannot_load_says_what_is_expected(bad, champion, capsys):
+    """MLflow's own reason for an http URL is "not enough values to unpack (expected 2,
+    got 1)" (found by a new user): the line also says which model URIs work."""
+    with pytest.raises(SystemExit):
+        predict.main([str(bad / "good.png"), "--model", "http://127.0.0.1:1/x"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: http://127.0.0.1:1/x: cannot load it from MLflow store ") and \
+        err.endswith("; expected models:/<name>@<alias>, models:/<name>/<version> or "
+                     "runs:/<run id>/model\n") and err.count("\n") == 1, err
+
+
 def test_a_registry_uri_outside_the_project_makes_no_store(bad, tmp_path, monkeypatch, capsys):
     """Found by a new user: predict run from another folder said the model was not found
     and left an empty mlflow.db there (MLflow creates the default store to look it up)."""

@@ -610,7 +610,9 @@ def load_pyfunc(uri: str):
             return mlflow.pyfunc.load_model(uri, suppress_warnings=True)
     except Exception as e:  # noqa: BLE001 - MLflow raises many types; all mean "not loadable"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(store, redact(store))
-        raise MnistlabError(f"{uri}: cannot load it from MLflow store {redact(store)} ({first})") from None
+        raise MnistlabError(f"{uri}: cannot load it from MLflow store {redact(store)} ({first}); "
+                            f"expected models:/<name>@<alias>, models:/<name>/<version> or "
+                            f"runs:/<run id>/model") from None
 
 
 @contextlib.contextmanager
