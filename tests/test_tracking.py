@@ -98,6 +98,24 @@ def steps(client, run_id: str, metric: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, metric))
 
 
+def stopped_in_epoch_2(monkeypatch, params: dict, paths: TrainPaths) -> None:
+    """Run the train stage and stop it in epoch 2 (KeyboardInterrupt: what a signal becomes),
+    before that epoch's checkpoint; the stage's epoch logger is itself again afterwards."""
+    from mnistlab.stages.train import EpochLogger
+
+    real = EpochLogger.__call__
+
+    def stop_in_epoch_2(self, row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+        real(self, row)
+
+    monkeypatch.setattr(EpochLogger, "__call__", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(params, "digits", "mlp", SEED, paths)
+    monkeypatch.setattr(EpochLogger, "__call__", real)
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -223,26 +241,14 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run(params, split_dir, wor
     test_training's job.)"""
     from mlflow.tracking import MlflowClient
 
-    from mnistlab.stages.train import EpochLogger
-
     p = paths_in(workdir, split_dir)
-    real = EpochLogger.__call__
-
-    def killed_in_epoch_2(self, row):
-        if row["epoch"] == 2:
-            raise KeyboardInterrupt
-        real(self, row)
-
-    monkeypatch.setattr(EpochLogger, "__call__", killed_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train(params, "digits", "mlp", SEED, p)
+    stopped_in_epoch_2(monkeypatch, params, p)
     first_id = torch_load(p.checkpoint)["run_id"]  # run.json is written only on success
     assert not (p.model_dir / "run.json").exists()
     client = MlflowClient(tracking.tracking_uri())
     assert client.get_run(first_id).info.status == "KILLED"
     assert torch_load(p.checkpoint)["epoch"] == 1
 
-    monkeypatch.setattr(EpochLogger, "__call__", real)
     train(params, "digits", "mlp", SEED, p)
     assert run_id_of(p) == first_id
     assert client.get_run(first_id).info.status == "FINISHED"
@@ -259,7 +265,6 @@ def test_a_stopped_experiment_resumes_after_dvc_restores_the_committed_checkpoin
     from mlflow.tracking import MlflowClient
 
     from mnistlab.checkpoint import kept_copy
-    from mnistlab.stages.train import EpochLogger
 
     p = paths_in(workdir, split_dir)
     kept = kept_copy(p.checkpoint)
@@ -270,21 +275,11 @@ def test_a_stopped_experiment_resumes_after_dvc_restores_the_committed_checkpoin
 
     exp = copy.deepcopy(params)
     exp["hparams"]["mlp"]["lr"] = 0.002  # dvc exp run -S hparams.mlp.lr=0.002
-    real = EpochLogger.__call__
-
-    def stopped_in_epoch_2(self, row):
-        if row["epoch"] == 2:
-            raise KeyboardInterrupt
-        real(self, row)
-
-    monkeypatch.setattr(EpochLogger, "__call__", stopped_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train(exp, "digits", "mlp", SEED, p)
+    stopped_in_epoch_2(monkeypatch, exp, p)
     stopped_id = torch_load(kept)["run_id"]
     assert torch_load(kept)["epoch"] == 1 and kept.read_bytes() == p.checkpoint.read_bytes()
 
     p.checkpoint.write_bytes(committed)  # what `dvc exp run`'s checkout does first
-    monkeypatch.setattr(EpochLogger, "__call__", real)
     train(exp, "digits", "mlp", SEED, p)
     assert run_id_of(p) == stopped_id and not kept.exists()
     client = MlflowClient(tracking.tracking_uri())
