@@ -66,7 +66,7 @@ predict: setup
 # name), Created, each <ds>/<arch>/seed-<seed>'s test_accuracy, best_val_accuracy and
 # train_seconds, and seed, seeds, datasets, archs and hparams.<arch>.lr/epochs where they differ
 # between rows; printed by src/mnistlab/exps.py with short column names (DVC's own table cuts
-# columns past 1,024 characters). More flags: make exps ARGS="-A --sort-by test_accuracy";
+# columns past 1,024 characters). More flags: make exps ARGS="-A" (--sort-by: a full column name);
 # ARGS=--csv/--md/--json: DVC's output. --keep protects columns from every drop; the (?!...)
 # --drop removes all but those params (and State, shown while a queue runs), which
 # --only-changed then thins (tests/test_exps.py).

@@ -27,7 +27,7 @@ def main() -> None:
     loose = unverified(args.out)
     print(f"{args.dataset}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
           + (f" samples in {args.out}, NOT verified ({len(loose)} of its files have no digest "
-             f"in params.yaml)" if loose else f" samples verified in {args.out}"))
+             f"in {args.params})" if loose else f" samples verified in {args.out}"))
 
 
 if __name__ == "__main__":

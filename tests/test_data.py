@@ -771,7 +771,7 @@ def test_download_stage_errors_exit_2_with_one_line(tmp_path: Path):
     assert ("good: train 60, test 20 samples in raw/good, NOT verified (4 of its files have no "
             "digest in params.yaml)") in p.stdout
     for name in files:
-        assert (f"good/{name}.gz: no MD5 or SHA-256 pinned for it (sources.good in params.yaml); "
+        assert (f"good/{name}.gz: no MD5 or SHA-256 pinned for it (sources.good); "
                 f"used as it is, not verified") in p.stderr
     p = run_stage("download.py", "--dataset", "pinned", "--out", "raw/pinned", cwd=tmp_path)
     assert p.returncode == 0, p.stderr

@@ -6,6 +6,7 @@ errors. The end-to-end run is in test_pipeline_full.py (the pipeline it checks i
 from __future__ import annotations
 
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -241,4 +242,24 @@ def test_bad_seeds_stop_make_run_before_dvc_with_one_line(tmp_path, seeds, messa
     p = subprocess.run([sys.executable, "-m", "mnistlab.repro"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip() == message, p.stderr
+    assert p.stdout == "" and not (tmp_path / "build").exists()  # nothing started
+
+
+def test_a_tracking_server_that_is_down_stops_make_run_before_dvc(tmp_path):
+    """Found by a second tester: under DVC a stage's outputs are gone before the stage finds the
+    server down (DVC deletes them first), so `make run` probes it before any stage."""
+    import socket
+
+    from helpers.repo import committed_params_text
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing answers
+    (tmp_path / "params.yaml").write_text(committed_params_text())
+    uri = f"http://user:secret@127.0.0.1:{port}"
+    p = subprocess.run([sys.executable, "-m", "mnistlab.repro"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert p.returncode == 2 and p.stderr.startswith(
+        f"error: MLflow tracking server http://127.0.0.1:{port} unreachable"), p.stderr
+    assert p.stderr.count("\n") == 1 and "secret" not in p.stderr
     assert p.stdout == "" and not (tmp_path / "build").exists()  # nothing started

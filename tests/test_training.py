@@ -12,6 +12,7 @@ import dataclasses
 import io
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 from helpers.training import train_fit
 
 from mnistlab.artifacts import write_history
-from mnistlab.checkpoint import load_resumable
+from mnistlab.checkpoint import kept_copy, load_resumable
 from mnistlab.config import TrainSettings, load_params
 from mnistlab.data.digits import digits_as_mnist
 from mnistlab.errors import MnistlabError
@@ -468,6 +469,41 @@ def test_mismatched_fingerprint_is_never_resumed(params, digits, tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="mnistlab.training"):
         assert load_resumable(path, "params-B") is None
     assert "fingerprint differs" in caplog.text and "from scratch" in caplog.text
+
+
+def test_the_kept_copy_resumes_when_it_is_this_runs_and_further_along(params, digits, tmp_path,
+                                                                      caplog):
+    """The copy of an unfinished run's checkpoint (checkpoint.kept_copy, what a rerun `dvc exp
+    run` resumes from) against what DVC left at last.pt: nothing (DVC removed an output it had
+    no cache of: once a TypeError, found by a second tester), another run's, or this run's."""
+    hp = hparams(params, "mlp", epochs=2)
+    one, two, other = tmp_path / "one.pt", tmp_path / "two.pt", tmp_path / "other.pt"
+    run_fit(hparams(params, "mlp", epochs=1), splits(digits, hp, n_train=128), one, fingerprint="fp")
+    run_fit(hp, splits(digits, hp, n_train=128), two, fingerprint="fp")
+    run_fit(hp, splits(digits, hp, n_train=128), other, fingerprint="another")
+    last = tmp_path / "run" / "seed-1" / "last.pt"
+    last.parent.mkdir(parents=True)
+    kept = kept_copy(last)
+    assert kept == tmp_path / "run" / "seed-1.unfinished.pt"
+
+    shutil.copyfile(one, kept)  # last.pt gone
+    with caplog.at_level(logging.INFO, logger="mnistlab.checkpoint"):
+        assert load_resumable(last, "fp", kept)["epoch"] == 1
+    assert "resuming from" in caplog.text and "(last.pt: not there)" in caplog.text
+    shutil.copyfile(other, last)  # the committed run's, restored by DVC
+    assert load_resumable(last, "fp", kept)["epoch"] == 1
+    shutil.copyfile(two, last)  # this run's own, further along: it wins
+    assert load_resumable(last, "fp", kept)["epoch"] == 2
+    shutil.copyfile(other, kept)  # another run's copy: ignored, last.pt judged as ever
+    assert load_resumable(last, "fp", kept)["epoch"] == 2
+    caplog.clear()
+    shutil.copyfile(other, last)
+    with caplog.at_level(logging.WARNING, logger="mnistlab.checkpoint"):
+        assert load_resumable(last, "fp", kept) is None
+    assert "fingerprint differs" in caplog.text and "from scratch" in caplog.text
+    kept.write_bytes(b"not a checkpoint")  # damaged: refused like last.pt, left in place
+    with pytest.raises(MnistlabError, match=r"seed-1\.unfinished\.pt: refused to load .*delete it"):
+        load_resumable(last, "fp", kept)
 
 
 def test_unreadable_checkpoint_is_refused_and_left_in_place(tmp_path):

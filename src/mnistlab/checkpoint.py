@@ -91,8 +91,12 @@ def load_resumable(path: Path, fingerprint: str, kept: Path | None = None) -> di
     if kept is not None:
         copy, _ = _judge(kept, fingerprint)  # another run's copy: replaced by this run's first
         if copy is not None and (ckpt is None or copy["epoch"] > ckpt["epoch"]):
+            if ckpt is not None:
+                instead = f"epoch {ckpt['epoch']}, further back"
+            else:  # another run's (DVC restored the committed one), or none (DVC removed it)
+                instead = why_not or "not there"
             log.info("%s: resuming from %s, the last checkpoint of this unfinished run (%s: %s)",
-                     path, kept, path.name, why_not or f"epoch {ckpt['epoch']}, further back")
+                     path, kept, path.name, instead)
             return copy
     if why_not:
         log.warning("%s: %s; not resumed, training from scratch", path, why_not)

@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from mnistlab import tracking
 from mnistlab.config import PROGRESS_ENV, CompareSettings, load_params
 from mnistlab.errors import MnistlabError, run_script
 from mnistlab.threads import usable_cores
@@ -301,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (not this project's pipeline), DVC says what it cannot read.
     if (root / "params.yaml").is_file():
         CompareSettings.from_params(load_params(root / "params.yaml"))
+    # Every stage probes the tracking server too, but only after DVC has deleted its outputs
+    # (all but persist ones): a server that is down would cost every stage it reaches them.
+    tracking.check_reachable()
 
     chains, rest = ([], []) if args.jobs == 1 else plan(*read_pipeline(root))
     n = workers(args.jobs, chains)

@@ -384,8 +384,8 @@ def fetch(source: Source, out: str | os.PathLike, settings: DownloadSettings) ->
             shown = {f: entry["from"] for f, entry in manifest.items()}
             for entry in manifest.values():
                 if entry["verified"] in UNPINNED:
-                    log.warning("%s: no MD5 or SHA-256 pinned for it (sources.%s in params.yaml); "
-                                "used as it is, not verified", entry["from"], source.name)
+                    log.warning("%s: no MD5 or SHA-256 pinned for it (sources.%s); used as it is, "
+                                "not verified", entry["from"], source.name)
         counts = validate_raw(stage, len(source.classes), shown)
         record: dict[str, Any] = {"dataset": source.name, "files": manifest}
         if source.take:
