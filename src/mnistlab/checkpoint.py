@@ -132,16 +132,22 @@ def kept_copy(checkpoint: Path) -> Path:
     ``persist`` ones included, and a directory output loses any file it does not record.
     An experiment stopped mid-training and run again would find the committed run's
     checkpoint instead of its own and start over. The copy exists only while the run is
-    unfinished (:func:`keep`, :func:`drop_kept`).
+    unfinished (:func:`save_kept`, :func:`drop_kept`).
     """
     folder = checkpoint.parent
     return folder.with_name(f"{folder.name}.unfinished.pt")
 
 
-def keep(checkpoint: Path) -> None:
-    """Copy ``checkpoint`` to :func:`kept_copy` (atomically: a kill leaves the previous copy)."""
-    with atomic_path(kept_copy(checkpoint)) as tmp:
-        shutil.copyfile(checkpoint, tmp)
+def save_kept(checkpoint: Path, state: dict[str, Any]) -> None:
+    """:func:`save_checkpoint` to :func:`kept_copy` first, then the same file to ``checkpoint``.
+
+    In that order, so that a stop between the two leaves the copy ahead of ``checkpoint``
+    (which :func:`load_resumable` then takes), never behind it or missing.
+    """
+    kept = kept_copy(checkpoint)
+    save_checkpoint(kept, state)
+    with atomic_path(checkpoint) as tmp:
+        shutil.copyfile(kept, tmp)
 
 
 def drop_kept(checkpoint: Path) -> None:

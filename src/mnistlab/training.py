@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mnistlab.checkpoint import keep, rng_state, save_checkpoint, set_rng_state
+from mnistlab.checkpoint import rng_state, save_checkpoint, save_kept, set_rng_state
 from mnistlab.config import TrainSettings
 from mnistlab.distributed import SINGLE, Dist, all_reduce_sum
 from mnistlab.errors import MnistlabError
@@ -387,9 +387,9 @@ def fit(built: Built, train: DeviceSplit, val: DeviceSplit, *, hp: HParams,
         checkpoint: Where the resumable checkpoint is written (atomically) every
             ``settings.checkpoint_every`` epochs and after the last one.
         resume: A checkpoint from :func:`mnistlab.checkpoint.load_resumable` to continue from.
-        keep_copy: Also copy each checkpoint beside its DVC output folder
-            (:func:`mnistlab.checkpoint.keep`), where ``dvc exp run`` cannot replace it; the
-            train stage removes the copy once the run has finished.
+        keep_copy: Also keep each checkpoint beside its DVC output folder
+            (:func:`mnistlab.checkpoint.save_kept`), where ``dvc exp run`` cannot replace it;
+            the train stage removes the copy once the run has finished.
         on_epoch: Called with each finished epoch's row (epoch, train/val loss and
             accuracy, lr at the epoch's start, epoch_seconds, train_seconds) *before*
             that epoch's checkpoint is written: if it fails, the epoch is redone on
@@ -442,15 +442,13 @@ def fit(built: Built, train: DeviceSplit, val: DeviceSplit, *, hp: HParams,
     def save(epoch: int) -> None:
         if not dist.is_main:
             return
-        save_checkpoint(checkpoint, {
+        (save_kept if keep_copy else save_checkpoint)(checkpoint, {
             "arch": hp.arch, "args": built.args, "epoch": epoch, "epochs": epochs,
             "fingerprint": fingerprint, "model": model.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
             "history": history, "best_val_accuracy": best_acc, "best_model": best_state,
             **(extra_state or {}),
         })
-        if keep_copy:
-            keep(checkpoint)
 
     n_steps = steps_per_epoch(len(train), hp.batch_size)
     seen_per_epoch = n_steps * min(hp.batch_size, len(train))  # drop_last: full batches only

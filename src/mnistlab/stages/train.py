@@ -25,11 +25,10 @@ from mnistlab import artifacts, distributed, serving, threads, tracking
 from mnistlab.checkpoint import (
     code_digest,
     drop_kept,
-    keep,
     kept_copy,
     load_resumable,
     recorded_run_id,
-    save_checkpoint,
+    save_kept,
 )
 from mnistlab.config import PROGRESS_ENV, TrainSettings, stage_name
 from mnistlab.errors import MnistlabError, Stopped, describe, redact_text
@@ -245,8 +244,7 @@ def train(params: dict[str, Any], dataset: str, arch: str, seed: int, paths: Tra
             if resume is not None and resume.get("run_id") != run_id:
                 # Its run was gone: the checkpoint now names the new one, so that a kill
                 # before the next checkpoint (or any rerun of a finished one) goes on in it.
-                save_checkpoint(paths.checkpoint, {**resume, "run_id": run_id})
-                keep(paths.checkpoint)
+                save_kept(paths.checkpoint, {**resume, "run_id": run_id})
             summary = _fit_and_write(built, train_d, val_d, run, run_id, classes, paths,
                                      train_xy[0][:2])
             # Only now: until the new model.pt exists, run.json must keep naming the run of
