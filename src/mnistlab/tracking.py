@@ -598,7 +598,7 @@ def load_pyfunc(uri: str):
 
     store = tracking_uri()
     check_reachable(store)
-    db = store.removeprefix("sqlite:///") if store.startswith("sqlite:///") else None
+    db = store.removeprefix("sqlite:///").partition("?")[0] if store.startswith("sqlite:///") else None
     if db and not Path(db).is_file():
         # MLflow would create an empty store there to look the model up in (from any folder
         # the command runs in): nothing can be found in it, and it stays behind.
