@@ -46,9 +46,9 @@ def headers(columns: list[str]) -> list[str]:
     return out
 
 
-def cell(column: str, value: str) -> str:
-    """A CSV value as shown: accuracies to 4 decimals, seconds to 1, anything else as DVC wrote it."""
-    key = m["key"] if (m := RUN_METRIC.match(column)) else column
+def cell(key: str, value: str) -> str:
+    """A CSV value of metric or param ``key`` as shown: accuracies to 4 decimals, seconds to 1,
+    anything else as DVC wrote it."""
     try:
         number = float(value)
     except ValueError:
@@ -67,22 +67,24 @@ def table(text: str) -> str:
     if not rows:
         return ""
     columns, body = rows[0], rows[1:]
+    runs = [RUN_METRIC.match(c) for c in columns]
+    keys = [m["key"] if m else c for m, c in zip(runs, columns, strict=True)]
     named = [i for i, c in enumerate(columns) if c in NAME_COLUMNS]
     rest = [i for i in range(len(columns)) if i not in named]
     # each run's metrics together, in SHORT's order (DVC puts train.json's before test.json's)
     order, first = list(SHORT), {}
     for i in rest:
-        if m := RUN_METRIC.match(columns[i]):
+        if m := runs[i]:
             first.setdefault((m["ds"], m["arch"], m["seed"]), i)
 
     def place(i: int) -> tuple[int, int]:
-        if not (m := RUN_METRIC.match(columns[i])):
+        if not (m := runs[i]):
             return i, -1
         return (first[m["ds"], m["arch"], m["seed"]],
                 order.index(m["key"]) if m["key"] in order else len(order))
 
     rest = sorted(rest, key=place)
-    shown = [[next((r[i] for i in named if r[i]), "")] + [cell(columns[i], r[i]) for i in rest]
+    shown = [[next((r[i] for i in named if r[i]), "")] + [cell(keys[i], r[i]) for i in rest]
              for r in body]
     return tabulate(shown, ["\nExperiment", *headers([columns[i] for i in rest])],
                     tablefmt="simple", disable_numparse=True)

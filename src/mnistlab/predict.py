@@ -168,13 +168,11 @@ def read_image(path: Path) -> np.ndarray:
             with Image.open(path) as img:
                 img.load()
                 return to_mnist(img)
-    except Image.DecompressionBombWarning as e:
-        raise MnistlabError(f"{path}: unreadable image ({' '.join(str(e).split())})") from None
     except UnidentifiedImageError:
         raise MnistlabError(f"{path}: not an image Pillow can read, nor an IDX images file") from None
     except ValueError as e:
         raise MnistlabError(f"{path}: {e}") from None
-    except (OSError, Image.DecompressionBombError, SyntaxError) as e:
+    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning, SyntaxError) as e:
         raise MnistlabError(f"{path}: unreadable image ({' '.join(str(e).split())})") from None
 
 

@@ -50,6 +50,14 @@ def tracking_uri() -> str:
     return DEFAULT_URI if origin is None else f"sqlite:///{origin / 'mlflow.db'}"
 
 
+def sqlite_file(uri: str) -> str | None:
+    """The database file a ``sqlite:///`` store URI names (relative or absolute, without its
+    query string; empty for an in-memory store); None for any other store."""
+    if urllib.parse.urlsplit(uri).scheme != "sqlite":
+        return None
+    return uri[len("sqlite:///"):].split("?")[0]
+
+
 def redact(uri: str) -> str:
     """``http://user:secret@host`` → ``http://host``: safe to print, tag or store."""
     try:
@@ -151,8 +159,8 @@ def _schema_lock(uri: str) -> Iterator[None]:
     except ImportError:  # Windows: no flock; MLflow's own (unlocked) behaviour
         fcntl = None
     fd = None
-    if urllib.parse.urlsplit(uri).scheme == "sqlite" and fcntl is not None:
-        db = uri[len("sqlite:///"):].split("?")[0]
+    db = sqlite_file(uri)
+    if db is not None and fcntl is not None:
         try:
             fd = os.open(os.path.dirname(os.path.abspath(db)) if db else ".", os.O_RDONLY)
         except OSError:  # no such folder: MLflow will say so, in its own words
@@ -598,7 +606,7 @@ def load_pyfunc(uri: str):
 
     store = tracking_uri()
     check_reachable(store)
-    db = store.removeprefix("sqlite:///").partition("?")[0] if store.startswith("sqlite:///") else None
+    db = sqlite_file(store)
     if db and not Path(db).is_file():
         # MLflow would create an empty store there to look the model up in (from any folder
         # the command runs in): nothing can be found in it, and it stays behind.
