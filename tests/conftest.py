@@ -22,6 +22,7 @@ pytest.register_assert_rewrite("helpers")
 
 from helpers.http import Mirrors  # noqa: E402
 from helpers.repo import ROOT, SHARED, make_repo, write_committed_params  # noqa: E402
+from helpers.schedule import slow_first  # noqa: E402
 
 # Tests are CPU-only and small; two threads match the CI machine, shared among pytest-xdist's
 # workers (`pytest -n 2`: one each; most of a test's time is single-threaded Python, so two
@@ -98,3 +99,24 @@ def mirrors() -> Iterator[Mirrors]:
         m.server.shutdown()
         m.server.server_close()
         m.thread.join(timeout=10)
+
+
+# pytest's own fixture-scope grouping runs first (trylast), so the order given here is final.
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Each pytest-xdist worker starts on its share of the slow tests (helpers/schedule.py).
+
+    Every worker collects and must reach the same order, which depends only on the
+    collection and the worker count. A slow test moves only if none of its fixtures is
+    module- or class-scoped (``_fixtureinfo``: the fixtures pytest resolved for the item).
+    """
+    def movable(item) -> bool:
+        if item.get_closest_marker("slow") is None:
+            return False
+        defs = getattr(item, "_fixtureinfo", None)
+        return defs is not None and all(
+            fds[-1].scope not in ("module", "class", "package")
+            for fds in defs.name2fixturedefs.values() if fds)
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    items[:] = slow_first(items, movable, workers)
