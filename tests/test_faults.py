@@ -354,8 +354,10 @@ def test_kill9_after_the_last_epoch_then_rerun_leaves_one_finished_run(tmp_path:
 @pytest.mark.slow
 def test_outputs_a_failed_repro_deleted_come_back_from_the_checkpoint(tmp_path: Path):
     """``dvc repro`` deletes a stage's outputs (all but ``persist``) before its command runs;
-    a command that then fails leaves them gone. The rerun rebuilds them from the finished
-    checkpoint (persist: kept): nothing retrained, the same MLflow run, bit-identical files."""
+    a command that then fails leaves them gone. The git-tracked metrics are persist, so they
+    stay as they were; the rerun rebuilds the model folder from the finished checkpoint
+    (persist: kept): nothing retrained, the same MLflow run, byte-identical files, train.json
+    included (its thread count and logging seconds are the training's, from the checkpoint)."""
     repo = make_repo(tmp_path / "repo")
     stage = "train@digits-mlp-1234"
 
@@ -373,6 +375,7 @@ def test_outputs_a_failed_repro_deleted_come_back_from_the_checkpoint(tmp_path: 
     ckpt_bytes = (repo / CKPT).read_bytes()
     summary, history = _summary(metrics / "train.json"), _history(metrics / "history.csv")
     seconds = json.loads((metrics / "train.json").read_text())["train_seconds"]
+    tracked = {name: (metrics / name).read_bytes() for name in ("train.json", "history.csv")}
     run_id = json.loads(before["run.json"])["run_id"]
 
     # A change DVC re-runs the stage for (eval_batch_size is not in the checkpoint's
@@ -381,9 +384,9 @@ def test_outputs_a_failed_repro_deleted_come_back_from_the_checkpoint(tmp_path: 
     down = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
     failed = run(["dvc", "repro", stage], repo, check=False, env=down)
     assert failed.returncode != 0 and "unreachable" in failed.stdout + failed.stderr
-    # What DVC removed before running it: the model folder and both metrics files.
+    # What DVC removed before running it: the model folder; the metrics files are persist.
     assert not (repo / MODEL_DIR).exists()
-    assert not (metrics / "train.json").exists() and not (metrics / "history.csv").exists()
+    assert {name: (metrics / name).read_bytes() for name in tracked} == tracked
     assert (repo / CKPT).read_bytes() == ckpt_bytes  # persist: kept
 
     again = run(["dvc", "repro", stage], repo, env=env)
@@ -395,6 +398,7 @@ def test_outputs_a_failed_repro_deleted_come_back_from_the_checkpoint(tmp_path: 
     # train_seconds sums the checkpoint's epochs: the same to the bit, so nothing was retrained
     assert json.loads((metrics / "train.json").read_text())["train_seconds"] == seconds
     assert _history(metrics / "history.csv") == history
+    assert {name: (metrics / name).read_bytes() for name in tracked} == tracked
     assert (repo / CKPT).read_bytes() == ckpt_bytes
     _, runs = runs_in(repo)
     assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]

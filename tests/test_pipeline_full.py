@@ -158,6 +158,27 @@ def test_pipeline_outputs_dvc_views_champion_and_gate(tmp_repo):
             assert plots[f"reports/{run_of(arch)}/{png}"][0]["type"] == "image"
     assert plots["reports/curves/val-curves-digits.png"][0]["type"] == "image"
 
+    # ---- a mistyped param fails its stage under `dvc repro` and loses no git-tracked output
+    # (persist: true; DVC deletes the others first, which `dvc checkout` restores from its cache)
+    tracked = [p for p in ("reports/leaderboard.csv", "reports/leaderboard.md", "reports/runs.csv",
+                           "reports/champions.json",
+                           *(f"metrics/{run_of(a)}/{f}" for a in ARCHS for f in (
+                               "train.json", "history.csv", "test.json", "predictions.csv",
+                               "per_class.csv")))]
+    before = {p: (repo / p).read_bytes() for p in tracked}
+    good = (repo / "params.yaml").read_text()
+    for key, typo in (("rank_by: test_accuracy", "rank_by: accuracy"),
+                      ("eval_batch_size: 2000", "eval_batch_size: 2000.5")):
+        assert key in good, key
+        (repo / "params.yaml").write_text(good.replace(key, typo, 1))
+        p = run(["dvc", "repro"], repo, check=False, env=stage_env(repo))
+        assert p.returncode != 0 and "Traceback" not in p.stdout + p.stderr, p.stdout + p.stderr
+        assert "error: params.yaml: " in p.stdout + p.stderr, p.stdout + p.stderr
+        assert {p: (repo / p).read_bytes() for p in tracked} == before, typo
+    (repo / "params.yaml").write_text(good)
+    run(["dvc", "checkout"], repo)
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
+
     # ---- the gate: unchanged results pass
     (tmp / "profile.yaml").write_text("datasets: [digits]\n")
     gate(repo, "accept", tmp)
