@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -274,6 +275,18 @@ def test_the_train_stage_records_the_count_it_chose(tmp_path, monkeypatch, mlflo
     assert run.data.params["threads"] == str(want)
     assert "threads" not in run.data.metrics and "final_threads" not in run.data.metrics
     assert Slots(tmp_path / "slots").census() == (1, 0)  # the stage's slot is free again
+
+    # DVC deletes the outputs before a stage that then fails (a mistyped param); the rerun,
+    # now alone on the machine (auto would pick all cores), rebuilds them from the finished
+    # checkpoint without training: train.json still says what the training had.
+    train_json = (p.metrics_dir / "train.json").read_bytes()
+    for d in (p.model_dir, p.metrics_dir):
+        shutil.rmtree(d)
+    try:
+        again = train(params, "digits", "mlp", params["seeds"][0], p)
+    finally:
+        torch.set_num_threads(before)
+    assert again["threads"] == want and (p.metrics_dir / "train.json").read_bytes() == train_json
 
 
 # --------------------------------------------------------------------------- the benchmark

@@ -22,7 +22,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -369,7 +369,7 @@ def fit(built: Built, train: DeviceSplit, val: DeviceSplit, *, hp: HParams,
         settings: TrainSettings, dataset: str, seed: int, fingerprint: str, checkpoint: Path,
         resume: dict[str, Any] | None = None, keep_copy: bool = False,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
-        extra_state: dict[str, Any] | None = None,
+        extra_state: Mapping[str, Any] | None = None,
         dist: Dist = SINGLE,
         progress_file: TextIO | None = None,
         ) -> TrainResult:
@@ -394,7 +394,8 @@ def fit(built: Built, train: DeviceSplit, val: DeviceSplit, *, hp: HParams,
             accuracy, lr at the epoch's start, epoch_seconds, train_seconds) *before*
             that epoch's checkpoint is written: if it fails, the epoch is redone on
             resume, so a logger sees every epoch at least once.
-        extra_state: Stored in the checkpoint verbatim (e.g. the MLflow run id).
+        extra_state: Stored in the checkpoint verbatim, read at each write (e.g. the MLflow
+            run id: :class:`mnistlab.stages.train.RunRecord`).
         dist: Under torchrun, this process's rank: each rank trains on its slice of
             every global batch, epoch sums are all-reduced, and only rank 0 writes
             checkpoints (callers pass ``on_epoch`` on rank 0 only).

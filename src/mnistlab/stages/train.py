@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,34 @@ class TrainPaths:
     checkpoint: Path   # checkpoints/<ds>/<arch>/seed-<seed>/last.pt (persist: true in dvc.yaml)
 
 
+class RunRecord(Mapping[str, Any]):
+    """What every checkpoint keeps of the run besides the training (``fit``'s ``extra_state``),
+    read each time one is written: the MLflow run id, the torch thread count the run started
+    with, and its seconds of MLflow logging so far (those of earlier processes included).
+
+    Why: after DVC has deleted a finished run's outputs (before a stage that then failed on a
+    mistyped param), the rerun rebuilds them from the checkpoint without training; train.json
+    must then say what the training had, not this process's thread count and 0 s of logging,
+    or it differs from the one it replaces and compare reruns.
+    """
+
+    def __init__(self, run_id: str, threads: int, logger: EpochLogger, logged_before: float):
+        self.run_id, self.threads, self.logger, self.before = run_id, threads, logger, logged_before
+
+    def _now(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "threads": self.threads,
+                "tracking_seconds": self.before + self.logger.seconds}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._now()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._now())
+
+    def __len__(self) -> int:
+        return len(self._now())
+
+
 def fingerprint_of(hp: HParams, settings: TrainSettings, seed: int, digest: str,
                    device: torch.device, world: int, n_train: int) -> str:
     """Everything that changes the trained weights. checkpoint_every and eval_batch_size
@@ -80,8 +109,10 @@ class EpochLogger:
 
     # Half the 2 % budget: the last flush falls outside the rule, and a request's
     # cost varies.
-    def __init__(self, run_id: str, max_share: float = 0.01):
-        self.run_id, self.max_share = run_id, max_share
+    def __init__(self, run_id: str, max_share: float = 0.01, last_epoch: int | None = None):
+        # last_epoch's row is sent at once: before the last checkpoint is written, so that
+        # the logging seconds it records (RunRecord) are the whole run's.
+        self.run_id, self.max_share, self.last_epoch = run_id, max_share, last_epoch
         self.buffer: list[dict[str, float]] = []
         # A typical sqlite request until the first flush measures the real cost (the
         # first one also opens the store, so flushing at once would cost the most).
@@ -91,7 +122,8 @@ class EpochLogger:
 
     def __call__(self, row: dict[str, float]) -> None:
         self.buffer.append(row)
-        if time.perf_counter() - self.last >= self.cost / self.max_share:
+        if (time.perf_counter() - self.last >= self.cost / self.max_share
+                or (self.last_epoch is not None and row["epoch"] >= self.last_epoch)):
             self.flush()
 
     def flush(self) -> None:
@@ -246,7 +278,7 @@ def train(params: dict[str, Any], dataset: str, arch: str, seed: int, paths: Tra
                 # before the next checkpoint (or any rerun of a finished one) goes on in it.
                 save_kept(paths.checkpoint, {**resume, "run_id": run_id})
             summary = _fit_and_write(built, train_d, val_d, run, run_id, classes, paths,
-                                     train_xy[0][:2])
+                                     train_xy[0][:2], n_threads)
             # Only now: until the new model.pt exists, run.json must keep naming the run of
             # the model that is there (a failed rerun leaves the earlier outputs as they were;
             # a resume finds its run id in the checkpoint).
@@ -285,15 +317,18 @@ def _stopped_where(stage: str, checkpoint: Path, started_ns: int, resumed: bool)
 
 def _fit_and_write(built: Built, train_d: DeviceSplit, val_d: DeviceSplit, run: dict[str, Any],
                    run_id: str, classes: list[str], paths: TrainPaths,
-                   example_images: torch.Tensor) -> dict[str, float]:
+                   example_images: torch.Tensor, threads: int) -> dict[str, float]:
     """The part of :func:`train` that runs inside the MLflow run (rank 0): fit, write, log."""
     hp: HParams = run["hp"]
-    logger = EpochLogger(run_id)
-    result = fit(built, train_d, val_d, on_epoch=logger, extra_state={"run_id": run_id}, **run)
+    logger = EpochLogger(run_id, last_epoch=effective_epochs(hp, run["settings"], len(train_d)))
+    resume = run["resume"] or {}
+    record = RunRecord(run_id, int(resume.get("threads", threads)), logger,
+                       float(resume.get("tracking_seconds", 0.0)))
+    result = fit(built, train_d, val_d, on_epoch=logger, extra_state=record, **run)
     logger.flush()
 
     summary = {**result.summary, "parameters": count_parameters(result.model),
-               "tracking_seconds": logger.seconds, "threads": torch.get_num_threads()}
+               "tracking_seconds": record["tracking_seconds"], "threads": record["threads"]}
     normalize = {"mean": hp.mean, "std": hp.std}
     save_model(paths.model_dir / artifacts.MODEL,
                model_record(hp.arch, built.args, result.model.state_dict(), normalize, classes))
