@@ -319,7 +319,11 @@ def test_check_fails_when_an_arch_is_missing_or_the_profile_changed(tmp_path):
     passed, report = gate.check(work, profile, baseline, GATE)  # ds/a's old files stay on disk
     assert not passed and "ds/a/seed-1234 test_accuracy: MISSING (no result)" in report
 
+    assert "archs b (baseline: a, b)" in report and "git checkout params.yaml" in report
+
     (work / "params.yaml").write_text(yaml.safe_dump(params))
+    passed, report = gate.check(work, profile, baseline, GATE)
+    assert passed and "other datasets x archs x seeds" not in report, report
     profile.write_text("datasets: [ds]\ntrain: {min_steps: 1}\n")
     passed, report = gate.check(work, profile, baseline, GATE)
     assert not passed and "was made with another profile.yaml" in report
@@ -822,3 +826,18 @@ def test_a_seed_interval_is_clipped_to_an_accuracys_range(tmp_path):
     lo, hi = seed_interval(accs)
     assert hi > 1 and 0 < lo
     assert (board.at[0, "accuracy_ci_low"], board.at[0, "accuracy_ci_high"]) == (pytest.approx(lo), 1.0)
+
+
+def test_check_says_when_params_yaml_runs_other_seeds_than_the_baseline(tmp_path, capsys):
+    """`dvc exp run -S 'seeds=[1,2,3]'` leaves params.yaml edited, and the CI copies are made
+    from it: the report says so (and how to undo it) above the MISSING rows."""
+    work, profile = gate_workdir(tmp_path, {"ds/a": 0.90, "ds/b": 0.95})
+    baseline = tmp_path / "baseline.json"
+    gate.accept(tmp_path, work, profile, baseline, GATE)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    (work / "params.yaml").write_text(yaml.safe_dump({**params, "seeds": [1, 2, 3]}))
+    passed, report = gate.check(work, profile, baseline, GATE)
+    assert not passed
+    assert (f"seeds 1, 2, 3 (baseline: {SEED})" in report
+            and "archs" not in report.split("other datasets x archs x seeds")[1].split(".")[0])
+    assert "`make baseline`" in report

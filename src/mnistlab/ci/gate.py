@@ -493,6 +493,31 @@ def read_baseline(path: Path) -> dict[str, Any]:
     return base
 
 
+def runs_differ(base: dict[str, Any], params: dict[str, Any], baseline_path: Path) -> str | None:
+    """Why the runs ``params`` makes are not the ones the baseline holds; None when they are.
+
+    Why: the CI copies take datasets' archs and seeds from the working tree's params.yaml,
+    which ``dvc exp run -S 'seeds=[1,2,3]'`` leaves edited; the gate then listed every
+    baseline run as MISSING (110 rows) and never said that the params were the difference.
+    """
+    def dims(keys) -> list[list[str]]:
+        parts = [k.rsplit("/", 2) for k in keys if k.count("/") == 2]  # dataset/arch/seed-<seed>
+        seeds = sorted({p[2].removeprefix("seed-") for p in parts}, key=lambda x: (len(x), x))
+        return [sorted({p[0] for p in parts}), sorted({p[1] for p in parts}), seeds]
+
+    have = set(base.get("results", {}))
+    want = {run_key(*run) for run in runs_of(params)}
+    if have == want:
+        return None
+    diffs = [f"{name} {', '.join(n) or 'none'} (baseline: {', '.join(b) or 'none'})"
+             for name, n, b in zip(("datasets", "archs", "seeds"), dims(want), dims(have),
+                                   strict=True) if n != b]
+    what = "; ".join(diffs) or f"{len(want ^ have)} runs differ"
+    return (f"the CI copies run other datasets x archs x seeds than {baseline_path} holds: {what}. "
+            "params.yaml left edited by `dvc exp run -S`? `git checkout params.yaml`; "
+            "after an intended change, `make baseline` and commit it")
+
+
 def check(workdir: Path, profile: Path, baseline_path: Path,
           settings: dict[str, Any]) -> tuple[bool, str]:
     """Compare the copy's fresh results with the baseline, by the rules of ``settings`` (ci/gate.yaml).
@@ -509,6 +534,9 @@ def check(workdir: Path, profile: Path, baseline_path: Path,
     if base.get("profile_digest") != digest:
         problems.append(f"{baseline_path} was made with another {profile.name} (profile digest "
                         f"differs); compare like with like: run `make baseline` and commit it")
+    differ = runs_differ(base, params, baseline_path)
+    if differ:
+        problems.append(differ)
     correct = base.get("correct") or {}
     if not isinstance(correct, dict):
         raise MnistlabError(f"{baseline_path}: 'correct' must map each run to a 0/1 string")
@@ -592,7 +620,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pipeline":
             if args.jobs is not None:
                 settings = {**settings, "jobs": args.jobs}  # argparse checked it (_positive_int)
-            run_pipeline(workdir, load_params(workdir / "params.yaml"), settings)
+            params = load_params(workdir / "params.yaml")
+            try:
+                differ = baseline.is_file() and runs_differ(read_baseline(baseline), params, baseline)
+            except MnistlabError:  # an unreadable baseline: `check` says so; `make baseline` replaces it
+                differ = None
+            if differ:  # not an error: `make baseline` runs the pipeline after such a change
+                log.warning("%s", differ)
+            run_pipeline(workdir, params, settings)
         return 0
     if args.command == "accept":
         base = accept(root, workdir, profile, baseline, settings)
