@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 PYTEST ?= -q
-# pytest-xdist: one worker per core, each test handed to the next idle worker (worksteal keeps
-# the few minutes-long end-to-end tests from leaving a core idle at the end). Most of a test's
+# pytest-xdist: one worker per core, each test handed to the next idle worker (worksteal), every
+# worker starting on its share of the slow end-to-end tests (tests/helpers/schedule.py), so that
+# none is left running alone on one core at the end. Most of a test's
 # time is single-threaded Python (imports, subprocesses, DVC), so two workers on two cores ran
 # the suite in 13 min against 18 min for one. `make test XDIST=` runs it in one process.
 XDIST  ?= -n auto --dist worksteal
