@@ -5,6 +5,7 @@ errors. The end-to-end run is in test_pipeline_full.py (the pipeline it checks i
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import signal
@@ -14,9 +15,11 @@ import time
 
 import pytest
 import yaml
-from helpers.repo import run
+from helpers.checks import assert_one_line_error
+from helpers.repo import committed_params, run
 
 from mnistlab import repro
+from mnistlab.errors import MnistlabError
 from mnistlab.repro import Chain, Running
 
 
@@ -263,3 +266,49 @@ def test_a_tracking_server_that_is_down_stops_make_run_before_dvc(tmp_path):
         f"error: MLflow tracking server http://127.0.0.1:{port} unreachable"), p.stderr
     assert p.stderr.count("\n") == 1 and "secret" not in p.stderr
     assert p.stdout == "" and not (tmp_path / "build").exists()  # nothing started
+
+
+BAD_SETTINGS = {  # key: (value, what the one line says)
+    "train.device": ("gpu", "params.yaml: train.device: unknown device 'gpu'"),
+    "hparams.mlp.lr": (-0.01, "params.yaml: hparams.mlp.lr must be a positive number"),
+    "hparams.lenet5.epochs": ("five", "params.yaml: hparams.lenet5.epochs must be a positive integer"),
+    "evaluate.batch_size": (1.5, "params.yaml: evaluate.batch_size must be a positive integer"),
+    "features.device": ("tpu", "params.yaml: features.device: unknown device 'tpu'"),
+    "download.retries": (-1, "params.yaml: download.retries must be a positive integer"),
+    "datasets": (["digits", "nosuch"], "unknown dataset 'nosuch'"),
+    "archs": (["mlp", "mlpp"], "unknown arch 'mlpp' (valid: "),
+    "seeds": (7, "params.yaml: seeds must be a non-empty list of integers"),
+}
+
+
+def with_setting(params: dict, key: str, value) -> dict:
+    params = copy.deepcopy(params)
+    *path, last = key.split(".")
+    section = params
+    for k in path:
+        section = section[k]
+    section[last] = value
+    return params
+
+
+def test_the_committed_settings_pass_the_check_before_dvc():
+    repro.check_settings(committed_params())
+
+
+@pytest.mark.parametrize("key", list(BAD_SETTINGS))
+def test_a_setting_a_stage_would_refuse_stops_make_run_before_dvc_deletes_anything(key):
+    """DVC deletes a stage's cached outputs before starting it: `make run` checks every
+    setting its stages read first, as they would (walkthrough 3: `train.device: gpu` cost
+    the resnet_bn and lenet5 outputs before the train stage refused it)."""
+    value, says = BAD_SETTINGS[key]
+    with pytest.raises(MnistlabError) as e:
+        repro.check_settings(with_setting(committed_params(), key, value))
+    assert says in str(e.value), str(e.value)
+
+
+def test_make_run_with_a_bad_setting_is_one_line_and_runs_no_stage(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        with_setting(committed_params(), "train.device", "gpu"), sort_keys=False))
+    p = run([sys.executable, "-m", "mnistlab.repro", "--jobs", "2"], tmp_path, check=False)
+    assert_one_line_error(p, "train.device: unknown device 'gpu'")
+    assert "Running stage" not in p.stdout + p.stderr and not (tmp_path / "build").exists()

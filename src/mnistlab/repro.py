@@ -50,10 +50,18 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from mnistlab import tracking
-from mnistlab.config import PROGRESS_ENV, CompareSettings, load_params
+from mnistlab.config import (
+    PROGRESS_ENV,
+    CompareSettings,
+    DownloadSettings,
+    EvaluateSettings,
+    FeatureSettings,
+    TrainSettings,
+    load_params,
+)
 from mnistlab.errors import MnistlabError, run_script
 from mnistlab.threads import usable_cores
 
@@ -285,6 +293,33 @@ def dvc() -> str:
     return str(here) if here.is_file() else (shutil.which("dvc") or "dvc")
 
 
+def check_settings(params: dict[str, Any]) -> None:
+    """Every setting a stage of this run will read, validated the way that stage does.
+
+    Why before DVC: DVC deletes a stage's cached outputs before it starts the stage, so a
+    setting the stage then refuses (``train.device: gpu``, a negative lr) cost the outputs
+    of every stage it reached, to be brought back with ``dvc checkout``. It also expands
+    dvc.yaml's matrices over ``datasets``, ``archs`` and ``seeds`` first: one that is not a
+    list stops it with "unexpected error - 'Value' object is not iterable", and a seed
+    listed twice trains twice before compare refuses it. Here each error names its key.
+    (The split fractions are checked against the data, by the split stage.)
+    """
+    # here: these import torch, which a run stopped by a bad setting never needs otherwise
+    from mnistlab.data.sources import resolve_source
+    from mnistlab.hparams import HParams
+    from mnistlab.utils import pick_device
+
+    CompareSettings.from_params(params)  # datasets, archs, seeds: lists of distinct names
+    DownloadSettings.from_params(params)
+    for dataset in params["datasets"]:
+        resolve_source(params, dataset)
+    for arch in params["archs"]:
+        HParams.from_params(params, arch)
+    pick_device(TrainSettings.from_params(params).device, "train.device")
+    pick_device(EvaluateSettings.from_params(params).device, "evaluate.device")
+    pick_device(FeatureSettings.from_params(params).device, "features.device")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mnistlab.repro", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -295,13 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.jobs is not None and args.jobs < 1:
         ap.error(f"--jobs must be at least 1, got {args.jobs}")
     root = Path.cwd()
-    # DVC expands dvc.yaml's matrices over `datasets`, `archs` and `seeds` before any stage
-    # runs; one that is not a list stops it with "unexpected error - 'Value' object is not
-    # iterable", and a seed listed twice trains twice before compare refuses it. Checked here
-    # first (compare's own reading of them), the error names the key. Without a params.yaml
-    # (not this project's pipeline), DVC says what it cannot read.
+    # Without a params.yaml (not this project's pipeline), DVC says what it cannot read.
     if (root / "params.yaml").is_file():
-        CompareSettings.from_params(load_params(root / "params.yaml"))
+        check_settings(load_params(root / "params.yaml"))
     # Every stage probes the tracking server too, but only after DVC has deleted its outputs
     # (all but persist ones): a server that is down would cost every stage it reaches them.
     tracking.check_reachable()
