@@ -320,7 +320,7 @@ def _fit_and_write(built: Built, train_d: DeviceSplit, val_d: DeviceSplit, run: 
                    example_images: torch.Tensor, threads: int) -> dict[str, float]:
     """The part of :func:`train` that runs inside the MLflow run (rank 0): fit, write, log."""
     hp: HParams = run["hp"]
-    logger = EpochLogger(run_id, last_epoch=effective_epochs(hp, run["settings"], len(train_d)))
+    logger = EpochLogger(run_id, last_epoch=built.epochs)
     resume = run["resume"] or {}
     record = RunRecord(run_id, int(resume.get("threads", threads)), logger,
                        float(resume.get("tracking_seconds", 0.0)))
