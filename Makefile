@@ -120,8 +120,8 @@ benchmark-pipeline: setup
 benchmark-quickstart: setup
 	PATH="$(BIN):$$PATH" $(PY) benchmarks/quickstart.py $(ARGS)
 
-# On a GPU machine: the CUDA tests, benchmark, benchmark-pipeline and the loops with
-# train.compile: reduce-overhead, each with its own time limit (benchmarks/gpu.sh).
+# On a GPU machine: the CUDA tests, benchmark, the pipeline as make run runs it, and the
+# loops with train.cuda_graph: false, each with its own time limit (benchmarks/gpu.sh).
 benchmark-gpu: setup
 	PATH="$(BIN):$$PATH" PYTHON=$(PY) sh benchmarks/gpu.sh
 

@@ -42,7 +42,7 @@ from mnistlab.config import TrainSettings, load_params
 from mnistlab.hparams import HParams
 from mnistlab.inference import native_bf16, to_device
 from mnistlab.models import REGISTRY, build_model
-from mnistlab.training import build, fit, make_optimizer, make_scheduler
+from mnistlab.training import build, fit, make_optimizer, make_scheduler, use_step_graph
 from mnistlab.utils import pick_device, seed_everything, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +138,9 @@ def main() -> None:
     ap.add_argument("--compile", default=None,
                     help="mnistlab's train.compile for this run (true or a torch.compile mode such "
                          "as reduce-overhead); the results file gets a -compile-<mode> suffix")
+    ap.add_argument("--cuda-graph", choices=["true", "false"], default=None,
+                    help="mnistlab's train.cuda_graph for this run (default: params.yaml's); "
+                         "false on CUDA gives the results file a -no-graph suffix")
     args = ap.parse_args()
     if args.data is None:
         args.data = DATASETS / ("mnist-mini" if args.quick else "mnist")
@@ -147,6 +150,8 @@ def main() -> None:
     params = load_params(args.params)
     if args.compile is not None:
         params["train"]["compile"] = True if args.compile == "true" else args.compile
+    if args.cuda_graph is not None:
+        params["train"]["cuda_graph"] = args.cuda_graph == "true"
     settings = dataclasses.replace(TrainSettings.from_params(params), min_steps=0)
     device = pick_device(settings.device, "train.device")
     seed = params["seeds"][0] if args.seed is None else args.seed
@@ -188,13 +193,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     compiled = "" if not settings.compile else \
         f"-compile-{'default' if settings.compile is True else settings.compile}"
-    stem = args.out / f"loops-{device.type}{'-quick' if args.quick else ''}{compiled}"
+    graphed = use_step_graph(settings, device)
+    eager = "-no-graph" if device.type == "cuda" and not graphed and not settings.compile else ""
+    stem = args.out / f"loops-{device.type}{'-quick' if args.quick else ''}{compiled}{eager}"
     write_json(stem.with_suffix(".json"), result)
     epochs = f"{args.epochs} epoch(s) for both loops" if args.epochs else "the tutorials' epochs"
     lines = [f"Device: {device.type} ({name}{'; ' + flags if flags else ''}), torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, data {args.data.name}, {epochs}; mnistlab: channels_last={settings.channels_last}, "
              f"bf16 autocast={settings.bf16 and native_bf16(device)}, deterministic={settings.deterministic}, "
-             f"compile={settings.compile} (compile time counted); "
+             f"compile={settings.compile} (compile time counted), CUDA graph={graphed} "
+             "(warm-up and capture counted); "
              "classic: fp32, contiguous, DataLoader(num_workers=0)", "",
              "| arch | epochs | batch | classic img/s | mnistlab img/s | ratio | classic acc | mnistlab acc |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

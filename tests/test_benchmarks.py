@@ -192,6 +192,17 @@ def test_pipeline_summary_splits_the_wall_time(tmp_path: Path):
     assert result["finished"] is False and result["targets_met"] is False
     assert result["targets"]["wall_seconds"] == 60.0
     assert any(line.startswith("**Not finished: `dvc repro` stopped at its limit of 40 s**") for line in lines)
+    # N workers (make run's runner): the stage processes overlap, so the split is of their sum
+    result, lines = pipeline.summarize(tmp_path, {**params, "archs": ["mlp", "cnn"]}, "d", 30.0,
+                                       "cuda (test GPU)", True, jobs=6)
+    summed = result["stage_process_seconds"]
+    assert summed == pytest.approx(3 + 4 + 21 + 9) and result["jobs"] == 6
+    assert "DVC and stages/run.sh" not in result["split_seconds"]
+    assert sum(result["split_seconds"].values()) == pytest.approx(summed)
+    assert result["overhead_share"] == pytest.approx((summed - 10 - 0) / summed)
+    assert result["targets_met"] is False  # 30 s, but the share is far above 10 %
+    assert "**Wall time: 30.0 s** (target on one H100: <= 60 s)" in lines
+    assert any(line.startswith("6 workers: the stage processes overlap") for line in lines)
 
 
 def test_quickstart_table_gives_the_verdict_status_threads_and_accuracies():

@@ -23,19 +23,26 @@ from mnistlab.artifacts import write_history
 from mnistlab.checkpoint import kept_copy, load_resumable
 from mnistlab.config import TrainSettings, load_params
 from mnistlab.data.digits import digits_as_mnist
+from mnistlab.distributed import Dist
 from mnistlab.errors import MnistlabError
 from mnistlab.hparams import HParams
 from mnistlab.inference import DeviceSplit, to_device
 from mnistlab.models import REGISTRY
 from mnistlab.training import (
     RunProgress,
+    StepGraph,
     augment,
+    build,
     effective_epochs,
     epoch_generator,
+    fit,
     make_optimizer,
     make_scheduler,
     step_floor,
     steps_per_epoch,
+    train_one_epoch,
+    train_one_epoch_graphed,
+    use_step_graph,
 )
 from mnistlab.utils import torch_load
 
@@ -164,6 +171,7 @@ def test_unknown_arch_in_hparams_lists_valid_names(params):
     ({"deterministic": 1}, "train.deterministic"),
     ({"eval_batch_size": 0}, "train.eval_batch_size"),
     ({"checkpoint_every": 0}, "train.checkpoint_every"),
+    ({"cuda_graph": "yes"}, "train.cuda_graph"),
     ({"devices": "cpu"}, "train"),
 ])
 def test_bad_train_settings_name_the_key(params, override, key):
@@ -450,6 +458,64 @@ def test_resume_after_interruption_is_bit_identical(params, digits, tmp_path, ar
         assert_same_state(sa, sb)
 
 
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_the_graphs_step_trains_exactly_as_the_eager_epoch(params, digits, arch):
+    """StepGraph's step, run eagerly (capture=False: the very step a CUDA graph records), gives
+    train_one_epoch's weights, optimizer state, epoch sums and RNG state bit for bit over two
+    epochs: same images in the same order, same augmentation draws (resnet_bn), same dropout
+    draws (cnn_4_8), the bf16 autocast of this CPU where it has one. On CUDA the graph replays
+    this step (the GPU test below checks the replayed run against the eager one)."""
+    hp = hparams(params, arch, epochs=2, batch_size=32)
+    train, _ = splits(digits, hp, n_train=100)  # 3 full batches an epoch, 4 images left out
+    runs = []
+    for graphed in (False, True):
+        built = build(hp, SETTINGS, num_classes=10, n_train=len(train), device=CPU, seed=1)
+        graph = StepGraph(built.step_model, built.opt, train, hp, SETTINGS.bf16, capture=False)
+        sums = []
+        for epoch in (1, 2):
+            gen = epoch_generator(1, epoch, CPU)
+            out = (train_one_epoch_graphed(graph, built.sched, gen) if graphed else
+                   train_one_epoch(built.step_model, built.opt, built.sched, train, hp, gen,
+                                   SETTINGS.bf16))
+            sums.append({k: v.clone() for k, v in out.items()})
+        runs.append((built.model.state_dict(), built.opt.state_dict(), sums, torch.get_rng_state()))
+    (m0, o0, s0, r0), (m1, o1, s1, r1) = runs
+    assert_same_state(m0, m1)
+    for a, b in zip(o0["state"].values(), o1["state"].values(), strict=True):
+        assert_same_state(a, b)
+    assert len(s0) == len(s1) == 2
+    for a, b in zip(s0, s1, strict=True):
+        assert_same_state(a, b)
+    assert torch.equal(r0, r1)
+    assert graph.eager_steps == 0 and graph.graph is None  # capture=False never records
+
+
+def test_the_step_graph_is_used_on_cuda_in_one_uncompiled_process_only():
+    cuda, s = torch.device("cuda"), TrainSettings()  # a device name needs no GPU
+    assert s.cuda_graph and use_step_graph(s, cuda)
+    assert not use_step_graph(s, CPU)
+    assert not use_step_graph(dataclasses.replace(s, cuda_graph=False), cuda)
+    assert not use_step_graph(dataclasses.replace(s, compile="reduce-overhead"), cuda)
+    assert not use_step_graph(s, cuda, Dist(rank=0, world=2))
+
+
+def test_a_fused_optimizers_checkpoint_resumes_with_this_runs_implementation(params, digits,
+                                                                            tmp_path):
+    """A CUDA run's checkpoint (fused optimizer) resumed on the CPU keeps the CPU's implementation."""
+    hp = hparams(params, "cnn_32_64", epochs=2)
+    train, val = splits(digits, hp, n_train=128)
+    run_fit(dataclasses.replace(hp, epochs=1), (train, val), tmp_path / "c.pt")
+    state = load_resumable(tmp_path / "c.pt", "fp")
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = True  # as torch.optim.SGD(fused=True) on CUDA saves it
+    built = build(hp, SETTINGS, num_classes=10, n_train=len(train), device=CPU, seed=1)
+    assert not built.opt.param_groups[0].get("fused")
+    fit(built, train, val, hp=hp, settings=SETTINGS, dataset="digits", seed=1, fingerprint="fp",
+        checkpoint=tmp_path / "c.pt", resume=state)
+    assert all(not g.get("fused") for g in built.opt.param_groups)
+    assert torch_load(tmp_path / "c.pt")["epoch"] == 2
+
+
 def test_checkpoint_loads_with_weights_only(params, digits, tmp_path):
     """OneCycleLR + SGD(nesterov) state, RNG states and history: all plain tensors/containers."""
     hp = hparams(params, "resnet_bn", epochs=1, batch_size=32)
@@ -602,3 +668,47 @@ def test_cuda_reduce_overhead_run_resumes_on_the_cpu(params, digits, tmp_path, a
     # TF32 convolutions on the GPU: close, not equal; a near-tie may flip one of the 128
     torch.testing.assert_close(on_cpu, on_gpu, atol=1e-2, rtol=1e-2)
     assert (on_gpu.argmax(1) != on_cpu.argmax(1)).sum() <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_cuda_graph_run_equals_the_eager_run_and_resumes_exactly(params, digits, tmp_path, arch,
+                                                                 deterministic_cuda, monkeypatch):
+    """train.cuda_graph: the replayed run gives the eager run's bits (weights, history) under
+    deterministic algorithms with bf16, its steps really are replays (counted), and a graphed
+    run cut in epoch 2 resumes (warm-up and capture again) to the uninterrupted run's bits."""
+    hp = hparams(params, arch, epochs=3, batch_size=64)
+    images, labels = digits
+    train = to_device(images[:256], labels[:256], hp.mean, hp.std, deterministic_cuda)
+    val = to_device(images[256:384], labels[256:384], hp.mean, hp.std, deterministic_cuda)
+    eager_settings = TrainSettings(device="cuda", min_steps=0, bf16=True, cuda_graph=False)
+    graph_settings = dataclasses.replace(eager_settings, cuda_graph=True)
+    replays = []
+    real_replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay",
+                        lambda self: (replays.append(1), real_replay(self))[1])
+
+    def fit_with(settings, checkpoint, **kw):
+        return train_fit(hp, settings, train, val, seed=1, fingerprint="fp",
+                         checkpoint=tmp_path / checkpoint, **kw)
+
+    eager = fit_with(eager_settings, "eager.pt")
+    assert not replays
+    graphed = fit_with(graph_settings, "graph.pt")
+    steps = 3 * steps_per_epoch(256, 64)
+    assert len(replays) == steps - StepGraph.WARMUP
+    assert_same_state(eager.model.state_dict(), graphed.model.state_dict())
+    assert without_timing(eager.history) == without_timing(graphed.history)
+
+    def stop_in_epoch_2(row):
+        if row["epoch"] == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        fit_with(graph_settings, "cut.pt", on_epoch=stop_in_epoch_2)
+    state = load_resumable(tmp_path / "cut.pt", "fp")
+    assert state is not None and state["epoch"] == 1
+    resumed = fit_with(graph_settings, "cut.pt", resume=state)
+    assert_same_state(graphed.model.state_dict(), resumed.model.state_dict())
+    assert without_timing(graphed.history) == without_timing(resumed.history)

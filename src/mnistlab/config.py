@@ -266,6 +266,9 @@ class TrainSettings:
     # torch.compile the step model: false, true (= "default"), or a mode ("reduce-overhead":
     # CUDA graphs, for the small nets whose GPU steps are launch-bound; "max-autotune", ...).
     compile: bool | str = False
+    # On CUDA, replay each training step as one CUDA graph (training.StepGraph): same results,
+    # a launch per step instead of dozens. Ignored on CPU, under torchrun and with compile.
+    cuda_graph: bool = True
     eval_batch_size: int = 2000
     checkpoint_every: int = 1
     # Read by dvc.yaml's train command only: "python", or e.g.
@@ -287,7 +290,7 @@ class TrainSettings:
                                 f"'torchrun --standalone --nproc_per_node 2' (got {s['launcher']!r})")
         if "threads" in s:
             thread_setting("train.threads", s["threads"])
-        for flag in ("deterministic", "bf16", "channels_last"):
+        for flag in ("deterministic", "bf16", "channels_last", "cuda_graph"):
             if flag in s:
                 boolean(f"train.{flag}", s[flag])
         if isinstance(s.get("compile"), str):

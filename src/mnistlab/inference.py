@@ -54,13 +54,14 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, bf16: bool, *, cache: bool = True) -> contextlib.AbstractContextManager:
     """bf16 autocast when ``bf16`` and the device has native bf16; a no-op context elsewhere.
 
     The loss is always computed in float32 (callers cast the scores with ``.float()``).
+    ``cache=False``: no cache of the weights' bf16 casts (a CUDA graph's captured step).
     """
     if bf16 and native_bf16(device):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 

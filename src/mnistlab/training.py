@@ -59,7 +59,7 @@ LOSS_REFRESH_S = 1.0
 # --------------------------------------------------------------------------- augmentation
 
 
-def augment(x: torch.Tensor, hp: HParams, gen: torch.Generator,
+def augment(x: torch.Tensor, hp: HParams, gen: torch.Generator | None,
             draws: torch.Tensor | None = None) -> torch.Tensor:
     """Random affine warp (translate px, rotate deg, scale fraction) of a batch, on its device.
 
@@ -95,16 +95,23 @@ def augment(x: torch.Tensor, hp: HParams, gen: torch.Generator,
 # --------------------------------------------------------------------------- optimisation
 
 
-def make_optimizer(model: nn.Module, hp: HParams) -> torch.optim.Optimizer:
-    """The optimizer ``hp.optimizer`` over all of ``model``'s parameters."""
+def make_optimizer(model: nn.Module, hp: HParams, *, fused: bool = False) -> torch.optim.Optimizer:
+    """The optimizer ``hp.optimizer`` over all of ``model``'s parameters.
+
+    ``fused``: one kernel for the whole update instead of a few per parameter group (torch's
+    fused implementations; :func:`build` asks for it on CUDA, where a small net's step is
+    bound by kernel launches). On CPU the default implementation is kept: its results are
+    the committed ones.
+    """
     params = model.parameters()
+    extra = {"fused": True} if fused else {}
     if hp.optimizer == "sgd":
         return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
-                               weight_decay=hp.weight_decay)
+                               weight_decay=hp.weight_decay, **extra)
     if hp.optimizer == "adam":
-        return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay, **extra)
     if hp.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, **extra)
     raise MnistlabError(f"hparams.{hp.arch}.optimizer: unknown {hp.optimizer!r} (valid: sgd, adam, adamw)")
 
 
@@ -287,6 +294,124 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer,
     return {"loss_sum": loss_sum, "correct": correct}
 
 
+class StepGraph:
+    """A training step replayed as one CUDA graph: batch gather, augmentation, forward, loss,
+    backward and the epoch sums, all captured once and relaunched with one call per step.
+
+    Why: at the tutorials' batch sizes (50-256) a small net's GPU step is a few dozen tiny
+    kernels, each launched from Python; the launches, not the arithmetic, set its speed
+    (~3 ms a step on an H200, README: Performance, GPU). A replay costs one launch. The
+    optimizer stays outside the graph, as one fused kernel, so the per-step learning-rate
+    schedule works unchanged; the graph writes the gradients into the same tensors
+    (``param.grad``) on every replay, which the optimizer then reads.
+
+    Exactness: the graph runs the same kernels in the same order as :func:`train_one_epoch`,
+    reads the same rows of the epoch's permutation and the same augmentation draws, and
+    dropout draws from the global generator at the offsets an eager step would (replays
+    advance its offset as eager calls do), so a graphed run equals an eager one bit for bit
+    and resumes from checkpoints exactly (tests/test_training.py, GPU tests).
+
+    How: static buffers hold what changes between steps: the epoch's order (``perm``), the
+    step's index into it (``step_t``, advanced inside the graph), the augmentation draws
+    (filled from the epoch's generator before each replay, as the eager step draws them).
+    The first :attr:`WARMUP` steps of a run run eagerly on a side stream (what CUDA graph
+    capture needs: autograd's and cuBLAS's lazy set-up, the optimizer's state), as real
+    training steps; the next one is captured, then every step is a replay.
+
+    With ``capture=False`` (any device) the same step runs eagerly every time: the CPU tests
+    check it against :func:`train_one_epoch`, which is what makes the graph's step the same one.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, data: DeviceSplit,
+                 hp: HParams, bf16: bool, *, capture: bool) -> None:
+        self.model, self.opt, self.data, self.hp, self.bf16 = model, opt, data, hp, bf16
+        self.capture = capture
+        device = data.x.device
+        self.batch = min(hp.batch_size, len(data))
+        self.steps = steps_per_epoch(len(data), hp.batch_size)
+        self.perm = torch.zeros(self.steps, self.batch, dtype=torch.long, device=device)
+        self.step_t = torch.zeros(1, dtype=torch.long, device=device)
+        self.draws = torch.zeros(self.batch, 4, device=device)
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_steps = 0
+
+    def start_epoch(self, perm: torch.Tensor) -> None:
+        """Load the epoch's order (full batches only) and zero the step index and the sums."""
+        self.perm.copy_(perm[:self.steps * self.batch].view(self.steps, self.batch))
+        self.step_t.zero_()
+        self.loss_sum.zero_()
+        self.correct.zero_()
+
+    def _step(self) -> None:
+        """The step as captured: everything from "which images" to the gradients."""
+        idx = self.perm.index_select(0, self.step_t).view(self.batch)
+        x, y = self.data.x[idx], self.data.y[idx]
+        if self.hp.augments:
+            x = augment(x, self.hp, None, self.draws)
+        # No autocast weight cache: its casts would be freed at the context's exit, inside
+        # the capture; recasting each step is what the replay does anyway.
+        with autocast(x.device, self.bf16, cache=False):
+            out = self.model(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=self.hp.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.loss_sum += loss.detach() * self.batch
+        self.correct += (out.argmax(1) == y).sum()
+        self.step_t += 1
+
+    def run(self) -> None:
+        """One step's forward and backward: eagerly (warm-up, or capture=False), else a replay."""
+        if self.graph is not None:
+            self.graph.replay()
+        elif not self.capture:
+            self._step()
+        elif self.eager_steps < self.WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.eager_steps += 1
+        else:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records, runs nothing
+                self._step()
+            self.graph.replay()
+
+
+def train_one_epoch_graphed(graph: StepGraph, sched: torch.optim.lr_scheduler.LRScheduler,
+                            gen: torch.Generator, progress: RunProgress | None = None
+                            ) -> dict[str, torch.Tensor]:
+    """:func:`train_one_epoch` with each step's forward and backward run by ``graph``.
+
+    Draws from ``gen`` exactly what the eager epoch draws, in the same order: the
+    permutation, then each step's augmentation draws.
+    """
+    g, device = graph, graph.data.x.device
+    g.model.train()
+    g.start_epoch(torch.randperm(len(g.data), generator=gen, device=device))
+    for step in range(g.steps):
+        if g.hp.augments:
+            torch.rand(g.batch, 4, generator=gen, device=device, out=g.draws)
+        g.run()
+        g.opt.step()
+        sched.step()
+        if progress is not None:
+            progress.step(g.loss_sum, (step + 1) * g.batch)
+    return {"loss_sum": g.loss_sum.clone(), "correct": g.correct.clone()}
+
+
+def use_step_graph(settings: TrainSettings, device: torch.device, dist: Dist = SINGLE) -> bool:
+    """Whether a run replays its steps as a CUDA graph (:class:`StepGraph`): ``train.cuda_graph``
+    on CUDA, in one process (DDP's gradient all-reduce is not captured), not torch.compiled
+    (``reduce-overhead`` makes its own graphs)."""
+    return settings.cuda_graph and device.type == "cuda" and not dist.enabled and not settings.compile
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -334,7 +459,7 @@ def build(hp: HParams, settings: TrainSettings, *, num_classes: int, n_train: in
         raise MnistlabError(f"hparams.{hp.arch}.batch_size: {batch} is not divisible by the "
                             f"{dist.world} torchrun processes (each takes an equal slice)")
     epochs = effective_epochs(hp, settings, n_train)
-    opt = make_optimizer(model, hp)
+    opt = make_optimizer(model, hp, fused=device.type == "cuda")
     sched = make_scheduler(opt, hp, epochs * steps_per_epoch(n_train, hp.batch_size))
     step_model: nn.Module = model
     if dist.enabled:
@@ -421,7 +546,12 @@ def fit(built: Built, train: DeviceSplit, val: DeviceSplit, *, hp: HParams,
 
     if resume is not None:
         model.load_state_dict(resume["model"])
+        # The implementation (fused on CUDA, not on CPU) is this run's choice, not the
+        # checkpoint's: a CUDA run's checkpoint resumes on the CPU too.
+        impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
         opt.load_state_dict(resume["optimizer"])
+        for group, flags in zip(opt.param_groups, impl, strict=True):
+            group.update(flags)
         sched.load_state_dict(resume["scheduler"])
         set_rng_state(resume["rng"])
         history = list(resume["history"])
@@ -452,6 +582,8 @@ def fit(built: Built, train: DeviceSplit, val: DeviceSplit, *, hp: HParams,
         })
 
     n_steps = steps_per_epoch(len(train), hp.batch_size)
+    graph = (StepGraph(built.step_model, opt, train, hp, settings.bf16, capture=True)
+             if use_step_graph(settings, train.x.device, dist) else None)
     seen_per_epoch = n_steps * min(hp.batch_size, len(train))  # drop_last: full batches only
     show = (dist.is_main and start_epoch <= epochs
             and (progress_file is not None or sys.stderr.isatty()))
@@ -466,8 +598,9 @@ def fit(built: Built, train: DeviceSplit, val: DeviceSplit, *, hp: HParams,
             lr = opt.param_groups[0]["lr"]
             t0 = time.perf_counter()
             bar.start_epoch(epoch)
-            sums = train_one_epoch(built.step_model, opt, sched, train, hp, gen, settings.bf16,
-                                   bar, dist)
+            sums = (train_one_epoch_graphed(graph, sched, gen, bar) if graph is not None else
+                    train_one_epoch(built.step_model, opt, sched, train, hp, gen, settings.bf16,
+                                    bar, dist))
             all_reduce_sum(dist, sums["loss_sum"], sums["correct"])
             # Host syncs happen here, twice an epoch: once to time training alone,
             # once to read validation; never inside the step loop.
