@@ -39,23 +39,31 @@ def no_clipped_text(caplog) -> bool:
     return not [r for r in caplog.records if r.name == "mnistlab.plots" and "runs past" in r.message]
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("arch", sorted(REGISTRY))
-def test_extract_works_for_every_registered_arch(arch, tmp_path, caplog):
+def test_extract_works_for_every_registered_arch(arch, device, tmp_path, caplog):
+    """On the CPU and, where there is one, on CUDA: the features stage passes the model and the
+    test images on the training device (an MLP on CUDA once failed in pixel_linear)."""
     torch.manual_seed(0)
-    model = build_model(arch, num_classes=10).eval()
+    model = build_model(arch, num_classes=10).eval().to(device)
     x, y = digits_batch(30)
+    x = x.to(device)
     emb, head, written = features.extract(model, x, y, CLASSES, SETTINGS, tmp_path, f"digits/{arch}")
 
     convs = features.conv_layers(model)
     head_layer = dict(model.named_modules())[head]
     assert head_layer is features.last_linear(model)[1]
     assert emb.shape == (30, head_layer.in_features) and emb.dtype == torch.float32
-    assert torch.isfinite(emb).all()
+    assert emb.device.type == "cpu" and torch.isfinite(emb).all()
     # the embedding is exactly what the head sees: applying the head reproduces the logits
     with torch.inference_mode():
         logits = model(x)
-    if not isinstance(list(model.modules())[-1], nn.LogSoftmax):
-        assert torch.allclose(head_layer(emb), logits, atol=1e-5)
+        if not isinstance(list(model.modules())[-1], nn.LogSoftmax):
+            assert torch.allclose(head_layer(emb.to(device)), logits, atol=1e-5)
 
     # every picture: >= 400 px each way, titled (in the PNG) with the tag, the layer and its shape
     if convs:

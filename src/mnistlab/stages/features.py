@@ -84,7 +84,8 @@ def pixel_linear(model: nn.Module, x: torch.Tensor) -> tuple[str, nn.Linear] | N
         return None
     name, layer = linears[0]
     seen = capture(model, {name: layer}, x[:1], inputs=True)[name]
-    return (name, layer) if torch.equal(seen, x[:1].flatten(1)) else None
+    # capture() hands back CPU tensors; x may be on the GPU
+    return (name, layer) if torch.equal(seen, x[:1].flatten(1).to(seen.device)) else None
 
 
 def capture(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor, inputs: bool = False,
