@@ -3,6 +3,7 @@
     python benchmarks/pipeline.py                       # full MNIST, ../shared/datasets/mnist
     python benchmarks/pipeline.py --data DIR            # the four MNIST files (.gz or not) in DIR
     python benchmarks/pipeline.py --dataset fashion_mnist
+    python benchmarks/pipeline.py --jobs 6              # as `make run` runs it: parallel chains
 
 Runs the real pipeline from scratch in a copy of the working tree (``build/pipeline/<dataset>/``,
 made like the CI gate's copies: its own params.yaml with ``datasets: [<dataset>]`` and every
@@ -24,9 +25,12 @@ time of the one ``dvc repro`` splits into:
 - DVC and stages/run.sh: the wall time outside every stage process (DVC's start-up, hashing,
   dvc.lock; run.sh's check that the interpreter imports mnistlab).
 
+With ``--jobs N`` (N > 1) the run is ``python -m mnistlab.repro --jobs N``, whose stages
+overlap: the split is then of the stage processes' summed seconds, and the report says so.
+
 Targets (issue #14): everything but training and evaluation under 10 % of the wall time;
 on one H100 the whole run within 60 s. Writes ``benchmarks/results/pipeline-<device>.{json,md}``
-(``pipeline-<device>-<dataset>.*`` for another dataset).
+(``pipeline-<device>-<dataset>.*`` for another dataset; a ``-jobs<N>`` suffix with ``--jobs``).
 """
 
 from __future__ import annotations
