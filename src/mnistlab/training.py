@@ -247,6 +247,24 @@ def _logs_to_console() -> bool:
                for h in logging.getLogger().handlers)
 
 
+def loss_and_grads(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+                   y: torch.Tensor, hp: HParams, bf16: bool, *, cache: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's forward (bf16 autocast where native, the loss in float32) and backward into
+    fresh gradients: the part :func:`train_one_epoch` and :class:`StepGraph` share, so that
+    the graph records the very step the eager loop runs. Returns ``(scores, loss)``.
+
+    ``cache=False``: no cache of the weights' bf16 casts; inside a CUDA graph capture it
+    would be freed at the context's exit, and a replay recasts every step anyway.
+    """
+    with autocast(x.device, bf16, cache=cache):
+        out = model(x)
+        loss = F.cross_entropy(out.float(), y, label_smoothing=hp.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    return out, loss
+
+
 def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer,
                     sched: torch.optim.lr_scheduler.LRScheduler, data: DeviceSplit, hp: HParams,
                     gen: torch.Generator, bf16: bool, progress: RunProgress | None = None,
@@ -283,11 +301,7 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer,
         if hp.augments:
             draws = torch.rand(batch, 4, generator=gen, device=device)[local] if dist.enabled else None
             x = augment(x, hp, gen, draws)
-        with autocast(device, bf16):
-            out = model(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=hp.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out, loss = loss_and_grads(model, opt, x, y, hp, bf16)
         opt.step()
         sched.step()
         loss_sum += loss.detach() * len(y)
@@ -355,13 +369,7 @@ class StepGraph:
         x, y = self.data.x[idx], self.data.y[idx]
         if self.hp.augments:
             x = augment(x, self.hp, None, self.draws)
-        # No autocast weight cache: its casts would be freed at the context's exit, inside
-        # the capture; recasting each step is what the replay does anyway.
-        with autocast(x.device, self.bf16, cache=False):
-            out = self.model(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=self.hp.label_smoothing)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out, loss = loss_and_grads(self.model, self.opt, x, y, self.hp, self.bf16, cache=False)
         self.loss_sum += loss.detach() * self.batch
         self.correct += (out.argmax(1) == y).sum()
         self.step_t += 1
