@@ -161,32 +161,32 @@ def misclassified(ev: Evaluation, limit: int) -> np.ndarray:
 
 def plot_misclassified(path: Path, images: torch.Tensor, ev: Evaluation, classes: list[str],
                        limit: int, title: str) -> int:
-    """A grid of the most confident mistakes, each titled ``true 7`` / ``pred 1 (0.93)``.
+    """A grid of the most confident mistakes, each labelled ``true 7`` / ``pred 1 (0.93)``.
 
-    At least :data:`mnistlab.plots.MIN_SIDE` px each way and 600 px wide, so that a
-    grid of one or two mistakes still has room for its title (once 150 x 210 px,
-    title cut off).
+    The test images as stored (0-255, ink dark on white), eight to a row, drawn as one
+    image (:func:`mnistlab.plots.image_grid`: 0.2 s for 40 mistakes, 1.8 s as 40
+    matplotlib axes). At least :data:`mnistlab.plots.MIN_SIDE` px each way and 600 px
+    wide, so that a grid of one or two mistakes still has room for its title (once
+    150 x 210 px, title cut off).
+
+    Args:
+        images: uint8 [N, H, W] test images, in the order of ``ev``.
 
     Returns:
         How many images the grid shows (0: a "no mistakes" placeholder is drawn).
     """
     idx = misclassified(ev, limit)
-    cols = max(1, min(8, len(idx)))
-    rows = max(1, -(-len(idx) // cols))
-    # 1.5 x 1.8 in per tile: a 28 px digit at ~4x and two lines of 8 pt labels
-    fig = plots.figure(figsize=(max(6.0, 1.5 * cols), max(plots.MIN_SIDE / plots.DPI,
-                                                           1.8 * rows + 0.6)),
-                       dpi=plots.DPI, layout="constrained")
     if len(idx) == 0:
+        fig = plots.figure(figsize=(6.0, plots.MIN_SIDE / plots.DPI), dpi=plots.DPI)
         fig.text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
-    for n, i in enumerate(idx.tolist()):
-        ax = fig.add_subplot(rows, cols, n + 1)
-        ax.imshow(images[i].numpy(), cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
-        ax.set_title(f"true {classes[ev.y_true[i]]}\npred {classes[ev.y_pred[i]]} "
-                     f"({ev.confidence[i]:.2f})", fontsize=8)
-        ax.axis("off")
-    plots.wrapped_title(fig, title)
-    plots.save(fig, path, tight=False)
+        plots.wrapped_title(fig, title)
+        plots.save(fig, path, tight=False)
+        return 0
+    labels = [f"true {classes[ev.y_true[i]]}\npred {classes[ev.y_pred[i]]} ({ev.confidence[i]:.2f})"
+              for i in idx.tolist()]
+    grid = plots.Grid(images[torch.from_numpy(idx)].float().numpy() / 255.0,
+                      ncol=min(8, len(idx)), cell_labels=labels, stretch=False, invert=True)
+    plots.image_grid(grid, path, title, min_width=600)
     return len(idx)
 
 
