@@ -219,40 +219,50 @@ def test_plot_misclassified_without_mistakes_still_draws(tmp_path):
     assert_picture(tmp_path / "m.png", "none")
 
 
+def tile_labels(monkeypatch) -> list:
+    """Filled when plot_misclassified saves: ``(text, box in pixels)`` of each tile's label."""
+    tiles = []
+    save = evaluation.plots.save
+
+    def spy(fig, path, **kw):
+        renderer = fig.canvas.get_renderer()
+        tiles.extend((t.get_text(), t.get_window_extent(renderer)) for t in fig.texts
+                     if t.get_text().startswith("true "))
+        save(fig, path, **kw)
+
+    monkeypatch.setattr(evaluation.plots, "save", spy)
+    return tiles
+
+
+def assert_labels_apart(tiles: list) -> None:
+    """No two labels of one row of tiles overlap."""
+    boxes = [box for _, box in tiles]
+    for row in {round(b.y0) for b in boxes}:
+        xs = sorted((b.x0, b.x1) for b in boxes if round(b.y0) == row)
+        assert all(a[1] <= b[0] for a, b in zip(xs, xs[1:], strict=False)), xs
+
+
 @pytest.mark.parametrize("mistakes", [1, 2, 9, 40])
 def test_plot_misclassified_is_readable_at_any_count(tmp_path, monkeypatch, caplog, mistakes):
     """Once 150 x 210 px for one mistake, its title cut off: now >= 400 px each way, the title
     whole (no text past the edge) and in the PNG, each tile ``true <class>`` / ``pred <class> (p)``,
-    and no tile's label running into its neighbour's (Fashion-MNIST's longest names are wider
-    than a tile)."""
+    and no tile's label running into its neighbour's."""
     classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                "Bag", "Ankle boot"]  # Fashion-MNIST's: the longest names we draw
     y = torch.arange(50) % 10
     out = torch.nn.functional.one_hot(y, 10).float() * 4
     out[:mistakes] = out[:mistakes].roll(1, dims=1)  # image i predicted as class y+1, p ≈ 0.86
     ev = evaluation.summarize(out, y, classes)
-    tiles, boxes = [], []
-    save = evaluation.plots.save
-
-    def spy(fig, path, **kw):
-        renderer = fig.canvas.get_renderer()
-        for t in fig.texts:
-            if t.get_text().startswith("true "):
-                tiles.append(t.get_text())
-                boxes.append(t.get_window_extent(renderer))
-        save(fig, path, **kw)
-
-    monkeypatch.setattr(evaluation.plots, "save", spy)
+    tiles = tile_labels(monkeypatch)
     title = f"fashion_mnist_mini/resnet_bn: {mistakes} of 50 misclassified (most confident first)"
     n = evaluation.plot_misclassified(tmp_path / "m.png", torch.zeros(50, 28, 28, dtype=torch.uint8),
                                       ev, classes, 40, title)
     assert n == min(mistakes, 40)
     w, _ = assert_picture(tmp_path / "m.png", title)
     assert w >= 600  # room for the title even with one tile
-    assert f"true T-shirt/top\npred Trouser ({ev.confidence[0]:.2f})" in tiles and len(tiles) == n
-    for a, b in zip(boxes, boxes[1:], strict=False):
-        if abs(a.y0 - b.y0) < 1:  # neighbours in one row
-            assert a.x1 <= b.x0, (a, b)
+    assert f"true T-shirt/top\npred Trouser ({ev.confidence[0]:.2f})" in dict(tiles)
+    assert len(tiles) == n
+    assert_labels_apart(tiles)
     assert not [r for r in caplog.records if "runs past" in r.message]
 
 
@@ -264,21 +274,10 @@ def test_misclassified_labels_wider_than_a_tile_widen_its_column(tmp_path, monke
     out = torch.nn.functional.one_hot(y, 10).float() * 4
     out = out.roll(1, dims=1)  # every image wrong
     ev = evaluation.summarize(out, y, classes)
-    boxes = []
-    save = evaluation.plots.save
-
-    def spy(fig, path, **kw):
-        renderer = fig.canvas.get_renderer()
-        boxes.extend(t.get_window_extent(renderer) for t in fig.texts if t.get_text().startswith("true "))
-        save(fig, path, **kw)
-
-    monkeypatch.setattr(evaluation.plots, "save", spy)
+    tiles = tile_labels(monkeypatch)
     n = evaluation.plot_misclassified(tmp_path / "m.png", torch.zeros(16, 28, 28, dtype=torch.uint8),
                                       ev, classes, 40, "long names")
-    assert n == 16 and len(boxes) == 16
-    rows = sorted({round(b.y0) for b in boxes})
-    assert len(rows) == 2  # eight to a row
-    for row in rows:
-        xs = sorted((b.x0, b.x1) for b in boxes if round(b.y0) == row)
-        assert all(a[1] <= b[0] for a, b in zip(xs, xs[1:], strict=False)), xs
+    assert n == 16 and len(tiles) == 16
+    assert len({round(box.y0) for _, box in tiles}) == 2  # eight to a row
+    assert_labels_apart(tiles)
     assert_picture(tmp_path / "m.png", "long names")

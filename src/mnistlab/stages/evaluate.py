@@ -164,7 +164,7 @@ def plot_misclassified(path: Path, images: torch.Tensor, ev: Evaluation, classes
     """A grid of the most confident mistakes, each labelled ``true 7`` / ``pred 1 (0.93)``.
 
     The test images as stored (0-255, ink dark on white), eight to a row, drawn as one
-    image (:func:`mnistlab.plots.image_grid`: 0.2 s for 40 mistakes, 1.8 s as 40
+    image (:func:`mnistlab.plots.image_grid`: 0.4 s for 40 mistakes, 1.8 s as 40
     matplotlib axes). At least :data:`mnistlab.plots.MIN_SIDE` px each way and 600 px
     wide, so that a grid of one or two mistakes still has room for its title (once
     150 x 210 px, title cut off).
