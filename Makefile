@@ -47,10 +47,11 @@ $(VEGA): package.json package-lock.json
 # make run: `dvc repro`, its independent stage chains (one per dataset x arch) on one worker
 # per core, then compare in the foreground (src/mnistlab/repro.py); JOBS=1: plain `dvc repro`.
 # make run PROFILE=thorough: profiles/thorough.yaml's overrides as a DVC experiment
-# (dvc exp run -S key=value ...; python -m mnistlab.profile prints them).
+# (dvc exp run -S key=value ...; python -m mnistlab.profile prints them). Either way the stages
+# fork from a stage server with their imports done (src/mnistlab/stageserver.py).
 run: setup
 ifdef PROFILE
-	args=$$($(PY) -m mnistlab.profile $(PROFILE)) && PATH="$(BIN):$$PATH" eval dvc exp run $$args
+	args=$$($(PY) -m mnistlab.profile $(PROFILE)) && PATH="$(BIN):$$PATH" eval $(PY) -m mnistlab.stageserver -- dvc exp run $$args
 else
 	PATH="$(BIN):$$PATH" $(PY) -m mnistlab.repro $(if $(JOBS),--jobs $(JOBS))
 endif

@@ -6,7 +6,9 @@
 #   3. the whole pipeline over every arch on full MNIST, as `make run` runs it
 #      (python -m mnistlab.repro --jobs $JOBS, default 6: one worker per arch), timed and split
 #      (benchmarks/pipeline.py);
-#   4. step 2 with train.cuda_graph: false (the eager step, on the same machine, for the graph's
+#   4. step 3 with every stage a fresh interpreter (--no-stage-server): what the stage server
+#      (src/mnistlab/stageserver.py) saves, on the same machine;
+#   5. step 2 with train.cuda_graph: false (the eager step, on the same machine, for the graph's
 #      own effect; last, so a short lease drops it first).
 # (train.compile: reduce-overhead is not run: on an H200 it did not repay its compile time in
 # one epoch, loops-cuda-compile-reduce-overhead-partial.json; `compare_loops.py --compile` runs it.)
@@ -17,7 +19,9 @@
 #   PYTHON=<interpreter with mnistlab's requirements>  (default: python)
 #   DEADLINE=<epoch seconds>  no step runs past it (a lease's end); each step's own limit is
 #     TESTS_LIMIT, LOOPS_LIMIT, PIPELINE_LIMIT, EAGER_LIMIT (seconds)
-#   TESTS_ARGS, LOOPS_ARGS, PIPELINE_ARGS: extra arguments of steps 1, 2 and 4, and 3
+#   TESTS_ARGS, LOOPS_ARGS, PIPELINE_ARGS: extra arguments of steps 1, 2 and 5, and 3 and 4
+#   STEPS=<names>  the steps to run, in this script's order (default: all of
+#     cuda-tests loops pipeline pipeline-fresh loops-no-graph)
 set -u
 out=${1:-benchmarks/results}
 logs=${LOGS:-$out}
@@ -35,6 +39,10 @@ clamp() {  # clamp SECONDS: SECONDS, or the time left before $DEADLINE if that i
 step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit, log to $logs/NAME.log
     name=$1 limit=$(clamp "$2")
     shift 2
+    case " ${STEPS:-cuda-tests loops pipeline pipeline-fresh loops-no-graph} " in
+        *" $name "*) ;;
+        *) return ;;
+    esac
     if [ "$limit" -lt 10 ]; then echo "== $name: skipped (deadline)"; status=1; return; fi
     echo "== $name (limit ${limit}s): $*"
     start=$(date +%s)
@@ -53,6 +61,9 @@ step loops "${LOOPS_LIMIT:-150}" "$py" benchmarks/compare_loops.py --data "$mnis
 plimit=$(clamp "${PIPELINE_LIMIT:-200}")
 step pipeline "$plimit" "$py" benchmarks/pipeline.py --data "$mnist" --out "$out" --jobs "${JOBS:-6}" \
     --timeout $(( plimit > 60 ? plimit - 20 : plimit / 2 )) ${PIPELINE_ARGS:-}
+plimit=$(clamp "${PIPELINE_LIMIT:-200}")
+step pipeline-fresh "$plimit" "$py" benchmarks/pipeline.py --data "$mnist" --out "$out" --jobs "${JOBS:-6}" \
+    --timeout $(( plimit > 60 ? plimit - 20 : plimit / 2 )) --no-stage-server ${PIPELINE_ARGS:-}
 step loops-no-graph "${EAGER_LIMIT:-150}" "$py" benchmarks/compare_loops.py --data "$mnist" --out "$out" \
     --cuda-graph false ${LOOPS_ARGS:-}
 exit $status

@@ -27,6 +27,9 @@ time of the one ``dvc repro`` splits into:
 
 With ``--jobs N`` (N > 1) the run is ``python -m mnistlab.repro --jobs N``, whose stages
 overlap: the split is then of the stage processes' summed seconds, and the report says so.
+Either way the stages fork from a stage server, as in ``make run`` (src/mnistlab/stageserver.py;
+the report counts how many did); ``--no-stage-server`` starts each as a fresh interpreter, for
+comparison (``-no-server`` in the file names).
 
 Targets (issue #14): everything but training and evaluation under 10 % of the wall time;
 on one H100 the whole run within 60 s. Writes ``benchmarks/results/pipeline-<device>.{json,md}``
@@ -36,6 +39,7 @@ on one H100 the whole run within 60 s. Writes ``benchmarks/results/pipeline-<dev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -50,6 +54,7 @@ from pathlib import Path
 import torch
 from benchlib import cpu
 
+from mnistlab import stageserver
 from mnistlab.ci import copies
 from mnistlab.config import load_params, run_dir
 from mnistlab.utils import write_json
@@ -82,7 +87,11 @@ def timer_wrapper(work: Path) -> Path:
     """An interpreter for ``MNISTLAB_PYTHON`` that runs stage scripts under stagetimer.py."""
     py, timer = shlex.quote(sys.executable), shlex.quote(str(HERE / "stagetimer.py"))
     path = work / "timed-python"
-    path.write_text(f'#!/bin/sh\ncase ${{1:-}} in *.py) exec {py} {timer} "$@" ;; esac\n'
+    # run.sh hands it `python SCRIPT ARGS`'s arguments, or the stage server client's
+    # (`-m mnistlab.stageserver run SCRIPT ARGS`): either way stagetimer.py runs the script.
+    path.write_text(f'#!/bin/sh\ncase "${{1:-}} ${{2:-}} ${{3:-}}" in "-m mnistlab.stageserver run") '
+                    f'shift 3; exec {py} -m mnistlab.stageserver run {timer} "$@" ;; esac\n'
+                    f'case ${{1:-}} in *.py) exec {py} {timer} "$@" ;; esac\n'
                     f'exec {py} "$@"\n')
     path.chmod(0o755)
     return path
@@ -136,7 +145,7 @@ def summarize(work: Path, params: dict, dataset: str, wall: float, device: str,
         stages.append({"stage": label, "kind": kind, "seconds": r["end"] - r["start"],
                        "startup": main_at - r["start"], "work": r["end"] - main_at,
                        "mlflow": r.get("mlflow", 0.0),  # absent in files from before the sampler
-                       "exit": r["exit"]})
+                       "exit": r["exit"], "served": r.get("served", False)})
     # a train stage stopped by --timeout has no history.csv: only finished ones count
     trained = {s["stage"].split("@", 1)[1] for s in stages if s["kind"] == "train" and s["exit"] in (0, None)}
     seed = params["seeds"][0]  # loop_seconds reads the first training seed's runs
@@ -160,7 +169,7 @@ def summarize(work: Path, params: dict, dataset: str, wall: float, device: str,
     gpu = device.startswith("cuda")
     met = finished and overhead < OVERHEAD_TARGET and (not gpu or wall <= GPU_WALL_TARGET)
     result = {"device": device, "torch": torch_version, "dataset": dataset, "archs": params["archs"],
-              "jobs": jobs, "finished": finished, "wall_seconds": wall,
+              "jobs": jobs, "finished": finished, "served": sum(s["served"] for s in stages), "wall_seconds": wall,
               "stage_process_seconds": in_stages, "split_seconds": split,
               "mlflow_epoch_logging_seconds": tracking, "overhead_share": overhead,
               "targets": {"overhead_share": OVERHEAD_TARGET, **({"wall_seconds": GPU_WALL_TARGET} if gpu else {})},
@@ -182,6 +191,9 @@ def summarize(work: Path, params: dict, dataset: str, wall: float, device: str,
     if jobs > 1:
         lines += ["", f"{jobs} workers: the stage processes overlap, so the table splits their "
                   f"summed {in_stages:.1f} s, not the wall time."]
+    served = sum(s["served"] for s in stages)
+    lines += ["", f"Stage server: {served} of {len(stages)} stage processes forked from it "
+              "(src/mnistlab/stageserver.py); the rest started as fresh interpreters."]
     lines += ["", "| where | seconds | share |", "|---|---:|---:|"]
     lines += [f"| {k} | {v:.1f} | {100 * v / whole:.1f} % |" for k, v in split.items()]
     lines += [f"| (of MLflow: per-epoch logging) | {tracking:.1f} | {100 * tracking / whole:.1f} % |",
@@ -209,6 +221,8 @@ def main() -> int:
                          "--jobs N`, the parallel runner `make run` uses")
     ap.add_argument("--timeout", type=float, default=None,
                     help="stop dvc repro after this many seconds and report the stages done by then")
+    ap.add_argument("--no-stage-server", action="store_true",
+                    help="every stage a fresh interpreter (MNISTLAB_STAGE_SERVER=off), for comparison")
     ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "pipeline")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
@@ -222,6 +236,8 @@ def main() -> int:
            "MNISTLAB_STAGE_TIMES": str(work / "stage-times.jsonl"),
            # the copy's own src/, not an editable install of the working tree
            "PYTHONPATH": os.pathsep.join([str(work / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    if args.no_stage_server:
+        env[stageserver.ENV] = "off"
     dvc = copies._dvc(env.get("PATH"))
     device = device_description()
     cmd = [dvc, "repro"] if args.jobs == 1 else \
@@ -230,7 +246,9 @@ def main() -> int:
     print(f"{label} in {work} ({device})", flush=True)
     finished = True
     t0 = time.time()
-    with open(work / "repro.log", "w") as log:
+    # `dvc repro` (--jobs 1) with a stage server, as mnistlab.repro (--jobs N) starts one itself
+    with open(work / "repro.log", "w") as log, \
+            (stageserver.serving(env) if args.jobs == 1 else contextlib.nullcontext(env)) as env:
         # its own process group: a timeout stops DVC and the stage it is running
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -249,7 +267,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     # full MNIST keeps the plain name; another dataset's run must not overwrite it
     suffix = ("" if args.dataset == "mnist" else f"-{args.dataset}") + \
-        ("" if args.jobs == 1 else f"-jobs{args.jobs}")
+        ("" if args.jobs == 1 else f"-jobs{args.jobs}") + ("-no-server" if args.no_stage_server else "")
     stem = args.out / f"pipeline-{device.split()[0]}{suffix}"
     write_json(stem.with_suffix(".json"), result)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -60,7 +60,17 @@ if [ -z "$py" ]; then
     echo "error: $problem: run 'make setup' or activate .venv" >&2
     exit 2
 fi
-case $1 in python | python3) shift; set -- "$py" "$@" ;; esac
+case $1 in
+    python | python3)
+        shift
+        # Through the stage server when make run, the CI gate or the tests started one
+        # (src/mnistlab/stageserver.py); that client runs `$py SCRIPT ARGS` itself otherwise.
+        if [ -n "${MNISTLAB_STAGE_SERVER:-}" ]; then
+            set -- "$py" -m mnistlab.stageserver run "$@"
+        else
+            set -- "$py" "$@"
+        fi ;;
+esac
 PATH="${py%/*}:$PATH"
 export PATH
 exec "$@"

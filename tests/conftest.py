@@ -24,6 +24,9 @@ from helpers.http import Mirrors  # noqa: E402
 from helpers.repo import ROOT, SHARED, make_repo, write_committed_params  # noqa: E402
 from helpers.schedule import slow_first  # noqa: E402
 
+from mnistlab.stageserver import ENV as STAGE_SERVER  # noqa: E402
+from mnistlab.stageserver import Server  # noqa: E402
+
 # Tests are CPU-only and small; two threads match the CI machine, shared among pytest-xdist's
 # workers (`pytest -n 2`: one each; most of a test's time is single-threaded Python, so two
 # workers finish the suite sooner than one worker with two threads). MNISTLAB_TEST_THREADS
@@ -40,6 +43,27 @@ os.environ["OMP_NUM_THREADS"] = str(THREADS)
 # must not depend on what else runs there: this session's runs count only each other.
 os.environ.setdefault("MNISTLAB_THREAD_SLOTS", tempfile.mkdtemp(prefix="mnistlab-test-threads-"))
 atexit.register(shutil.rmtree, os.environ["MNISTLAB_THREAD_SLOTS"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stage_server() -> Iterator[str | None]:
+    """One stage server per test process, for the stages its tests run through stages/run.sh (DVC,
+    mnistlab.repro, the CI copies start their own): they fork from it, with torch and MLflow
+    imported once (src/mnistlab/stageserver.py). Started after the variables above are set, so
+    that its environment is the stages'; a test that changes another variable (HOME, say) gets
+    fresh interpreters, and tests/test_stageserver.py checks both ways."""
+    server, before = Server(), os.environ.get(STAGE_SERVER)
+    socket = server.start().get(STAGE_SERVER)  # unchanged if serving is off ("off" set)
+    if socket is not None:
+        os.environ[STAGE_SERVER] = socket
+    try:
+        yield socket
+    finally:
+        server.stop()
+        if before is None:
+            os.environ.pop(STAGE_SERVER, None)
+        else:
+            os.environ[STAGE_SERVER] = before
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ import pytest
 from helpers.data import dataset_files, write_folder
 from helpers.repo import ROOT
 
+from mnistlab.stageserver import ENV
+
 
 @pytest.mark.slow  # two archs, both loops, one epoch of 60 images (~15 s with imports)
 def test_compare_loops_writes_ratios_flags_and_verdict(tmp_path: Path):
@@ -117,6 +119,27 @@ def test_stagetimer_records_start_up_work_and_the_exit_code(tmp_path: Path):
     assert pipeline.stage_name(row["argv"]) == ("download", "download@no_such_dataset")
     assert pipeline.stage_name(["stages/train.py", "--dataset", "d", "--arch", "mlp", "--seed", "1234",
                                 "--split", "x"]) == ("train", "train@d-mlp-1234")
+
+
+def test_the_timing_interpreter_times_served_and_fresh_stages(stage_server: str | None, tmp_path: Path):
+    """pipeline.py's MNISTLAB_PYTHON wrapper runs stagetimer.py for `python SCRIPT` and for the
+    stage server's client alike (stages/run.sh starts the latter while a server is up), and the
+    row says which way the stage started."""
+    assert stage_server, "the session's stage server did not start"
+    times = tmp_path / "times.jsonl"
+    wrapper = _pipeline_module().timer_wrapper(tmp_path)
+    for serving in (stage_server, "off"):
+        env = {**os.environ, "MNISTLAB_PYTHON": str(wrapper), "MNISTLAB_STAGE_TIMES": str(times),
+               ENV: serving, "MNISTLAB_DEBUG": "1"}  # the client says why, should it not be served
+        p = subprocess.run(["sh", "stages/run.sh", "python", "stages/download.py", "--dataset",
+                            "no_such_dataset", "--out", str(tmp_path / "raw")],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and p.stderr.splitlines()[-1].startswith("error: "), p.stderr
+        assert ("runs as process" in p.stderr) == (serving != "off"), p.stderr
+    rows = [json.loads(line) for line in times.read_text().splitlines()]
+    assert [(r["argv"][0], r["exit"], r["served"]) for r in rows] == [
+        ("stages/download.py", 2, True), ("stages/download.py", 2, False)]
+    assert all(r["start"] < r["main"] <= r["end"] for r in rows)
 
 
 def test_stagetimer_samples_the_time_spent_in_mlflow(tmp_path: Path):

@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from mnistlab import tracking
+from mnistlab import stageserver, tracking
 from mnistlab.config import (
     PROGRESS_ENV,
     CompareSettings,
@@ -339,38 +339,46 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     chains, rest = ([], []) if args.jobs == 1 else plan(*read_pipeline(root))
     n = workers(args.jobs, chains)
+    env = dict(os.environ)
     if n > 1:
-        env = dict(os.environ)
-        threads = max(1, usable_cores() // n)
-        env.setdefault("OMP_NUM_THREADS", str(threads))
-        live = sys.stdout.isatty()
-        if live:  # the train stages draw their bars into the logs, for the live lines
-            env.setdefault(PROGRESS_ENV, "always")
-        args.logs.mkdir(parents=True, exist_ok=True)
-        print(f"dvc repro on {n} workers, {env['OMP_NUM_THREADS']} torch thread(s) per stage "
-              f"({len(chains)} chains, logs in {args.logs}/; then {', '.join(rest) or 'nothing'})",
-              flush=True)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // n)))
+    # Every stage forked from one process that has done the imports (stageserver.py: 5-8 s of
+    # each stage process on the 2-core machines here), unless MNISTLAB_STAGE_SERVER=off.
+    with stageserver.serving(env) as env:
+        if n == 1:
+            return subprocess.run([dvc(), "repro"], cwd=root, env=env).returncode
+        return run_chains(root, chains, rest, n, env, args.logs)
 
-        def start(chain: Chain) -> Running:
-            log = args.logs / f"{chain.key}.log"
-            with open(log, "w") as out:  # the child keeps its own descriptor
-                proc = subprocess.Popen([dvc(), "--wait-for-lock", "repro", "--single-item", *chain.stages],
-                                        cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, process_group=0)
-            return Running(chain, proc, log, time.monotonic())
 
-        display = Display(sys.stdout, live)
-        try:
-            failed = schedule(chains, n, start, display.event, tick=display.status)
-        finally:
-            display.clear()
-        if failed:
-            raise MnistlabError(f"dvc repro: chain(s) {', '.join(failed)} failed; see the lines above "
-                                f"and {args.logs}/<chain>.log")
-        # What no chain holds (compare), in DVC's order; every chain is up to date by now.
-        return subprocess.run([dvc(), "repro", "--single-item", *rest], cwd=root).returncode if rest else 0
-    return subprocess.run([dvc(), "repro"], cwd=root).returncode
+def run_chains(root: Path, chains: Sequence[Chain], rest: Sequence[str], n: int,
+               env: dict[str, str], logs: Path) -> int:
+    """The chains on ``n`` workers, then ``rest`` (compare) in the foreground (the module doc)."""
+    live = sys.stdout.isatty()
+    if live:  # the train stages draw their bars into the logs, for the live lines
+        env = {PROGRESS_ENV: "always", **env}
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"dvc repro on {n} workers, {env['OMP_NUM_THREADS']} torch thread(s) per stage "
+          f"({len(chains)} chains, logs in {logs}/; then {', '.join(rest) or 'nothing'})",
+          flush=True)
 
+    def start(chain: Chain) -> Running:
+        log = logs / f"{chain.key}.log"
+        with open(log, "w") as out:  # the child keeps its own descriptor
+            proc = subprocess.Popen([dvc(), "--wait-for-lock", "repro", "--single-item", *chain.stages],
+                                    cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, process_group=0)
+        return Running(chain, proc, log, time.monotonic())
+
+    display = Display(sys.stdout, live)
+    try:
+        failed = schedule(chains, n, start, display.event, tick=display.status)
+    finally:
+        display.clear()
+    if failed:
+        raise MnistlabError(f"dvc repro: chain(s) {', '.join(failed)} failed; see the lines above "
+                            f"and {logs}/<chain>.log")
+    # What no chain holds (compare), in DVC's order; every chain is up to date by now.
+    return subprocess.run([dvc(), "repro", "--single-item", *rest], cwd=root, env=env).returncode if rest else 0
 
 if __name__ == "__main__":
     run_script(main)

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from mnistlab import stageserver
 from mnistlab.errors import MnistlabError
 from mnistlab.utils import atomic_path, write_json
 
@@ -171,7 +172,7 @@ def run_shards(shards: list[Path], jobs: int, threads: int, what: str, timed: bo
                else [dvc, "repro", *(targets or [])])
     shown = " ".join(["dvc", "repro", *(targets or [])])  # what each copy runs, for its log line
     pending = list(shards)
-    running: list[tuple[Path, subprocess.Popen, Any, float]] = []
+    running: list[tuple[Path, subprocess.Popen, Any, float, stageserver.Server]] = []
     failed = []
     while pending or running:
         while pending and len(running) < jobs:
@@ -180,13 +181,17 @@ def run_shards(shards: list[Path], jobs: int, threads: int, what: str, timed: bo
             print(f"[{shard.name}] {shown} (log: {shard / 'repro.log'})", flush=True)
             shard_env = {**env, "PYTHONPATH": os.pathsep.join(
                 filter(None, [str((shard / "src").resolve()), env.get("PYTHONPATH")]))}
-            running.append((shard, subprocess.Popen(command, cwd=shard, env=shard_env,
+            # One stage server per copy: its stages fork from a process with their imports
+            # done (mnistlab.stageserver), which has mnistlab from the copy's src/ on its path.
+            server = stageserver.Server(shard_env)
+            running.append((shard, subprocess.Popen(command, cwd=shard, env=server.start(),
                                                     stdout=out, stderr=subprocess.STDOUT),
-                            out, time.time()))
+                            out, time.time(), server))
         time.sleep(0.5)
         for item in [r for r in running if r[1].poll() is not None]:
-            shard, proc, out, t0 = item
+            shard, proc, out, t0, server = item
             running.remove(item)
+            server.stop()
             out.close()
             print(f"----- [{shard.name}] dvc repro exited {proc.returncode} after "
                   f"{time.time() - t0:.0f}s; its output:", flush=True)
