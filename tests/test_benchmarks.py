@@ -15,7 +15,7 @@ import pytest
 from helpers.data import dataset_files, write_folder
 from helpers.repo import ROOT
 
-from mnistlab.stageserver import ENV
+from mnistlab.stageserver import ENV, supported
 
 
 @pytest.mark.slow  # two archs, both loops, one epoch of 60 images (~15 s with imports)
@@ -125,6 +125,8 @@ def test_the_timing_interpreter_times_served_and_fresh_stages(stage_server: str 
     """pipeline.py's MNISTLAB_PYTHON wrapper runs stagetimer.py for `python SCRIPT` and for the
     stage server's client alike (stages/run.sh starts the latter while a server is up), and the
     row says which way the stage started."""
+    if not supported():
+        pytest.skip("the stage server is Linux-only")
     assert stage_server, "the session's stage server did not start"
     times = tmp_path / "times.jsonl"
     wrapper = _pipeline_module().timer_wrapper(tmp_path)
