@@ -165,11 +165,12 @@ def summarize(work: Path, params: dict, dataset: str, wall: float, device: str,
     if jobs == 1:
         split["DVC and stages/run.sh"] = wall - in_stages
     whole = wall if jobs == 1 else in_stages  # what the shares are of
+    served = sum(s["served"] for s in stages)  # forked from the stage server
     overhead = (whole - training - evaluation) / whole
     gpu = device.startswith("cuda")
     met = finished and overhead < OVERHEAD_TARGET and (not gpu or wall <= GPU_WALL_TARGET)
     result = {"device": device, "torch": torch_version, "dataset": dataset, "archs": params["archs"],
-              "jobs": jobs, "finished": finished, "served": sum(s["served"] for s in stages), "wall_seconds": wall,
+              "jobs": jobs, "finished": finished, "served": served, "wall_seconds": wall,
               "stage_process_seconds": in_stages, "split_seconds": split,
               "mlflow_epoch_logging_seconds": tracking, "overhead_share": overhead,
               "targets": {"overhead_share": OVERHEAD_TARGET, **({"wall_seconds": GPU_WALL_TARGET} if gpu else {})},
@@ -191,7 +192,6 @@ def summarize(work: Path, params: dict, dataset: str, wall: float, device: str,
     if jobs > 1:
         lines += ["", f"{jobs} workers: the stage processes overlap, so the table splits their "
                   f"summed {in_stages:.1f} s, not the wall time."]
-    served = sum(s["served"] for s in stages)
     lines += ["", f"Stage server: {served} of {len(stages)} stage processes forked from it "
               "(src/mnistlab/stageserver.py); the rest started as fresh interpreters."]
     lines += ["", "| where | seconds | share |", "|---|---:|---:|"]

@@ -52,16 +52,18 @@ def probe(tmp_path: Path) -> Path:
     return tmp_path
 
 
+CLIENT = [sys.executable, "-m", "mnistlab.stageserver", "run"]  # what stages/run.sh starts
+
+
 def through_client(cwd: Path, *args: str, env: dict[str, str] | None = None,
-                   **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mnistlab.stageserver", "run", "sub/probe.py", *args],
-                          cwd=cwd, env=env or dict(os.environ), capture_output=True, text=True,
-                          timeout=120, **kw)
+                   script: str = "sub/probe.py") -> subprocess.CompletedProcess:
+    return subprocess.run([*CLIENT, script, *args], cwd=cwd, env=env or dict(os.environ),
+                          capture_output=True, text=True, timeout=120)
 
 
 def started(cwd: Path, env: dict[str, str]) -> tuple[subprocess.Popen, dict]:
     """The client running the probe in "wait" mode, and the probe's first line."""
-    proc = subprocess.Popen([sys.executable, "-m", "mnistlab.stageserver", "run", "sub/probe.py", "wait"],
+    proc = subprocess.Popen([*CLIENT, "sub/probe.py", "wait"],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, json.loads(proc.stdout.readline())
 
@@ -110,11 +112,9 @@ def test_what_the_server_cannot_stand_in_for_runs_fresh(stage_server: str | None
 
 def test_python_options_and_a_missing_script_are_pythons_own(stage_server: str | None, tmp_path: Path):
     """stages/run.sh hands the client whatever followed `python`: only a script is served."""
-    client = [sys.executable, "-m", "mnistlab.stageserver", "run"]
-    p = subprocess.run([*client, "-c", "import sys; print('torch' in sys.modules, sys.argv)", "x"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    p = through_client(tmp_path, "import sys; print('torch' in sys.modules, sys.argv)", "x", script="-c")
     assert (p.returncode, p.stdout) == (0, "False ['-c', 'x']\n")
-    p = subprocess.run([*client, "missing.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    p = through_client(tmp_path, script="missing.py")
     assert p.returncode == 2 and "can't open file" in p.stderr and "missing.py" in p.stderr
 
 
@@ -179,8 +179,7 @@ def test_served_stages_import_mnistlab_as_it_is_now_and_die_with_the_server(prob
         (probe / "sub" / "mark.py").write_text(
             "import json, mnistlab, sys\n"
             "print(json.dumps([mnistlab.__file__, getattr(mnistlab, 'MARK', None), 'torch' in sys.modules]))\n")
-        p = subprocess.run([sys.executable, "-m", "mnistlab.stageserver", "run", "sub/mark.py"],
-                           cwd=probe, env=env, capture_output=True, text=True, timeout=120)
+        p = through_client(probe, env=env, script="sub/mark.py")
         assert json.loads(p.stdout) == [str(src / "mnistlab" / "__init__.py"), "edited", True], p.stderr
 
         proc, first = started(probe, env)
