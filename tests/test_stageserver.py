@@ -193,6 +193,23 @@ def test_served_stages_import_mnistlab_as_it_is_now_and_die_with_the_server(prob
         server.stop()
 
 
+def test_a_python_started_by_a_relative_path_starts_its_server(tmp_path: Path):
+    """`PATH=.venv/bin:$PATH python ...` gives a relative sys.executable; the server it starts runs
+    in its own folder, so that path must not be taken as is."""
+    venv_parent = Path(sys.executable).parent.parent.parent
+    script = ("import sys; from mnistlab.stageserver import ENV, Server\n"
+              "s = Server(); env = s.start()\n"
+              "try:\n    print(sys.executable, ENV in env)\nfinally:\n    s.stop()\n")
+    bin_dir = os.path.relpath(Path(sys.executable).parent, venv_parent)
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    p = subprocess.run([Path(sys.executable).name, "-c", script], cwd=venv_parent,
+                       env={**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"},
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    relative, served = p.stdout.split()
+    assert not os.path.isabs(relative) and served == "True"
+
+
 def test_pipeline_stages_are_served_through_run_sh(stage_server: str | None, tmp_repo: Path):
     """The stages that DVC runs in the tests (stages/run.sh, the stage environment) fork from the
     session's server: a refusal would turn every served pipeline test back into fresh starts."""

@@ -531,7 +531,9 @@ class Server:
         sock = self.folder / "socket"
         with open(self.folder / "server.log", "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mnistlab.stageserver", "serve", str(sock)],
+                # absolute: python started as `.venv/bin/python` (a relative PATH entry) has a
+                # relative sys.executable, which would not resolve from the server's folder
+                [os.path.abspath(sys.executable), "-m", "mnistlab.stageserver", "serve", str(sock)],
                 env={k: v for k, v in self.env.items() if k != ENV}, cwd=self.folder,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                 start_new_session=True)  # the terminal's ^C reaches the stages through their clients
