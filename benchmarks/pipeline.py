@@ -85,7 +85,7 @@ def prepare(work: Path, dataset: str, data: Path | None, archs: list[str] | None
 
 def timer_wrapper(work: Path) -> Path:
     """An interpreter for ``MNISTLAB_PYTHON`` that runs stage scripts under stagetimer.py."""
-    py, timer = shlex.quote(sys.executable), shlex.quote(str(HERE / "stagetimer.py"))
+    py, timer = shlex.quote(os.path.abspath(sys.executable)), shlex.quote(str(HERE / "stagetimer.py"))
     path = work / "timed-python"
     # run.sh hands it `python SCRIPT ARGS`'s arguments, or the stage server client's
     # (`-m mnistlab.stageserver run SCRIPT ARGS`): either way stagetimer.py runs the script.
@@ -241,7 +241,7 @@ def main() -> int:
     dvc = copies._dvc(env.get("PATH"))
     device = device_description()
     cmd = [dvc, "repro"] if args.jobs == 1 else \
-        [sys.executable, "-m", "mnistlab.repro", "--jobs", str(args.jobs)]
+        [os.path.abspath(sys.executable), "-m", "mnistlab.repro", "--jobs", str(args.jobs)]
     label = "dvc repro" if args.jobs == 1 else f"python -m mnistlab.repro --jobs {args.jobs}"
     print(f"{label} in {work} ({device})", flush=True)
     finished = True

@@ -46,6 +46,58 @@ def test_compare_loops_writes_ratios_flags_and_verdict(tmp_path: Path):
             + ("met" if result["targets_met"] else "NOT met")) in md
 
 
+def test_inference_benchmark_times_both_layouts_and_marks_the_setting(tmp_path: Path):
+    """benchmarks/inference.py: every batch x layout per arch, the NHWC scores those of NCHW up
+    to rounding, params.yaml's choice in bold."""
+    data = write_folder(tmp_path / "data", dataset_files(n_train=20, n_test=40), gzipped=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "inference.py"), "--data", str(data),
+         "--archs", "mlp,lenet5", "--repeats", "1", "--out", str(tmp_path / "results")],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "results" / "inference-cpu.json").read_text())
+    assert result["images"] == 40 and result["params_yaml"] == {"batch": 64, "layout": "NHWC"}
+    rows = result["rows"]
+    assert {(r["arch"], r["layout"]) for r in rows} == {(a, lay) for a in ("mlp", "lenet5")
+                                                        for lay in ("NCHW", "NHWC")}
+    assert all(r["seconds"] > 0 and r["max_abs_logit_diff"] < 1e-4 for r in rows)
+    md = (tmp_path / "results" / "inference-cpu.md").read_text()
+    assert md.count("| lenet5 |") == 1 and md.count("**") == 4  # the chosen cell, per arch
+
+
+def test_tsne_benchmark_measures_each_embedding_at_each_iteration_count(tmp_path: Path):
+    """benchmarks/tsne.py on two small runs' embeddings.pt: time, KL and the map's quality."""
+    import torch
+
+    from mnistlab.utils import torch_save
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(90) % 3
+    for arch in ("a", "b"):
+        emb = torch.randn(90, 6, generator=g) + 4.0 * labels[:, None].float()
+        folder = tmp_path / "features" / arch / "seed-1"
+        folder.mkdir(parents=True)
+        torch_save({"embeddings": emb, "labels": labels, "classes": ["0", "1", "2"], "layer": "fc"},
+                   folder / "embeddings.pt")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "tsne.py"), "--features", str(tmp_path / "features"),
+         "--out", str(tmp_path / "results")],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "results" / "tsne-cpu.json").read_text())["rows"]
+    assert [(r["run"], r["max_iter"]) for r in rows] == [
+        (f"{a}/seed-1", i) for a in ("a", "b") for i in (1000, 750, 500, 350)]
+    for r in rows:  # three well-separated clusters: any of these maps separates them
+        assert r["points"] == 90 and r["seconds"] > 0 and r["knn10_accuracy"] > 0.9
+        assert 0.5 < r["trustworthiness"] <= 1
+    assert "| a/seed-1 | **500** |" in (tmp_path / "results" / "tsne-cpu.md").read_text()
+    empty = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tsne.py"), "--features",
+                            str(tmp_path / "none")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 1 and empty.stderr.strip().splitlines() == [
+        f"error: no */seed-*/embeddings.pt under {tmp_path / 'none'} (run the pipeline first)"]
+
+
 def _pipeline_module():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:

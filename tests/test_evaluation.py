@@ -28,7 +28,7 @@ from mnistlab.stages.evaluate import EvalPaths
 from mnistlab.stats import wilson_interval
 from mnistlab.utils import torch_save, write_json
 
-PARAMS = {"evaluate": {"device": "cpu", "batch_size": 16, "max_misclassified": 12}}
+PARAMS = {"evaluate": {"device": "cpu", "batch_size": 16, "channels_last": True, "max_misclassified": 12}}
 SEED = 1234  # the training seed (params.yaml's seeds: [1234])
 
 

@@ -20,8 +20,8 @@ from mnistlab.stages import features
 from mnistlab.stages.features import FeaturePaths
 from mnistlab.utils import torch_load
 
-SETTINGS = FeatureSettings(device="cpu", batch_size=16, max_channels=6, max_units=25,
-                           tsne_max_points=40, tsne_perplexity=30.0)
+SETTINGS = FeatureSettings(device="cpu", batch_size=16, channels_last=True, max_channels=6,
+                           max_units=25, tsne_max_points=40, tsne_perplexity=30.0, tsne_max_iter=300)
 PARAMS = {"seed": 0, "features": {k: v for k, v in dataclasses.asdict(SETTINGS).items()}}
 SEED = 1234  # the training seed (params.yaml's seeds: [1234]); PARAMS' seed is the data seed (t-SNE)
 
@@ -81,7 +81,7 @@ def test_extract_works_for_every_registered_arch(arch, device, tmp_path, caplog)
                        "25 of 500 units as 28×28 images")
     # the embedding map names the layer in words: the penultimate one, and its width
     features.embedding_map(emb.numpy(), y.numpy(), CLASSES, tmp_path / "embedding-map.png", 0, 30,
-                           30.0, f"digits/{arch}: {features.embedding_title(head, head_layer)}")
+                           30.0, 300, f"digits/{arch}: {features.embedding_title(head, head_layer)}")
     assert_picture(tmp_path / "embedding-map.png", f"penultimate layer, {head_layer.in_features} "
                    f"features", f"{head!r}, Linear {head_layer.in_features}→10",
                    "PCA (left) / t-SNE (right)")
@@ -209,3 +209,17 @@ def test_settings_errors_name_the_key():
     bad = {"seed": 0, "features": {**PARAMS["features"], "tsne_max_points": 0}}
     with pytest.raises(MnistlabError, match="features.tsne_max_points must be a positive integer"):
         FeatureSettings.from_params(bad)
+    bad = {"seed": 0, "features": {**PARAMS["features"], "tsne_max_iter": 249}}
+    with pytest.raises(MnistlabError, match="features.tsne_max_iter must be at least 250 .*got 249"):
+        FeatureSettings.from_params(bad)
+
+
+def test_tsne_map_runs_the_iterations_asked():
+    """max_iter reaches scikit-learn: 250 is early exaggeration alone (its KL is of the
+    exaggerated affinities, far above the settled map's); a few more iterations settle it."""
+    x = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+    x[:30] += 6.0  # two clusters
+    xy, kl_250 = features.tsne_map(x, 0, 10.0, 250)
+    xy2, kl_400 = features.tsne_map(x, 0, 10.0, 400)
+    assert xy.shape == xy2.shape == (60, 2)
+    assert kl_400 < kl_250 / 5

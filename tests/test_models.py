@@ -14,7 +14,7 @@ from mnistlab.config import load_params
 from mnistlab.data.digits import digits_as_mnist
 from mnistlab.errors import MnistlabError
 from mnistlab.hparams import HParams
-from mnistlab.inference import to_device
+from mnistlab.inference import scores, to_device
 from mnistlab.models import REGISTRY, build_model, count_parameters, model_record, register
 from mnistlab.training import make_optimizer
 
@@ -68,6 +68,21 @@ def test_eval_mode_is_deterministic_and_batch_independent(params, arch):
         whole = model(x)
         halves = torch.cat([model(x[:3]), model(x[3:])])
     torch.testing.assert_close(whole, halves)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_channels_last_scores_match_the_default_layout(params, arch, digits_batch):
+    """evaluate/features run NHWC in cache-sized batches (params.yaml): the scores are those of
+    the default layout in one batch, up to float rounding, with the same predicted classes."""
+    hp = HParams.from_params(params, arch)
+    torch.manual_seed(0)
+    model = build_model(arch, **hp.args).eval()
+    images, labels = digits_batch
+    norm = {"mean": hp.mean, "std": hp.std}
+    want, _ = scores(model, images, labels, norm, torch.device("cpu"), len(images))
+    got, y = scores(model, images, labels, norm, torch.device("cpu"), 16, nhwc=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got.argmax(1), want.argmax(1)) and torch.equal(y, labels.long())
 
 
 @pytest.mark.parametrize("arch", ARCHS)

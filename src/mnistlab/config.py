@@ -369,12 +369,25 @@ class EvaluateSettings:
 
     device: str
     batch_size: int
+    channels_last: bool
     max_misclassified: int
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> EvaluateSettings:
         return cls(**section(params, "evaluate", {
-            "device": device_name, "batch_size": count, "max_misclassified": count}))
+            "device": device_name, "batch_size": count, "channels_last": boolean,
+            "max_misclassified": count}))
+
+
+TSNE_MIN_ITER = 250  # scikit-learn's floor: its early-exaggeration phase alone is 250 iterations
+
+
+def tsne_iterations(key: str, value: Any) -> int:
+    """t-SNE's iteration count: an integer >= :data:`TSNE_MIN_ITER`."""
+    if positive(key, value, int) < TSNE_MIN_ITER:
+        raise MnistlabError(f"params.yaml: {key} must be at least {TSNE_MIN_ITER} (scikit-learn's "
+                            f"early exaggeration alone takes {TSNE_MIN_ITER}; got {value!r})")
+    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,17 +396,20 @@ class FeatureSettings:
 
     device: str
     batch_size: int
+    channels_last: bool
     max_channels: int
     max_units: int
     tsne_max_points: int
     tsne_perplexity: float
+    tsne_max_iter: int
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> FeatureSettings:
         """Validate ``features`` in params.yaml; every problem names its key."""
         return cls(**section(params, "features", {
-            "device": device_name, "batch_size": count, "max_channels": count, "max_units": count,
-            "tsne_max_points": count, "tsne_perplexity": positive}))
+            "device": device_name, "batch_size": count, "channels_last": boolean,
+            "max_channels": count, "max_units": count,
+            "tsne_max_points": count, "tsne_perplexity": positive, "tsne_max_iter": tsne_iterations}))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,14 +83,23 @@ def evaluate(model: nn.Module, data: DeviceSplit, batch_size: int, bf16: bool = 
     return {"loss": F.cross_entropy(out, data.y), "accuracy": (out.argmax(1) == data.y).float().mean()}
 
 
+def channels_last(model: nn.Module) -> nn.Module:
+    """``model`` (in place) with NHWC conv weights: oneDNN's fast layout on CPU, as in training."""
+    return model.to(memory_format=torch.channels_last)
+
+
 def scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: dict[str, float],
-           device: torch.device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+           device: torch.device, batch_size: int, nhwc: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of ``model`` for uint8 ``images`` [N,28,28], normalised as in training.
+
+    ``nhwc``: run in channels_last (converts ``model`` in place); same scores to ~1e-6.
 
     Returns:
         ``(scores [N, K] float32 on the CPU, labels [N] int64 on the CPU)``.
     """
-    d = to_device(images, labels, normalize["mean"], normalize["std"], device)
+    if nhwc:
+        channels_last(model)
+    d = to_device(images, labels, normalize["mean"], normalize["std"], device, nhwc)
     # fp32 even on CUDA: these are the numbers of record, and the CI gate compares
     # them across machines; bf16 would add its own rounding to every logit.
     out = predict(model, d.x, batch_size, bf16=False)

@@ -168,7 +168,7 @@ def run_shards(shards: list[Path], jobs: int, threads: int, what: str, timed: bo
     dvc = _dvc(env.get("PATH"))
     if timed and targets:
         raise ValueError("timed runs time every stage: no targets")
-    command = ([sys.executable, "-m", "mnistlab.ci.copies", "timed-repro"] if timed
+    command = ([os.path.abspath(sys.executable), "-m", "mnistlab.ci.copies", "timed-repro"] if timed
                else [dvc, "repro", *(targets or [])])
     shown = " ".join(["dvc", "repro", *(targets or [])])  # what each copy runs, for its log line
     pending = list(shards)

@@ -216,7 +216,8 @@ def run_evaluation(params: dict[str, Any], dataset: str, arch: str, seed: int,
     # After the local checks (a wrong model file is the likelier culprit), before the scoring.
     tracking.require_run(run_id, paths.model_dir / artifacts.RUN, stage_name("train", dataset, arch, seed))
     images, labels = artifacts.load_split(paths.split, "test")
-    out, y = scores(model, images, labels, record["normalize"], device, settings.batch_size)
+    out, y = scores(model, images, labels, record["normalize"], device, settings.batch_size,
+                    settings.channels_last)
     ev = summarize(out, y, classes)
 
     tag = f"{dataset}/{arch} seed {seed}"
