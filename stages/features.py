@@ -1,7 +1,7 @@
-"""Stage features@{dataset}-{arch}-{seed}: kernels, feature maps, embeddings and their 2-D maps.
+"""Stage features@{dataset}-{arch}-{seed}: kernels, feature maps, and 2-D maps of evaluate's embeddings.
 
     python stages/features.py --dataset digits --arch mlp --seed 1234 --split data/split/digits \
-        --model-dir models/digits/mlp/seed-1234 --out features/digits/mlp/seed-1234 \
+        --model-dir models/digits/mlp/seed-1234 --features features/digits/mlp/seed-1234 \
         --reports reports/digits/mlp/seed-1234/features
 """
 

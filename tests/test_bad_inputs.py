@@ -124,7 +124,8 @@ def workspace(tmp_path_factory) -> Path:
         train(params, "digits", "mlp", SEED,
               TrainPaths(split_dir, model_dir, Path(f"metrics/{RUN}"), Path(f"checkpoints/{RUN}/last.pt")))
         run_evaluation(params, "digits", "mlp", SEED,
-                       EvalPaths(split_dir, model_dir, Path(f"metrics/{RUN}"), Path(f"reports/{RUN}/evaluate")))
+                       EvalPaths(split_dir, model_dir, Path(f"metrics/{RUN}"), Path(f"reports/{RUN}/evaluate"),
+                                 Path(f"features/{RUN}")))
         run_features(params, "digits", "mlp", SEED,
                      FeaturePaths(split_dir, model_dir, Path(f"features/{RUN}"), Path(f"reports/{RUN}/features")))
         run_compare(params, ComparePaths(Path("metrics"), Path("models"), Path("reports"),

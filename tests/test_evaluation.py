@@ -22,11 +22,12 @@ from sklearn.metrics import accuracy_score, f1_score
 from mnistlab import tracking
 from mnistlab.config import run_dir
 from mnistlab.errors import MnistlabError
+from mnistlab.inference import last_linear
 from mnistlab.models import load_model, save_model
 from mnistlab.stages import evaluate as evaluation
 from mnistlab.stages.evaluate import EvalPaths
 from mnistlab.stats import wilson_interval
-from mnistlab.utils import torch_save, write_json
+from mnistlab.utils import torch_load, torch_save, write_json
 
 PARAMS = {"evaluate": {"device": "cpu", "batch_size": 16, "channels_last": True, "max_misclassified": 12}}
 SEED = 1234  # the training seed (params.yaml's seeds: [1234])
@@ -112,9 +113,10 @@ def test_run_evaluation_writes_valid_outputs_and_logs_them(tmp_path, mlflow_stor
     metrics_dir = run_dir(tmp_path / "metrics", "digits", "lenet5", SEED)
     reports = run_dir(tmp_path / "reports", "digits", "lenet5", SEED) / "evaluate"
     _, labels = write_split(split, n=50)
-    write_model(model_dir, "lenet5")
+    model = write_model(model_dir, "lenet5").eval()
     run_id = open_run(model_dir, "digits", "lenet5", SEED)
-    paths = EvalPaths(split, model_dir, metrics_dir, reports)
+    features = run_dir(tmp_path / "features", "digits", "lenet5", SEED)
+    paths = EvalPaths(split, model_dir, metrics_dir, reports, features)
 
     metrics = evaluation.run_evaluation(PARAMS, "digits", "lenet5", SEED, paths)
 
@@ -132,6 +134,15 @@ def test_run_evaluation_writes_valid_outputs_and_logs_them(tmp_path, mlflow_stor
     assert hits / 50 == pytest.approx(test["test_accuracy"])
     assert (test["test_accuracy_ci_low"], test["test_accuracy_ci_high"]) == \
         pytest.approx(wilson_interval(hits, 50))
+
+    # the embeddings of the same pass: what the head saw, so the head gives the predictions back
+    saved = torch_load(features / "embeddings.pt")
+    assert saved["layer"] == last_linear(model)[0]
+    assert saved["embeddings"].shape == (50, 84) and torch.equal(saved["labels"], labels.long())
+    with torch.inference_mode():
+        head = last_linear(model)[1]
+        predicted = head(saved["embeddings"]).argmax(1)
+    assert [CLASSES[i] for i in predicted.tolist()] == [r["predicted"] for r in rows]
 
     with open(metrics_dir / "per_class.csv") as f:
         per_class = list(csv.DictReader(f))
@@ -180,7 +191,7 @@ def test_rerun_evaluation_replaces_the_per_class_table(tmp_path, mlflow_store):
     write_split(split, n=30)
     write_model(model_dir, "mlp")
     run_id = open_run(model_dir, "digits", "mlp")
-    paths = EvalPaths(split, model_dir, tmp_path / "metrics", tmp_path / "reports")
+    paths = EvalPaths(split, model_dir, tmp_path / "metrics", tmp_path / "reports", tmp_path / "features")
 
     evaluation.run_evaluation(PARAMS, "digits", "mlp", SEED, paths)
     evaluation.run_evaluation({"evaluate": {**PARAMS["evaluate"], "batch_size": 7}}, "digits",
@@ -198,8 +209,8 @@ def test_run_evaluation_refuses_a_model_of_another_arch(tmp_path, mlflow_store):
     write_json(tmp_path / "run.json", {"run_id": "x"})
     with pytest.raises(MnistlabError, match="holds arch 'mlp', expected 'lenet5'"):
         evaluation.run_evaluation(PARAMS, "digits", "lenet5", SEED,
-                                  EvalPaths(tmp_path, tmp_path, tmp_path / "m", tmp_path / "r"))
-    assert not (tmp_path / "m").exists()  # nothing half-written
+                                  EvalPaths(tmp_path, tmp_path, tmp_path / "m", tmp_path / "r", tmp_path / "f"))
+    assert not (tmp_path / "m").exists() and not (tmp_path / "f").exists()  # nothing half-written
 
 
 def test_run_evaluation_without_a_train_run_names_run_json(tmp_path):
@@ -207,7 +218,7 @@ def test_run_evaluation_without_a_train_run_names_run_json(tmp_path):
     write_model(tmp_path, "mlp")
     with pytest.raises(MnistlabError, match="run.json: missing or invalid MLflow run record"):
         evaluation.run_evaluation(PARAMS, "digits", "mlp", SEED,
-                                  EvalPaths(tmp_path, tmp_path, tmp_path / "m", tmp_path / "r"))
+                                  EvalPaths(tmp_path, tmp_path, tmp_path / "m", tmp_path / "r", tmp_path / "f"))
 
 
 def test_plot_misclassified_without_mistakes_still_draws(tmp_path):

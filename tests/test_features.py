@@ -15,13 +15,16 @@ from torch import nn
 from mnistlab import plots, tracking
 from mnistlab.config import FeatureSettings, run_dir
 from mnistlab.errors import MnistlabError
+from mnistlab.inference import capture
 from mnistlab.models import REGISTRY, build_model
 from mnistlab.stages import features
+from mnistlab.stages.evaluate import EvalPaths, run_evaluation
 from mnistlab.stages.features import FeaturePaths
-from mnistlab.utils import torch_load
+from mnistlab.utils import torch_load, torch_save
 
-SETTINGS = FeatureSettings(device="cpu", batch_size=16, channels_last=True, max_channels=6,
-                           max_units=25, tsne_max_points=40, tsne_perplexity=30.0, tsne_max_iter=300)
+SETTINGS = FeatureSettings(device="cpu", max_channels=6, max_units=25, tsne_max_points=40,
+                           tsne_perplexity=30.0, tsne_max_iter=300)
+EVALUATE = {"evaluate": {"device": "cpu", "batch_size": 16, "channels_last": True, "max_misclassified": 4}}
 PARAMS = {"seed": 0, "features": {k: v for k, v in dataclasses.asdict(SETTINGS).items()}}
 SEED = 1234  # the training seed (params.yaml's seeds: [1234]); PARAMS' seed is the data seed (t-SNE)
 
@@ -52,11 +55,13 @@ def test_extract_works_for_every_registered_arch(arch, device, tmp_path, caplog)
     model = build_model(arch, num_classes=10).eval().to(device)
     x, y = digits_batch(30)
     x = x.to(device)
-    emb, head, written = features.extract(model, x, y, CLASSES, SETTINGS, tmp_path, f"digits/{arch}")
+    written = features.extract(model, x, y, CLASSES, SETTINGS, tmp_path, f"digits/{arch}")
 
     convs = features.conv_layers(model)
-    head_layer = dict(model.named_modules())[head]
-    assert head_layer is features.last_linear(model)[1]
+    head, head_layer = features.last_linear(model)
+    assert head_layer is dict(model.named_modules())[head]
+    # what the evaluate stage records in its pass: the head's input
+    emb = capture(model, {head: head_layer}, x, inputs=True, batch_size=16)[head].flatten(1)
     assert emb.shape == (30, head_layer.in_features) and emb.dtype == torch.float32
     assert emb.device.type == "cpu" and torch.isfinite(emb).all()
     # the embedding is exactly what the head sees: applying the head reproduces the logits
@@ -179,7 +184,7 @@ def test_tsne_subsample_is_seeded_and_capped():
     assert np.array_equal(features.tsne_subsample(50, 100, seed=1), np.arange(50))
 
 
-def test_run_features_saves_embeddings_and_logs_pictures(tmp_path, mlflow_store):
+def test_run_features_maps_evaluates_embeddings_and_logs_pictures(tmp_path, mlflow_store):
     # dvc.yaml's layout: models/<ds>/<arch>/seed-<seed>/, features/..., reports/.../features/
     split, model_dir = tmp_path / "split", run_dir(tmp_path / "models", "digits", "cnn_16_32", SEED)
     out = run_dir(tmp_path / "features", "digits", "cnn_16_32", SEED)
@@ -188,12 +193,15 @@ def test_run_features_saves_embeddings_and_logs_pictures(tmp_path, mlflow_store)
     write_model(model_dir, "cnn_16_32")
     run_id = open_run(model_dir, "digits", "cnn_16_32", SEED)
     paths = FeaturePaths(split, model_dir, out, reports)
-
-    summary = features.run_features(PARAMS, "digits", "cnn_16_32", SEED, paths)
-
+    run_evaluation(EVALUATE, "digits", "cnn_16_32", SEED, EvalPaths(
+        split, model_dir, tmp_path / "metrics", tmp_path / "reports" / "evaluate", out))
     saved = torch_load(out / "embeddings.pt")
     assert saved["embeddings"].shape == (60, 32 * 7 * 7)  # test size x width of the head's input
     assert torch.equal(saved["labels"], y) and saved["classes"] == CLASSES
+
+    summary = features.run_features(PARAMS, "digits", "cnn_16_32", SEED, paths)
+
+    assert summary["embedding_shape"] == [60, 32 * 7 * 7]
     assert summary["tsne_points"] == 40  # capped by tsne_max_points
     pngs = sorted(p.name for p in reports.glob("*.png"))
     assert pngs == ["embedding-map.png", "fmaps-01-0.png", "fmaps-02-3.png",
@@ -203,6 +211,31 @@ def test_run_features_saves_embeddings_and_logs_pictures(tmp_path, mlflow_store)
     assert_picture(reports / "embedding-map.png", "penultimate layer, 1568 features")
     logged = {a.path for a in tracking.client().list_artifacts(run_id, "features")}
     assert {f"features/{p}" for p in pngs} <= logged
+
+
+def test_run_features_refuses_embeddings_of_another_model_or_split(tmp_path, mlflow_store):
+    """The embeddings come from the evaluate stage's file: one of another model (its head layer)
+    or of another test split (its labels) is a one-line error naming it and the fix."""
+    split, model_dir, out = tmp_path / "split", tmp_path / "model", tmp_path / "features"
+    _, y = write_split(split, n=30)
+    write_model(model_dir, "mlp")
+    open_run(model_dir, "digits", "mlp", SEED)
+    paths = FeaturePaths(split, model_dir, out, tmp_path / "reports")
+    hint = f"re-run evaluate@digits-mlp-{SEED}"
+    file = out / "embeddings.pt"
+    with pytest.raises(MnistlabError) as e:
+        features.run_features(PARAMS, "digits", "mlp", SEED, paths)
+    assert str(e.value) == f"{file}: missing (the evaluate stage writes it); {hint}"
+    out.mkdir()
+    for bad, what in [({"layer": "1"}, "embeddings of layer '1', but this model's head is '3' (another model)"),
+                      ({"labels": y.flip(0)}, "its labels are not this test split's (another split)"),
+                      ({"embeddings": torch.zeros(29, 500)}, "embeddings must be [30, D] (one row per test image)")]:
+        torch_save({"embeddings": torch.zeros(30, 500), "labels": y, "classes": CLASSES,
+                    "layer": "3", **bad}, file)
+        with pytest.raises(MnistlabError) as e:
+            features.run_features(PARAMS, "digits", "mlp", SEED, paths)
+        assert str(e.value) == f"{file}: {what}; {hint}"
+    assert not (tmp_path / "reports").exists()  # nothing drawn
 
 
 def test_settings_errors_name_the_key():

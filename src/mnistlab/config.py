@@ -395,8 +395,6 @@ class FeatureSettings:
     """``features`` in params.yaml (the t-SNE subsample is seeded by the global ``seed``)."""
 
     device: str
-    batch_size: int
-    channels_last: bool
     max_channels: int
     max_units: int
     tsne_max_points: int
@@ -407,8 +405,7 @@ class FeatureSettings:
     def from_params(cls, params: dict[str, Any]) -> FeatureSettings:
         """Validate ``features`` in params.yaml; every problem names its key."""
         return cls(**section(params, "features", {
-            "device": device_name, "batch_size": count, "channels_last": boolean,
-            "max_channels": count, "max_units": count,
+            "device": device_name, "max_channels": count, "max_units": count,
             "tsne_max_points": count, "tsne_perplexity": positive, "tsne_max_iter": tsne_iterations}))
 
 

@@ -8,11 +8,14 @@ airbench; prediction is batched under ``torch.inference_mode`` in eval mode.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mnistlab.errors import MnistlabError
 
 
 @dataclass
@@ -74,6 +77,53 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int, bf16: bool = Tru
         with autocast(x.device, bf16):
             outs.append(model(x[start:start + batch_size]).float())
     return torch.cat(outs)
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The classifier head: the last ``nn.Linear``; its input is the penultimate-layer embedding."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise MnistlabError(f"{type(model).__name__}: no nn.Linear layer to take embeddings from")
+    return linears[-1]
+
+
+@contextlib.contextmanager
+def recording(layers: dict[str, nn.Module], inputs: bool = False) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """While open, every forward pass appends what each of ``layers`` saw (``inputs``) or produced
+    to ``{name: [CPU float32 tensor per call]}``; the hooks are removed on leaving."""
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    handles = []
+    for name, layer in layers.items():
+        if inputs:
+            handles.append(layer.register_forward_pre_hook(
+                lambda _m, args, name=name: got[name].append(args[0].detach().float().cpu())))
+        else:
+            handles.append(layer.register_forward_hook(
+                lambda _m, _a, out, name=name: got[name].append(out.detach().float().cpu())))
+    try:
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor, inputs: bool = False,
+            batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Run ``model`` on ``x`` (eval mode, fp32, batched) and return what each layer saw or produced.
+
+    Args:
+        model: Any network.
+        layers: ``{name: module}`` to hook.
+        x: The model's input [N, C, H, W].
+        inputs: Record each layer's input (forward pre-hook) instead of its output.
+        batch_size: Batch size for :func:`predict` (default: all at once).
+
+    Returns:
+        ``{name: tensor}`` concatenated over batches, on the CPU ([N, ...] each).
+    """
+    with recording(layers, inputs) as got:
+        predict(model, x, batch_size or max(1, len(x)), bf16=False)
+    return {n: torch.cat(v) for n, v in got.items()}
 
 
 def evaluate(model: nn.Module, data: DeviceSplit, batch_size: int, bf16: bool = True

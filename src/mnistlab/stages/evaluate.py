@@ -9,6 +9,8 @@ the same cross-entropy training used. Outputs:
     metrics/<ds>/<arch>/seed-<seed>/per_class.csv    class, precision, recall, f1, support
     metrics/<ds>/<arch>/seed-<seed>/predictions.csv  actual,predicted per test image (DVC's confusion template)
     reports/<ds>/<arch>/seed-<seed>/evaluate/        confusion.png, misclassified.png (DVC image plots)
+    features/<ds>/<arch>/seed-<seed>/embeddings.pt   the penultimate-layer embedding of every test
+                                                     image, from the same pass (the features stage maps it)
 
 and all of them go to the MLflow run the train stage opened (``run.json``): the headline
 metrics as run metrics, the per-class ones as one table (``evaluation/per_class.json``),
@@ -30,10 +32,10 @@ from mnistlab import artifacts, plots, tracking
 from mnistlab.artifacts import write_csv
 from mnistlab.config import EvaluateSettings, stage_name
 from mnistlab.errors import MnistlabError
-from mnistlab.inference import scores
+from mnistlab.inference import last_linear, recording, scores
 from mnistlab.models import load_model
 from mnistlab.stats import wilson_interval
-from mnistlab.utils import pick_device, staged, write_json
+from mnistlab.utils import pick_device, staged, torch_save, write_json
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class EvalPaths:
     model_dir: Path    # models/<ds>/<arch>/seed-<seed>: model.pt, run.json
     metrics_dir: Path  # metrics/<ds>/<arch>/seed-<seed>: test.json, per_class.csv, predictions.csv
     reports: Path      # reports/<ds>/<arch>/seed-<seed>/evaluate: confusion.png, misclassified.png
+    features: Path     # features/<ds>/<arch>/seed-<seed>: embeddings.pt
 
 
 @dataclass
@@ -216,8 +219,13 @@ def run_evaluation(params: dict[str, Any], dataset: str, arch: str, seed: int,
     # After the local checks (a wrong model file is the likelier culprit), before the scoring.
     tracking.require_run(run_id, paths.model_dir / artifacts.RUN, stage_name("train", dataset, arch, seed))
     images, labels = artifacts.load_split(paths.split, "test")
-    out, y = scores(model, images, labels, record["normalize"], device, settings.batch_size,
-                    settings.channels_last)
+    head_name, head = last_linear(model)
+    # The embeddings are recorded in this same pass (the input of the classifier head): the
+    # features stage maps them instead of running the test set through the network again.
+    with recording({head_name: head}, inputs=True) as seen:
+        out, y = scores(model, images, labels, record["normalize"], device, settings.batch_size,
+                        settings.channels_last)
+    embeddings = torch.cat(seen[head_name]).flatten(1)
     ev = summarize(out, y, classes)
 
     tag = f"{dataset}/{arch} seed {seed}"
@@ -231,6 +239,8 @@ def run_evaluation(params: dict[str, Any], dataset: str, arch: str, seed: int,
         write_json(test_json, ev.metrics)
         write_per_class(stage.path(paths.metrics_dir / artifacts.PER_CLASS), ev)
         write_predictions(predictions_csv, ev, classes)
+        torch_save({"embeddings": embeddings, "labels": y.clone(), "classes": list(classes),
+                    "layer": head_name}, stage.path(paths.features / artifacts.EMBEDDINGS))
         plot_confusion(confusion_png, ev, classes,
                        f"{tag}: test accuracy {ev.metrics['test_accuracy']:.4f}")
         shown = plot_misclassified(misclassified_png, images, ev, classes,

@@ -11,9 +11,10 @@ are found by type and read with forward hooks, so a new builder in
 - a network without convolutions (the MLP): the weights of the linear layer
   that reads the raw pixels, each unit's row shown as a 28x28 image (``u0``, ...);
 - every network: the penultimate-layer embedding of the whole test set (the
-  input of the last ``nn.Linear``), saved with the labels, and mapped to 2-D
-  with scikit-learn's PCA (all points) and t-SNE (a seeded subsample), coloured
-  by class.
+  input of the last ``nn.Linear``), as the evaluate stage recorded it in its own
+  pass over the test set (``features/<ds>/<arch>/seed-<seed>/embeddings.pt``), mapped
+  to 2-D with scikit-learn's PCA (all points) and t-SNE (a seeded subsample),
+  coloured by class.
 
 Every picture is titled (the title also goes into the PNG's ``Title`` text chunk)
 and at least :data:`mnistlab.plots.MIN_SIDE` pixels wide and tall; grids are zoomed
@@ -37,9 +38,9 @@ from torch import nn
 from mnistlab import artifacts, plots, tracking
 from mnistlab.config import FeatureSettings, seed_of, stage_name
 from mnistlab.errors import MnistlabError
-from mnistlab.inference import channels_last, predict, to_device
+from mnistlab.inference import capture, last_linear, to_device
 from mnistlab.models import load_model
-from mnistlab.utils import pick_device, staged, torch_save
+from mnistlab.utils import pick_device, staged, torch_load
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class FeaturePaths:
 
     split: Path      # data/split/<ds>: test.pt, summary.json
     model_dir: Path  # models/<ds>/<arch>/seed-<seed>: model.pt, run.json
-    out: Path        # features/<ds>/<arch>/seed-<seed>: embeddings.pt
+    features: Path   # features/<ds>/<arch>/seed-<seed>: embeddings.pt (the evaluate stage's)
     reports: Path    # reports/<ds>/<arch>/seed-<seed>/features: the PNGs
 
 
@@ -62,14 +63,6 @@ class FeaturePaths:
 def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     """Every ``nn.Conv2d`` with its qualified name, in definition (= forward, for ours) order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-
-
-def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The classifier head: the last ``nn.Linear``; its input is the penultimate-layer embedding."""
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise MnistlabError(f"{type(model).__name__}: no nn.Linear layer to take embeddings from")
-    return linears[-1]
 
 
 def pixel_linear(model: nn.Module, x: torch.Tensor) -> tuple[str, nn.Linear] | None:
@@ -86,37 +79,6 @@ def pixel_linear(model: nn.Module, x: torch.Tensor) -> tuple[str, nn.Linear] | N
     seen = capture(model, {name: layer}, x[:1], inputs=True)[name]
     # capture() hands back CPU tensors; x may be on the GPU
     return (name, layer) if torch.equal(seen, x[:1].flatten(1).to(seen.device)) else None
-
-
-def capture(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor, inputs: bool = False,
-            batch_size: int | None = None) -> dict[str, torch.Tensor]:
-    """Run ``model`` on ``x`` (eval mode, batched) and return what each layer saw or produced.
-
-    Args:
-        model: Any network.
-        layers: ``{name: module}`` to hook.
-        x: The model's input [N, C, H, W].
-        inputs: Record each layer's input (forward pre-hook) instead of its output.
-        batch_size: Batch size for :func:`mnistlab.inference.predict` (default: all at once).
-
-    Returns:
-        ``{name: tensor}`` concatenated over batches, on the CPU ([N, ...] each).
-    """
-    got: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    handles = []
-    for name, layer in layers.items():
-        if inputs:
-            handles.append(layer.register_forward_pre_hook(
-                lambda _m, args, name=name: got[name].append(args[0].detach().float().cpu())))
-        else:
-            handles.append(layer.register_forward_hook(
-                lambda _m, _a, out, name=name: got[name].append(out.detach().float().cpu())))
-    try:
-        predict(model, x, batch_size or max(1, len(x)), bf16=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: torch.cat(v) for n, v in got.items()}
 
 
 # --------------------------------------------------------------------------- image grids
@@ -288,21 +250,20 @@ def embedding_title(head_name: str, head: nn.Linear) -> str:
 
 
 def extract(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, classes: list[str],
-            settings: FeatureSettings, reports: Path, tag: str = ""
-            ) -> tuple[torch.Tensor, str, list[Path]]:
-    """Write every picture of ``model`` into ``reports``; return the test embeddings.
+            settings: FeatureSettings, reports: Path, tag: str = "") -> list[Path]:
+    """Write the kernel, feature-map or weight pictures of ``model`` into ``reports``.
 
     Args:
         model: A trained network in eval mode.
-        x: The normalised test images [N, C, 28, 28] on the model's device.
+        x: Normalised test images [N, C, 28, 28] on the model's device (one per class is drawn).
         labels: int64 [N] on the CPU.
         classes: Class names.
-        settings: Sizes of the grids and the embedding batch size.
+        settings: Sizes of the grids.
         reports: Output folder for the PNGs.
         tag: Put before each picture's title (``digits/lenet5``).
 
     Returns:
-        ``(embeddings [N, D] float32 CPU, name of the head layer, PNG paths written)``.
+        The PNG paths written.
     """
     written: list[Path] = []
     pre = f"{tag}: " if tag else ""
@@ -333,14 +294,32 @@ def extract(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, classes: li
     else:
         log.warning("%s has neither convolutions nor a pixel-reading linear layer: "
                     "no kernel pictures", type(model).__name__)
-    head_name, head = last_linear(model)
-    emb = capture(model, {head_name: head}, x, inputs=True, batch_size=settings.batch_size)[head_name]
-    return emb.flatten(1), head_name, written
+    return written
+
+
+def load_embeddings(path: Path, labels: torch.Tensor, head: str, hint: str) -> torch.Tensor:
+    """The evaluate stage's ``embeddings.pt`` [N, D], checked against the test labels and the
+    model's head layer: a file of another split or model is a one-line error (``hint``: the fix)."""
+    if not path.is_file():
+        raise MnistlabError(f"{path}: missing (the evaluate stage writes it); {hint}")
+    saved = torch_load(path)
+    if not isinstance(saved, dict) or not {"embeddings", "labels", "layer"} <= set(saved):
+        raise MnistlabError(f"{path}: not an embeddings file (needs embeddings, labels, layer); {hint}")
+    emb, saved_labels = saved["embeddings"], saved["labels"]
+    if saved["layer"] != head:
+        raise MnistlabError(f"{path}: embeddings of layer {saved['layer']!r}, but this model's head "
+                            f"is {head!r} (another model); {hint}")
+    if not (isinstance(saved_labels, torch.Tensor) and torch.equal(saved_labels, labels)):
+        raise MnistlabError(f"{path}: its labels are not this test split's (another split); {hint}")
+    if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or len(emb) != len(labels):
+        raise MnistlabError(f"{path}: embeddings must be [{len(labels)}, D] (one row per test "
+                            f"image); {hint}")
+    return emb.float()
 
 
 def run_features(params: dict[str, Any], dataset: str, arch: str, seed: int,
                  paths: FeaturePaths) -> dict[str, Any]:
-    """Kernels, feature maps, embeddings and their 2-D maps for ``models/<ds>/<arch>/seed-<seed>/model.pt``.
+    """Kernels, feature maps and the embeddings' 2-D maps for ``models/<ds>/<arch>/seed-<seed>/model.pt``.
 
     Returns:
         A summary (layers drawn, embedding shape, t-SNE size and time).
@@ -355,18 +334,17 @@ def run_features(params: dict[str, Any], dataset: str, arch: str, seed: int,
                          stage_name("train", dataset, arch, seed))
     classes = artifacts.load_classes(paths.split)
     images, labels = artifacts.load_split(paths.split, "test")
+    head = last_linear(model)[0]
+    emb = load_embeddings(paths.features / artifacts.EMBEDDINGS, labels, head,
+                          f"re-run {stage_name('evaluate', dataset, arch, seed)}")
     norm = record["normalize"]
-    if settings.channels_last:
-        channels_last(model)
-    x = to_device(images, labels, norm["mean"], norm["std"], device, settings.channels_last).x
+    x = to_device(images, labels, norm["mean"], norm["std"], device).x
 
-    # Pictures and embeddings go to a staging folder, the pictures to MLflow from there, and
-    # all of them in place last: a failed MLflow call leaves the previous outputs as they were.
+    # Pictures go to a staging folder, to MLflow from there, and in place last: a failed
+    # MLflow call leaves the previous outputs as they were.
     with staged() as stage:
         reports = stage.folder(paths.reports)
-        emb, head, written = extract(model, x, labels, classes, settings, reports, tag)
-        torch_save({"embeddings": emb, "labels": labels.clone(), "classes": list(classes),
-                    "layer": head}, stage.path(paths.out / artifacts.EMBEDDINGS))
+        written = extract(model, x, labels, classes, settings, reports, tag)
         info = embedding_map(emb.numpy(), labels.numpy(), classes, reports / "embedding-map.png",
                              seed_of(params), settings.tsne_max_points, settings.tsne_perplexity,
                              settings.tsne_max_iter, f"{tag}: {embedding_title(*last_linear(model))}")
