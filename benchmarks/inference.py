@@ -3,14 +3,14 @@
     python benchmarks/inference.py                  # ../shared/datasets/mnist's t10k images
     python benchmarks/inference.py --data DIR       # a folder with t10k-images-idx3-ubyte(.gz)
 
-What the evaluate and features stages (and compare's ONNX check) spend on their forward
-passes: :func:`mnistlab.inference.scores`, fp32 as they run it, on the device
+What the evaluate stage (which also records the embeddings the features stage maps) and
+compare's ONNX check spend on their forward passes: :func:`mnistlab.inference.scores`, fp32 as they run it, on the device
 ``evaluate.device`` picks, for batch sizes x {NCHW, NHWC (channels_last)}. Each cell is
 the median of 3 passes over the whole test set after one warm-up batch, with the largest
 |logit difference| from the NCHW pass at the largest batch (the layout changes the float
 rounding, not the scores). The weights are a seeded initialisation: speed does not
 depend on their values. Chooses params.yaml's ``evaluate.batch_size`` and
-``channels_last`` (``features`` uses the same).
+``evaluate.channels_last``.
 
 Writes ``benchmarks/results/inference-<device>.{json,md}``, with the CPU's model and
 vector flags.
@@ -104,7 +104,7 @@ def main() -> None:
     lines = [f"Scoring the {len(images):,} MNIST test images (`mnistlab.inference.scores`, fp32) on "
              f"{device.type} ({name}{'; ' + result['cpu_flags'] if result['cpu_flags'] else ''}; "
              f"{result['threads']} threads), torch {torch.__version__}: seconds, median of "
-             f"{args.repeats}. Bold: params.yaml's evaluate/features setting "
+             f"{args.repeats}. Bold: params.yaml's evaluate setting "
              f"({chosen['layout']}, batch {chosen['batch']}).", "",
              "| arch | " + " | ".join(f"{lay} {b}" for lay in ("NCHW", "NHWC") for b in BATCHES)
              + " | max \\|Δ logit\\| |",
