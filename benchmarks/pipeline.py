@@ -31,6 +31,13 @@ Either way the stages fork from a stage server, as in ``make run`` (src/mnistlab
 the report counts how many did); ``--no-stage-server`` starts each as a fresh interpreter, for
 comparison (``-no-server`` in the file names).
 
+The report also follows the wall time's critical path: from the stage that ended last, back
+through the stage that ended latest before each one started. With ``--jobs N`` that names
+what the wall time waited on (a chain's stages, and the time between them that is DVC's:
+a new ``dvc`` process per chain, its lock, hashing, ``dvc.lock``); with one ``dvc repro`` it
+is every stage, and the time between them is DVC's per stage. Every stage's start and end,
+in seconds from the command's start, are in the JSON.
+
 Targets (issue #14): everything but training and evaluation under 10 % of the wall time;
 on one H100 the whole run within 60 s. Writes ``benchmarks/results/pipeline-<device>.{json,md}``
 (``pipeline-<device>-<dataset>.*`` for another dataset; a ``-jobs<N>`` suffix with ``--jobs``).
@@ -126,9 +133,28 @@ def device_description() -> str:
     return f"cpu ({model}; {' '.join(simd) or 'unknown'}; {os.cpu_count()} cores)"
 
 
+def critical_path(stages: list[dict]) -> list[dict]:
+    """The stages the wall time waited on, first to last: from the stage that ended last, back
+    through the stage that ended latest before each one started (its chain's previous stage,
+    or the chain it waited for). ``stages`` need ``start`` and ``end`` (seconds from the run's
+    start); each returned stage gets ``waited``: the time since that predecessor ended (since
+    the run's start, for the first)."""
+    timed = sorted((s for s in stages if "start" in s), key=lambda s: s["end"])
+    path: list[dict] = []
+    cur = timed[-1] if timed else None
+    while cur is not None:
+        # 1 ms of slack: a successor's process can be stamped as started the instant its
+        # predecessor's end is written
+        before = [s for s in timed if s["end"] <= cur["start"] + 1e-3 and s is not cur]
+        prev = max(before, key=lambda s: s["end"]) if before else None
+        path.append({**cur, "waited": cur["start"] - (prev["end"] if prev else 0.0)})
+        cur = prev
+    return path[::-1]
+
+
 def summarize(work: Path, params: dict, dataset: str, wall: float, device: str,
-              finished: bool, torch_version: str = torch.__version__, jobs: int = 1
-              ) -> tuple[dict, list[str]]:
+              finished: bool, torch_version: str = torch.__version__, jobs: int = 1,
+              started: float | None = None) -> tuple[dict, list[str]]:
     """The result record and its Markdown lines, from the copy's stage-times.jsonl and metrics.
 
     ``finished`` False: ``dvc repro`` was stopped at its time limit; what the stages that
@@ -136,6 +162,8 @@ def summarize(work: Path, params: dict, dataset: str, wall: float, device: str,
     ``jobs`` > 1: the run was ``python -m mnistlab.repro --jobs N`` (what ``make run`` does),
     whose stage processes overlap; the split is then of their summed seconds, not of the wall
     time (what DVC spends outside them is not separable), and so is the overhead share.
+    ``started``: the command's start (``time.time()``), for each stage's ``start`` and ``end``
+    in seconds from it and the critical path; None leaves both out.
     """
     stages = []
     for line in (work / "stage-times.jsonl").read_text().splitlines():
@@ -145,7 +173,9 @@ def summarize(work: Path, params: dict, dataset: str, wall: float, device: str,
         stages.append({"stage": label, "kind": kind, "seconds": r["end"] - r["start"],
                        "startup": main_at - r["start"], "work": r["end"] - main_at,
                        "mlflow": r.get("mlflow", 0.0),  # absent in files from before the sampler
-                       "exit": r["exit"], "served": r.get("served", False)})
+                       "exit": r["exit"], "served": r.get("served", False),
+                       **({"start": r["start"] - started, "end": r["end"] - started}
+                          if started is not None else {})})
     # a train stage stopped by --timeout has no history.csv: only finished ones count
     trained = {s["stage"].split("@", 1)[1] for s in stages if s["kind"] == "train" and s["exit"] in (0, None)}
     seed = params["seeds"][0]  # loop_seconds reads the first training seed's runs
@@ -207,7 +237,28 @@ def summarize(work: Path, params: dict, dataset: str, wall: float, device: str,
     stage_s = {s["stage"].split("@", 1)[1]: s["seconds"] for s in stages if s["kind"] == "train"}
     lines += [f"| {a} | {v['epochs']} | {v['loop']:.1f} | {stage_s[f'{dataset}-{a}-{seed}']:.1f} |"
               for a, v in loops.items()]
+    if started is not None and stages:
+        lines += critical_path_lines(critical_path(stages), wall, jobs)
     return result, lines
+
+
+def critical_path_lines(path: list[dict], wall: float, jobs: int) -> list[str]:
+    """The critical path in Markdown: a table of its stages with ``--jobs N``, one line with
+    one ``dvc repro`` (there it is every stage, one after the other)."""
+    in_stages = sum(s["seconds"] for s in path)
+    between = sum(s["waited"] for s in path[1:])
+    after = wall - path[-1]["end"]
+    lines = ["", f"Critical path: {len(path)} stage processes, {in_stages:.1f} s in them; "
+             f"{path[0]['waited']:.1f} s before the first, {between:.1f} s between them, "
+             f"{after:.1f} s after the last (DVC's and the runner's: start-up, lock, hashing, dvc.lock)."]
+    if jobs > 1:
+        lines += ["", "| stage | started at s | seconds | waited before it s |", "|---|---:|---:|---:|"]
+        lines += [f"| {s['stage']} | {s['start']:.1f} | {s['seconds']:.1f} | {s['waited']:.1f} |"
+                  for s in path]
+    elif len(path) > 1:
+        waits = [s["waited"] for s in path[1:]]
+        lines[-1] += f" Between two stages: {min(waits):.1f}–{max(waits):.1f} s."
+    return lines
 
 
 def main() -> int:
@@ -263,7 +314,8 @@ def main() -> int:
         print(f"error: {label} failed (exit {rc}); log: {work / 'repro.log'}", file=sys.stderr)
         return 1
 
-    result, lines = summarize(work, params, args.dataset, wall, device, finished, jobs=args.jobs)
+    result, lines = summarize(work, params, args.dataset, wall, device, finished, jobs=args.jobs,
+                              started=t0)
     args.out.mkdir(parents=True, exist_ok=True)
     # full MNIST keeps the plain name; another dataset's run must not overwrite it
     suffix = ("" if args.dataset == "mnist" else f"-{args.dataset}") + \

@@ -282,6 +282,54 @@ def test_pipeline_summary_splits_the_wall_time(tmp_path: Path):
     assert any(line.startswith("6 workers: the stage processes overlap") for line in lines)
 
 
+def test_pipeline_summary_follows_the_critical_path(tmp_path: Path):
+    """Every stage's start and end from the run's start; the critical path from the stage that
+    ended last back through the latest-ending stage before each start: a chain's own stages
+    when they set the pace, the gaps between them (DVC's time) and before and after."""
+    pipeline = _pipeline_module()
+    t0 = 1000.0  # time.time() when the command started
+
+    def run(arch):
+        return ["--dataset", "d", "--arch", arch, "--seed", "1234"]
+
+    rows = [("stages/download.py", ["--dataset", "d"], 2, 3),
+            ("stages/split.py", ["--dataset", "d"], 4, 6),
+            # two chains side by side: mlp's sets the pace, cnn's ends first
+            ("stages/train.py", run("mlp"), 7, 30), ("stages/train.py", run("cnn"), 8, 20),
+            ("stages/evaluate.py", run("cnn"), 21, 24), ("stages/evaluate.py", run("mlp"), 31.5, 35),
+            ("stages/features.py", run("cnn"), 25, 33), ("stages/features.py", run("mlp"), 36, 44),
+            ("stages/compare.py", ["--metrics", "m"], 46, 50)]
+    (tmp_path / "stage-times.jsonl").write_text("".join(
+        json.dumps({"argv": [script, *args], "start": t0 + a, "main": t0 + a, "end": t0 + c,
+                    "exit": 0, "mlflow": 0.0}) + "\n" for script, args, a, c in rows))
+    for arch in ("mlp", "cnn"):
+        metrics = tmp_path / "metrics" / "d" / arch / "seed-1234"
+        metrics.mkdir(parents=True)
+        (metrics / "history.csv").write_text("epoch,epoch_seconds\n1,5.0\n")
+        (metrics / "train.json").write_text(json.dumps({"epochs": 1, "tracking_seconds": 0.0}))
+    params = {"archs": ["mlp", "cnn"], "seeds": [1234], "paths": {"metrics": "metrics"}}
+    result, lines = pipeline.summarize(tmp_path, params, "d", 51.0, "cuda (test GPU)", True,
+                                       jobs=2, started=t0)
+    train_cnn = next(s for s in result["stages"] if s["stage"] == "train@d-cnn-1234")
+    assert (train_cnn["start"], train_cnn["end"]) == (8.0, 20.0)
+    path = pipeline.critical_path(result["stages"])
+    assert [s["stage"] for s in path] == ["download@d", "split@d", "train@d-mlp-1234",
+                                          "evaluate@d-mlp-1234", "features@d-mlp-1234", "compare"]
+    assert [s["waited"] for s in path] == pytest.approx([2, 1, 1, 1.5, 1, 2])
+    assert ("Critical path: 6 stage processes, 41.5 s in them; 2.0 s before the first, 6.5 s "
+            "between them, 1.0 s after the last (DVC's and the runner's: start-up, lock, hashing, "
+            "dvc.lock).") in lines
+    assert "| evaluate@d-mlp-1234 | 31.5 | 3.5 | 1.5 |" in lines
+    # one `dvc repro`: the path in one line, no table
+    result, lines = pipeline.summarize(tmp_path, params, "d", 51.0, "cpu (test)", True, started=t0)
+    assert not any(line.startswith("| stage | started at s") for line in lines)
+    assert any(line.startswith("Critical path: 6 stage processes") and
+               line.endswith("Between two stages: 1.0–2.0 s.") for line in lines)
+    # without the start time (older callers), no timeline and no path
+    result, lines = pipeline.summarize(tmp_path, params, "d", 51.0, "cpu (test)", True)
+    assert "start" not in result["stages"][0] and not any("Critical path" in line for line in lines)
+
+
 def test_quickstart_table_gives_the_verdict_status_threads_and_accuracies():
     """benchmarks/quickstart.py's report: a run over 300 s or with a dirty `dvc status` shows it."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
