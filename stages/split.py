@@ -8,9 +8,9 @@ Reads params: seed, split, sources.<dataset> (for the class names).
 import argparse
 from pathlib import Path
 
-from mnistlab.config import load_params, section, seed_of
+from mnistlab.config import load_params, seed_of
 from mnistlab.data.sources import resolve_source
-from mnistlab.data.split import split
+from mnistlab.data.split import split, split_settings
 from mnistlab.errors import run_script
 
 
@@ -24,10 +24,8 @@ def main() -> None:
 
     params = load_params(args.params)
     source = resolve_source(params, args.dataset)
-    # section(): no unknown or missing key in split; split() checks the values.
-    fractions = section(params, "split", dict.fromkeys(("val_fraction", "test_fraction"), lambda _, v: v))
-    summary = split(args.raw, args.out, list(source.classes), fractions["val_fraction"],
-                    fractions["test_fraction"], seed_of(params), args.dataset)
+    val, test = split_settings(params)
+    summary = split(args.raw, args.out, list(source.classes), val, test, seed_of(params), args.dataset)
     print(f"{args.dataset}: " + ", ".join(f"{s} {summary[s]['count']}" for s in ("train", "val", "test"))
           + f" ({summary['test_source']} test set) in {args.out}")
 

@@ -47,6 +47,7 @@ from mnistlab.stages.compare import ComparePaths, run_compare
 from mnistlab.stages.evaluate import EvalPaths, run_evaluation
 from mnistlab.stages.features import FeaturePaths, run_features
 from mnistlab.stages.train import TrainPaths, train
+from mnistlab.utils import torch_load, torch_save
 
 pytestmark = pytest.mark.slow
 
@@ -321,6 +322,22 @@ def _emptied(rel: str) -> Callable[[Path], None]:
     return mutate
 
 
+def _paths(**override) -> Callable[[Path], None]:
+    def mutate(repo: Path) -> None:
+        edit_params(repo, lambda p: p["paths"].update(override))
+    return mutate
+
+
+def _duplicate_key(repo: Path) -> None:
+    """A second ``seed:`` line (PyYAML alone would keep the last; DVC refuses the file)."""
+    with open(repo / "params.yaml", "a") as f:
+        f.write("seed: 99\n")
+
+
+def _store(uri: Callable[[Path], str]) -> Callable[[Path], dict[str, str]]:
+    return lambda repo: {"MLFLOW_TRACKING_URI": uri(repo)}
+
+
 def _top_level_typo(repo: Path) -> None:
     edit_params(repo, lambda p: p.__setitem__("hparam", p.pop("hparams")))
 
@@ -330,6 +347,21 @@ def _latin1_byte(repo: Path) -> None:
     refuse to read the file before any stage runs)."""
     with open(repo / "params.yaml", "ab") as f:
         f.write(b"# caf\xe9\n")
+
+
+def _split_file(subset: str, label: int | None) -> Callable[[Path], None]:
+    """The digits split's ``<subset>.pt`` rewritten: its first label set to ``label`` (a file
+    made by another tool), or, with None, no images at all."""
+    def mutate(repo: Path) -> None:
+        path = repo / "data" / "split" / "digits" / f"{subset}.pt"
+        obj = torch_load(path)
+        x, y = obj["images"], obj["labels"].clone()
+        if label is None:
+            x, y = x[:0], y[:0]
+        else:
+            y[0] = label
+        torch_save({"images": x.clone(), "labels": y}, path)
+    return mutate
 
 
 def _train_json_na(repo: Path) -> None:
@@ -372,6 +404,17 @@ CASES = {
     "SHA-256 mismatch": (*BYO, _source({"mirrors": ["byo-src"],
                                         "sha256": {"train-labels-idx1-ubyte.gz": ZERO_SHA}}),
                          [f"{LAB}: SHA-256 mismatch (expected {ZERO_SHA}, got "]),
+    "mirror URL with a password": (*BYO, _source(f"https://bob:{SECRET}@example.invalid/mnist/"),
+                                   ["params.yaml: sources.byo.mirrors: https://example.invalid/mnist/: a user "
+                                    "name or password in a mirror URL is not supported"]),
+    "mirror URL with a query": (*BYO, _source(f"https://example.invalid/mnist/?token={SECRET}"),
+                                ["sources.byo.mirrors: https://example.invalid/mnist/: a query or fragment"]),
+    "malformed mirror URL": (*BYO, _source({"mirrors": ["byo-src", "http://[::1/mnist/"]}),
+                             ["params.yaml: sources.byo.mirrors: 'http://[::1/mnist/' is not a valid URL "
+                              "(Invalid IPv6 URL)"]),
+    "class named like a served column": (*BYO, _source({"mirrors": ["byo-src"],
+                                                       "classes": ["class", *DIGIT_CLASSES[1:]]}),
+                                         ["params.yaml: sources.byo.classes: 'class' cannot name a class"]),
     "unknown dataset": ("download", {"item": "nope"}, lambda repo: None,
                         ["unknown dataset 'nope'", "known: byo, digits"]),
     # ---- settings
@@ -383,6 +426,13 @@ CASES = {
                            ["params.yaml: unknown top-level key(s) hparam (valid: ", "hparams"]),
     "non-UTF-8 params.yaml": ("evaluate", {"dataset": "digits", "arch": "mlp", "seed": "1234"}, _latin1_byte,
                               ["params.yaml: not UTF-8 text (byte 0xe9 at offset "]),
+    "paths.raw empty": (*BYO, _paths(raw=""), ["params.yaml: paths.raw must be a folder name (got '')"]),
+    "paths.models outside the repo": (*TRAIN, _paths(models="../elsewhere"),
+                                      ["params.yaml: paths.models: '../elsewhere' must be a relative folder "
+                                       "inside the repository"]),
+    "paths unknown key": (*EVALUATE, _paths(bogus="x"), ["params.yaml: paths: unknown key(s) bogus"]),
+    "duplicate key in params.yaml": (*SPLIT, _duplicate_key, ["params.yaml: not valid YAML",
+                                                              "found duplicate key 'seed'"]),
     "lr zero": (*TRAIN, _hparam(lr=0), ["params.yaml: hparams.mlp.lr must be a positive number (got 0)"]),
     "epochs zero": (*TRAIN, _hparam(epochs=0), ["hparams.mlp.epochs must be a positive integer (got 0)"]),
     "batch size negative": (*TRAIN, _hparam(batch_size=-8),
@@ -393,6 +443,14 @@ CASES = {
     # ---- files one stage hands another
     "train.json not a number": ("compare", {}, _train_json_na,
                                 ["metrics/digits/mlp/seed-1234/train.json: parameters must be an integer (got 'n/a'"]),
+    # was "IndexError: Target 42 is out of bounds." and "torch.cat(): expected a non-empty list"
+    "label 42 in test.pt": (*EVALUATE, _split_file("test", 42),
+                            ["data/split/digits/test.pt: label 42 out of range 0..9 (data/split/digits/"
+                             "summary.json names 10 classes; re-run the split stage)"]),
+    "negative label in train.pt": (*TRAIN, _split_file("train", -1),
+                                   ["data/split/digits/train.pt: label -1 out of range 0..9"]),
+    "empty test.pt": (*EVALUATE, _split_file("test", None),
+                      ["data/split/digits/test.pt: empty (no images; re-run the split stage)"]),
     # ---- runs
     "NaN loss": (*TRAIN, _hparam(lr=1e6, batch_size=32, epochs=2),
                  ["dataset 'digits', arch 'mlp': loss diverged", "epoch 1", "hparams.mlp.lr=1000000.0"]),
@@ -411,12 +469,19 @@ CASES = {
     "train: read-only mlflow.db": (*TRAIN, _read_only_db,
                                    ["MLflow tracking store sqlite:///", "/mlflow.db: attempt to write "
                                     "a readonly database"]),
+    "train: sqlite store in a missing folder": (*TRAIN, _store(lambda repo: f"sqlite:///{repo}/no-such/mlflow.db"),
+                                                ["MLflow tracking store sqlite:///", "/no-such/mlflow.db: no folder "]),
+    "evaluate: sqlite store is a folder": (*EVALUATE, _store(lambda repo: f"sqlite:///{repo}/models"),
+                                           ["MLflow tracking store sqlite:///", "/models is a folder, not a "
+                                            "database file"]),
+    "features: malformed tracking URI": (*FEATURES, _store(lambda repo: f"http://bob:{SECRET}@[::1"),
+                                         ["MLFLOW_TRACKING_URI: ", "is not a valid URI (Invalid IPv6 URL)"]),
     "evaluate: mlflow.db deleted": (*EVALUATE, _mlflow_db_deleted,
                                     ["models/digits/mlp/seed-1234/run.json: MLflow run ", "is not in tracking store "
-                                     "sqlite:///", "rerun `dvc repro -f train@digits-mlp-1234`"]),
+                                     "sqlite:///", "rerun `dvc repro -f -s train@digits-mlp-1234`"]),
     "features: run deleted in MLflow": (*FEATURES, _run_deleted,
                                         ["models/digits/mlp/seed-1234/run.json: MLflow run ", "was deleted from "
-                                         "tracking store", "rerun `dvc repro -f train@digits-mlp-1234`"]),
+                                         "tracking store", "rerun `dvc repro -f -s train@digits-mlp-1234`"]),
     # ---- the file system
     "train: disk full under models/": (*TRAIN, _full_disk_at("models/digits/mlp/seed-1234"),
                                        ["models/digits/mlp/seed-1234", "No space left on device"]),
@@ -438,7 +503,7 @@ CASES = {
     "flipped bit in model.pt": ("evaluate", {"dataset": "digits", "arch": "mlp", "seed": "1234"},
                                 _flipped_at("models/digits/mlp/seed-1234/model.pt"),
                                 ["models/digits/mlp/seed-1234/model.pt: integrity check failed (SHA-256 of the payload "
-                                 "differs)", "rerun its train stage (dvc repro -f train@digits-mlp-1234)"]),
+                                 "differs)", "rerun its train stage (dvc repro -f -s train@digits-mlp-1234)"]),
     "flipped bit in last.pt": (*TRAIN, _flipped_at("checkpoints/digits/mlp/seed-1234/last.pt"),
                                ["checkpoints/digits/mlp/seed-1234/last.pt: integrity check failed",
                                 "delete it to train from scratch"]),

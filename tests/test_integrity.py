@@ -126,7 +126,7 @@ def test_a_flipped_bit_in_a_weight_is_refused_naming_the_file(files: dict[str, P
     if name == "last.pt":
         assert msg.endswith("not resumed; left in place for inspection: delete it to train from scratch")
     else:
-        assert msg.endswith("rerun its train stage (dvc repro -f train@digits-mlp-1234)")
+        assert msg.endswith("rerun its train stage (dvc repro -f -s train@digits-mlp-1234)")
     assert path.read_bytes() == damaged  # left for inspection
 
 
@@ -208,7 +208,7 @@ def test_a_model_file_of_the_previous_format_is_refused(files: dict[str, Path]):
         load_model(path, CPU)
     assert one_line(e) == (f"{path}: no integrity digest (written by an older mnistlab, or not by the "
                            "train stage): its weights cannot be verified; rerun its train stage "
-                           "(dvc repro -f train@digits-mlp-1234)")
+                           "(dvc repro -f -s train@digits-mlp-1234)")
 
 
 # --------------------------------------------------------------------------- what still holds

@@ -243,3 +243,28 @@ def test_seed_networks_are_the_tutorials_layer_for_layer(params, arch):
 
 def test_every_tutorial_network_is_registered_under_its_seed_name():
     assert set(SEEDS) | {"resnet_bn"} == set(REGISTRY)
+
+
+def test_a_network_too_big_for_memory_is_one_line_naming_its_args(monkeypatch):
+    """The allocator's refusal (``hidden: 100000000`` asks for 313 GB) is the user's setting:
+    one line naming the arch, its sizes and the params key; any other RuntimeError of a
+    builder is a bug and keeps its traceback. (Patched: really asking for 313 GB could be
+    granted by an overcommitting kernel and end in the OOM killer.)"""
+    from mnistlab import models
+
+    def too_big(**args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 313600000000 bytes.")
+
+    monkeypatch.setitem(models.REGISTRY, "mlp", too_big)
+    with pytest.raises(MnistlabError) as e:
+        models.build_model("mlp", num_classes=10, in_channels=1, hidden=100_000_000)
+    assert str(e.value) == ("arch 'mlp' (hidden=100000000): the network's weights do not fit in "
+                            "memory; make its sizes (hparams.mlp.args in params.yaml) smaller")
+
+    def buggy(**args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setitem(models.REGISTRY, "mlp", buggy)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        models.build_model("mlp", num_classes=10, in_channels=1)

@@ -278,6 +278,11 @@ BAD_SETTINGS = {  # key: (value, what the one line says)
     "datasets": (["digits", "nosuch"], "unknown dataset 'nosuch'"),
     "archs": (["mlp", "mlpp"], "unknown arch 'mlpp' (valid: "),
     "seeds": (7, "params.yaml: seeds must be a non-empty list of integers"),
+    # the data seed and the split: DVC would delete the split files before the stage refuses them
+    "seed": ("x", "params.yaml: seed must be an integer in [0, 2**32) (got 'x')"),
+    "split.val_fraction": (1.5, "params.yaml: split.val_fraction must be a fraction in (0, 1)"),
+    "split.test_fraction": (0, "params.yaml: split.test_fraction must be a fraction in (0, 1) or a count >= 1"),
+    "split.bogus": (1, "params.yaml: split: unknown key(s) bogus"),
 }
 
 

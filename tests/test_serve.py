@@ -81,3 +81,48 @@ def test_served_champion_answers_raw_pixels_with_class_names(tmp_path, monkeypat
                 break
             except subprocess.TimeoutExpired:
                 continue
+
+
+def test_served_model_refuses_pixels_that_are_no_grey_levels(tmp_path, monkeypatch):
+    """Was HTTP 200: the signature checks dtype and shape only, so a pixel of 1e30 got class
+    "4" with probability 1.0 and a NaN one class "0" with probability NaN. Now refused as a
+    wrong shape is (MLflow's INVALID_PARAMETER_VALUE: HTTP 400), the message naming the values."""
+    import functools
+
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import scoring_server
+
+    from mnistlab import serving, tracking
+    from mnistlab.models import build_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = tracking.start_run("digits", "mlp", 1, {}, {"dvc_stage": "test"})
+    example = np.random.default_rng(0).integers(0, 256, (2, 1, 28, 28)).astype(np.float32)
+    tracking.log_pytorch_model(run_id, build_model("mlp").eval(), example, functools.partial(
+        serving.log_model, classes=CLASSES, normalize={"mean": 0.1307, "std": 0.3081}))
+    with tracking.fluent_uri(tracking.tracking_uri()):
+        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+
+    pixels = np.zeros((3, 1, 28, 28), dtype=np.float32)
+    pixels[0, 0, 5, 5] = 255.0  # both ends of the range are grey levels
+    assert len(model.predict(pixels)) == 3
+    prefix = "pixels must be finite grey levels in 0..255; got "
+    for value, got in ((999.0, "values from 0 to 999"), (-5.0, "values from -5 to 255"),
+                       (1e30, "values from 0 to 1e+30"), (np.nan, "NaN"), (np.inf, "inf"),
+                       (-np.inf, "-inf")):
+        bad = pixels.copy()
+        bad[2, 0, 14, 14] = value
+        with pytest.raises(MlflowException) as e:
+            model.predict(bad)
+        assert e.value.get_http_status_code() == 400
+        assert e.value.message == f"{prefix}{got} (first in image 2 of 3)"
+
+    # and as `mlflow models serve` answers a JSON request (NaN is valid JSON to Python's parser)
+    bad = pixels.copy()
+    bad[1, 0, 0, 0] = np.nan
+    with pytest.raises(MlflowException) as e:
+        scoring_server.invocations(json.dumps({"inputs": bad.tolist()}), "application/json",
+                                   model, model.metadata.get_input_schema())
+    assert e.value.get_http_status_code() == 400
+    assert f"{prefix}NaN (first in image 1 of 3)" in e.value.message

@@ -13,7 +13,7 @@ from helpers.checks import assert_one_line_error
 from helpers.data import QUICK, dataset_files, idx_bytes, make_pair, tree_digest, write_folder
 from helpers.repo import run_stage
 
-from mnistlab.artifacts import load_classes, load_split
+from mnistlab.artifacts import load_classes, load_split, save_split
 from mnistlab.data.download import fetch
 from mnistlab.data.idx import IMAGES, LABELS, read_pair
 from mnistlab.data.sources import Source, resolve_source
@@ -149,6 +149,29 @@ def test_files_are_plain_tensors(digits_raw: Path, tmp_path: Path):
         assert torch.equal(lx, x) and torch.equal(ly, y)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert load_classes(tmp_path) == DIGITS
+
+
+@pytest.mark.parametrize(("subset", "labels", "fragment"), [
+    ("test", [3, 42], "label 42 out of range 0..9"),   # was evaluate's "IndexError: Target 42 is out of bounds"
+    ("train", [-1, 3], "label -1 out of range 0..9"),  # and train's
+    ("val", [9, 10], "label 10 out of range 0..9"),
+    ("test", [], "empty (no images; re-run the split stage)"),  # was "torch.cat(): expected a non-empty list"
+])
+def test_a_damaged_split_file_is_one_line_naming_it(tmp_path: Path, subset, labels, fragment):
+    """What the split stage never writes (a label without a class name in summary.json, a
+    subset without images) is refused by the loader every stage reads the split with."""
+    y = torch.tensor(labels, dtype=torch.int64)
+    save_split(tmp_path, {subset: (torch.zeros(len(y), 28, 28, dtype=torch.uint8), y)},
+               {"classes": DIGITS})
+    with pytest.raises(MnistlabError) as e:
+        load_split(tmp_path, subset)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{tmp_path / f'{subset}.pt'}: {fragment}")
+    if labels:
+        assert msg.endswith(f"({tmp_path / 'summary.json'} names 10 classes; re-run the split stage)")
+        save_split(tmp_path, {subset: (torch.zeros(2, 28, 28, dtype=torch.uint8),
+                                       torch.tensor([0, 9]))}, {"classes": DIGITS})
+        assert load_split(tmp_path, subset)[1].tolist() == [0, 9]  # both ends of the range load
 
 
 def test_same_seed_same_bytes_different_seed_different_split(digits_raw: Path, tmp_path: Path):

@@ -132,6 +132,16 @@ def test_mlflow_content_read_back(params, split_dir, workdir, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("DVC_EXP_NAME", "exp-42")
+    # Tracked outputs that earlier stages rewrote (dvc.lock, another run's metrics): the
+    # checkout's code and settings are still the commit's, so the run is not dirty.
+    other = workdir / "metrics" / "digits" / "cnn_4_8" / "seed-1234" / "train.json"
+    other.parent.mkdir(parents=True)
+    for path in (workdir / "dvc.lock", other):
+        path.write_text("{}\n")
+    git(workdir, "add", "dvc.lock", "metrics")
+    git(workdir, "commit", "-qm", "outputs")
+    for path in (workdir / "dvc.lock", other):
+        path.write_text('{"rewritten": true}\n')
     batches: list[list] = []  # the metrics of every log_batch call
     real_log_batch = MlflowClient.log_batch
 
@@ -233,6 +243,41 @@ def test_mlflow_content_read_back(params, split_dir, workdir, monkeypatch):
 
 
 # --------------------------------------------------------------------------- resume and reruns
+
+
+def test_git_dirty_counts_code_and_settings_not_the_pipelines_outputs(tmp_path):
+    """git_info's dirty flag: a tracked source or params.yaml edit makes it true; the
+    pipeline's tracked outputs (dvc.lock, metrics/, reports/) and untracked files do not,
+    when named; unnamed, every tracked change counts."""
+    from mnistlab.config import pipeline_outputs
+    from mnistlab.utils import git_info
+
+    files = {"params.yaml": "a: 1\n", "src/m.py": "x = 1\n", "dvc.lock": "s: {}\n",
+             "metrics/d/mlp/seed-1/train.json": "{}\n", "reports/leaderboard.md": "|\n"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-qm", "init")
+    outputs = pipeline_outputs({"paths": {"metrics": "metrics", "reports": "reports",
+                                          "models": "models"}})
+    assert outputs == ["dvc.lock", "metrics", "reports", "models"]
+
+    def dirty(named=outputs) -> str:
+        return git_info(tmp_path, named)["git_dirty"]
+
+    assert dirty() == "false"
+    for name in ("dvc.lock", "metrics/d/mlp/seed-1/train.json", "reports/leaderboard.md"):
+        (tmp_path / name).write_text("rewritten by a stage\n")
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert dirty() == "false" and dirty(()) == "true"
+    for name in ("src/m.py", "params.yaml"):
+        (tmp_path / name).write_text("edited\n")
+        assert dirty() == "true", name
+        git(tmp_path, "checkout", "--", name)
+    assert dirty() == "false"
+    assert git_info(tmp_path / "src", outputs)["git_commit"] == git(tmp_path, "rev-parse", "HEAD")
 
 
 def test_interrupted_run_resumes_into_the_same_mlflow_run(params, split_dir, workdir, monkeypatch):

@@ -69,7 +69,11 @@ def save_split(split_dir: Path, subsets: dict[str, tuple[torch.Tensor, torch.Ten
 
 
 def load_split(split_dir: Path, subset: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load one subset written by :func:`save_split` (weights_only, validated shapes)."""
+    """Load one subset written by :func:`save_split` (weights_only, validated).
+
+    Checked: dtypes and shapes, at least one image, and labels in ``0..K-1`` for the K
+    classes of the folder's ``summary.json`` (:func:`load_classes`).
+    """
     path = split_file(split_dir, subset)
     obj = torch_load(path)
     if not (isinstance(obj, dict) and {"images", "labels"} <= set(obj)):
@@ -79,6 +83,16 @@ def load_split(split_dir: Path, subset: str) -> tuple[torch.Tensor, torch.Tensor
             and x.dtype == torch.uint8 and x.dim() == 3 and tuple(x.shape[1:]) == (SIDE, SIDE)
             and y.dtype == torch.int64 and y.shape == (len(x),)):
         raise MnistlabError(f"{path}: expected uint8 images [N,{SIDE},{SIDE}] and int64 labels [N]")
+    # The split stage never writes an empty subset nor a label without a class name; such
+    # a file otherwise surfaced as a traceback far from it (evaluate's "torch.cat(): expected
+    # a non-empty list", the loss's "IndexError: Target 42 is out of bounds").
+    if not len(x):
+        raise MnistlabError(f"{path}: empty (no images; re-run the split stage)")
+    k = len(load_classes(split_dir))
+    bad = (y < 0) | (y >= k)
+    if bad.any():
+        raise MnistlabError(f"{path}: label {int(y[bad][0])} out of range 0..{k - 1} "
+                            f"({Path(split_dir) / SUMMARY} names {k} classes; re-run the split stage)")
     return x, y
 
 

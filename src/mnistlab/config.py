@@ -18,12 +18,30 @@ from mnistlab.errors import MnistlabError
 
 
 class YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 floats.
+    """PyYAML's safe loader with YAML 1.2 floats, refusing a key given twice in one mapping.
 
-    Why: PyYAML follows YAML 1.1, where a float needs a dot, so ``1e-06`` (which
+    Why the floats: PyYAML follows YAML 1.1, where a float needs a dot, so ``1e-06`` (which
     ``dvc exp run -S hparams.mlp.lr=1e-6`` writes, and DVC itself reads as a
-    float) would arrive here as a string.
+    float) would arrive here as a string. Why the keys: PyYAML keeps the last of two
+    ``seed:`` lines without a word, while DVC refuses the file; a stage run by hand would
+    then use a value that ``dvc repro`` never accepts.
     """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<:`` may override, by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class says so
+                pass
+        return super().construct_mapping(node, deep=deep)
 
 
 YamlLoader.add_implicit_resolver(
@@ -96,7 +114,43 @@ def load_params(path: str | Path = "params.yaml", what: str = "params file",
     if unknown:
         raise MnistlabError(f"{path}: unknown top-level key(s) {', '.join(unknown)} "
                             f"(valid: {', '.join(keys)})")
+    if keys is not None and "paths" in params:  # every stage writes there (check_paths)
+        check_paths(params)
     return params
+
+
+# The folders of params.yaml's ``paths``: where the stages write, all inside the repository.
+PATH_KEYS = ("raw", "split", "models", "checkpoints", "metrics", "reports", "features", "exports")
+# Names no class may have: the columns of the served model's answer (mnistlab.serving) besides
+# one per class.
+RESERVED_CLASS_NAMES = ("class", "probability")
+
+
+def check_paths(params: dict[str, Any]) -> dict[str, str]:
+    """params.yaml's ``paths``: keys of :data:`PATH_KEYS` only, each a relative folder inside
+    the repository. (One that is missing is named by the stage that needs it.)
+
+    Why: every stage writes there, and DVC deletes a stage's outputs before it runs it. An
+    empty value would put ``raw/<ds>`` at the filesystem root (``/digits``), an absolute or
+    ``..`` one outside the repository, where DVC refuses to track it only after the stage has
+    written there; a number or null stops DVC itself with a traceback.
+    """
+    paths = params.get("paths")
+    if not isinstance(paths, dict):
+        raise MnistlabError("params.yaml: paths must map each of "
+                            f"{', '.join(PATH_KEYS)} to a folder")
+    unknown = sorted(map(str, set(paths) - set(PATH_KEYS)))
+    if unknown:
+        raise MnistlabError(f"params.yaml: paths: unknown key(s) {', '.join(unknown)} "
+                            f"(valid: {', '.join(PATH_KEYS)})")
+    for key, value in paths.items():
+        if not isinstance(value, str) or not value.strip():
+            raise MnistlabError(f"params.yaml: paths.{key} must be a folder name (got {value!r})")
+        p = Path(value)
+        if p.is_absolute() or ".." in p.parts or value.startswith("~"):
+            raise MnistlabError(f"params.yaml: paths.{key}: {value!r} must be a relative folder "
+                                "inside the repository (DVC tracks only those as outputs)")
+    return paths
 
 
 def get(params: dict[str, Any], key: str) -> Any:
@@ -211,6 +265,16 @@ def run_key(dataset: str, arch: str, seed: int) -> str:
 def stage_name(group: str, dataset: str, arch: str, seed: int) -> str:
     """``train@digits-mlp-1234``: DVC's name for one item of dvc.yaml's dataset x arch x seed matrix."""
     return f"{group}@{dataset}-{arch}-{seed}"
+
+
+def pipeline_outputs(params: dict[str, Any]) -> list[str]:
+    """What the pipeline writes inside the repository: ``dvc.lock`` and every ``paths`` folder.
+
+    Some of it is tracked by git (dvc.lock, metrics/, reports/), so that a run that follows
+    another leaves the checkout modified: not a change of code or settings (see
+    :func:`mnistlab.utils.git_info`).
+    """
+    return ["dvc.lock", *(str(v) for v in (params.get("paths") or {}).values())]
 
 
 def run_dir(root: Path, dataset: str, arch: str, seed: int) -> Path:

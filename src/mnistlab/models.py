@@ -85,7 +85,17 @@ def build_model(name: str, **args: Any) -> nn.Module:
             is out of its type's range.
     """
     check_args(name, args)
-    return REGISTRY[name](**args)
+    try:
+        return REGISTRY[name](**args)
+    except (MemoryError, RuntimeError) as e:
+        # A size in range that no machine can hold (hidden: 100000000): the allocator's
+        # error is the user's setting, not a bug. Any other RuntimeError keeps its traceback.
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "allocate" not in str(e):
+            raise
+        shown = ", ".join(f"{k}={v}" for k, v in args.items() if k not in ("num_classes", "in_channels"))
+        raise MnistlabError(f"arch {name!r} ({shown}): the network's weights do not fit in "
+                            f"memory; make its sizes (hparams.{name}.args in params.yaml) "
+                            "smaller") from None
 
 
 def check_args(name: str, args: dict[str, Any], key: str | None = None) -> None:
@@ -300,8 +310,8 @@ def _retrain_hint(path: Path) -> str:
     ds, arch, run = path.parent.parent.parent.name, path.parent.parent.name, path.parent.name
     seed = run.removeprefix("seed-")
     if ds and arch in REGISTRY and run.startswith("seed-") and seed.isdigit():
-        return f"rerun its train stage (dvc repro -f train@{ds}-{arch}-{seed})"
-    return "retrain it (dvc repro -f train@<dataset>-<arch>-<seed>)"
+        return f"rerun its train stage (dvc repro -f -s train@{ds}-{arch}-{seed})"
+    return "retrain it (dvc repro -f -s train@<dataset>-<arch>-<seed>)"
 
 
 def load_model(path: Path, device: torch.device, arch: str | None = None

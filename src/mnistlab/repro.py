@@ -64,6 +64,7 @@ from mnistlab.config import (
     FeatureSettings,
     TrainSettings,
     load_params,
+    seed_of,
 )
 from mnistlab.errors import MnistlabError, run_script
 from mnistlab.threads import usable_cores
@@ -309,10 +310,13 @@ def check_settings(params: dict[str, Any]) -> None:
     """
     # here: these import torch, which a run stopped by a bad setting never needs otherwise
     from mnistlab.data.sources import resolve_source
+    from mnistlab.data.split import split_settings
     from mnistlab.hparams import HParams
     from mnistlab.utils import pick_device
 
     CompareSettings.from_params(params)  # datasets, archs, seeds: lists of distinct names
+    seed_of(params)
+    split_settings(params)
     DownloadSettings.from_params(params)
     for dataset in params["datasets"]:
         resolve_source(params, dataset)

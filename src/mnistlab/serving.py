@@ -39,10 +39,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from mnistlab.config import RESERVED_CLASS_NAMES
 from mnistlab.errors import MnistlabError
 
 METADATA_KEY = "mnistlab"
-RESERVED = ("class", "probability")  # the DataFrame's own columns: no class may be named so
+RESERVED = RESERVED_CLASS_NAMES  # the DataFrame's own columns: no class may be named so
 
 
 class RawImageClassifier(nn.Module):
@@ -97,6 +98,34 @@ def probabilities_frame(probs: np.ndarray, classes: list[str]):
                          **{c: probs[:, k] for k, c in enumerate(classes)}})
 
 
+def check_pixels(pixels: np.ndarray) -> None:
+    """Refuse what is no grey level: NaN, inf, or a value outside [0, 255].
+
+    The signature checks only dtype and shape, and the network answers anything: a pixel
+    of 1e30 was class "4" with probability 1.0, a NaN one class "0" with probability NaN,
+    both HTTP 200. Raised as MLflow's INVALID_PARAMETER_VALUE, as its schema check rejects
+    a wrong shape, so ``mlflow models serve`` answers HTTP 400 with this message.
+
+    Raises:
+        mlflow.exceptions.MlflowException: Naming the offending values and the first image
+            holding one.
+    """
+    finite = np.isfinite(pixels)
+    if finite.all():
+        bad = (pixels < 0) | (pixels > 255)
+        if not bad.any():
+            return
+        got = f"values from {pixels.min():g} to {pixels.max():g}"
+    else:
+        bad = ~finite
+        got = ", ".join(sorted({"NaN" if np.isnan(v) else str(v) for v in pixels[bad].tolist()}))
+    from mlflow.exceptions import MlflowException
+
+    where = f" (first in image {np.argwhere(bad)[0][0]} of {len(pixels)})" if pixels.ndim > 1 else ""
+    raise MlflowException.invalid_parameter_value(
+        f"pixels must be finite grey levels in 0..255; got {got}{where}")
+
+
 class RawImagePyfunc:
     """The ``python_function`` flavor's model: ``predict(raw pixels) -> DataFrame``."""
 
@@ -104,7 +133,9 @@ class RawImagePyfunc:
         self.classifier, self.classes, self.batch_size = classifier, classes, batch_size
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None):
-        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        pixels = np.asarray(model_input, dtype=np.float32)
+        check_pixels(pixels)
+        x = torch.as_tensor(pixels)
         with torch.inference_mode():
             probs = torch.cat([self.classifier(x[i:i + self.batch_size])
                                for i in range(0, len(x), self.batch_size)]) if len(x) else \

@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,13 +77,28 @@ def experiment_name(dataset: str) -> str:
 
 
 def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
-    """Fail fast (one line naming the URI) if a remote tracking server does not answer.
+    """Fail fast (one line naming the URI) if a remote tracking server does not answer, or a
+    sqlite store's file cannot be one (its folder missing, or a folder itself).
 
     Called before any training starts, so an unreachable server wastes no compute.
     MLflow's own client would retry for minutes first.
     """
     uri = uri or tracking_uri()
-    scheme = urllib.parse.urlsplit(uri).scheme
+    try:
+        scheme = urllib.parse.urlsplit(uri).scheme
+    except ValueError as e:  # "Invalid IPv6 URL": a typo, not a server that is down
+        raise MnistlabError(f"MLFLOW_TRACKING_URI: {redact(uri)} is not a valid URI ({e})") from None
+    db = sqlite_file(uri)
+    if db and db != ":memory:":
+        # MLflow would create the missing folders (a typo becomes a new, empty store that
+        # every finished run is missing from), or retry a folder for 90 s before it fails.
+        path = Path(db).expanduser()
+        if path.is_dir():
+            raise MnistlabError(f"MLflow tracking store {redact(uri)}: {path} is a folder, not "
+                                "a database file (name a file in it, e.g. .../mlflow.db)")
+        if not path.absolute().parent.is_dir():
+            raise MnistlabError(f"MLflow tracking store {redact(uri)}: no folder {path.parent} "
+                                "(create it, or fix MLFLOW_TRACKING_URI)")
     if scheme not in ("http", "https"):
         return
     # Probe without the user:pass@ part: urllib cannot send it, and /health needs no auth.
@@ -252,11 +267,15 @@ def group_of(dataset: str, arch: str, tags: dict[str, str]) -> str:
     return f"{dataset}/{arch}" + (f"@{exp}" if exp else "")
 
 
-def dvc_tags(stage: str) -> dict[str, str]:
-    """Tags describing where the run came from (git commit, DVC stage/experiment)."""
+def dvc_tags(stage: str, outputs: Sequence[str] = ()) -> dict[str, str]:
+    """Tags describing where the run came from (git commit, DVC stage/experiment).
+
+    ``outputs``: the pipeline's own outputs (:func:`mnistlab.config.pipeline_outputs`), which
+    do not make ``git_dirty`` true.
+    """
     from mnistlab.utils import git_info
 
-    tags = {**git_info(), "dvc_stage": stage}
+    tags = {**git_info(outputs=outputs), "dvc_stage": stage}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     return tags
@@ -288,7 +307,7 @@ def require_run(run_id: str, run_file: Path, stage: str) -> None:
         state = "was deleted from" if run is not None else "is not in"
         raise MnistlabError(f"{run_file}: MLflow run {run_id} {state} tracking store {store} "
                             f"(mlflow.db deleted or another MLFLOW_TRACKING_URI?); rerun "
-                            f"`dvc repro -f {stage}` to train into a new run")
+                            f"`dvc repro -f -s {stage}` to train into a new run")
 
 
 def reopen_run(run_id: str) -> bool:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -377,8 +377,15 @@ def pick_device(name: str, key: str) -> torch.device:
     return dev
 
 
-def git_info(cwd: str | os.PathLike = ".") -> dict[str, str]:
-    """Commit and dirty flag of the repo at ``cwd`` ("unknown" outside git)."""
+def git_info(cwd: str | os.PathLike = ".", outputs: Sequence[str] = ()) -> dict[str, str]:
+    """Commit and dirty flag of the repo at ``cwd`` ("unknown" outside git).
+
+    Dirty: a tracked file differs from the commit, ``outputs`` (paths relative to ``cwd``)
+    excepted. Why: the pipeline's own outputs include tracked files (dvc.lock, metrics/,
+    reports/: :func:`mnistlab.config.pipeline_outputs`) that every stage rewrites, so a run
+    made from a clean checkout after another stage had run would be called dirty. Untracked
+    files never count.
+    """
     def run(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=cwd, capture_output=True, text=True, check=True
@@ -386,8 +393,10 @@ def git_info(cwd: str | os.PathLike = ".") -> dict[str, str]:
 
     try:
         commit = run("rev-parse", "HEAD")
-        # Only tracked files count: DVC outputs and mlflow.db are git-ignored.
-        dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
+        # only exclusions: git then looks at the whole work tree, as with no pathspec at all
+        excluded = [f":(exclude){p}" for p in outputs]
+        dirty = bool(run("status", "--porcelain", "--untracked-files=no",
+                         *(["--", *excluded] if excluded else [])))
     except (OSError, subprocess.CalledProcessError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
     return {"git_commit": commit, "git_dirty": str(dirty).lower()}

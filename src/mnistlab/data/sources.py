@@ -8,9 +8,11 @@ decompressed files.
 from __future__ import annotations
 
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+from mnistlab.config import RESERVED_CLASS_NAMES
 from mnistlab.data.idx import FILES
 from mnistlab.errors import MnistlabError
 
@@ -101,6 +103,33 @@ def _take_spec(key: str, spec: Any) -> dict[str, int]:
     return {s: spec[s] for s in TAKE_KEYS if s in spec}
 
 
+def _check_url(key: str, mirror: str) -> None:
+    """A mirror that looks like a URL must parse, and carry no user name, password or query.
+
+    Why: torchvision's download (urllib) cannot send ``user:password@``; it fails with a
+    misleading "host not found" or "nonnumeric port", whose text would carry the password
+    into the error. A query (``?token=...``) cannot work either: each file's name is
+    appended to the mirror, which would put it inside the query; and the token would be
+    printed in every error and written to the download's manifest.
+    """
+    if "://" not in mirror:
+        return  # a folder
+    try:
+        parts = urllib.parse.urlsplit(mirror)
+        has_login = parts.username is not None or parts.password is not None
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as e:
+        shown = re.sub(r"//[^/@\s]*@", "//", mirror).split("?")[0]
+        raise MnistlabError(f"params.yaml: {key}: {shown!r} is not a valid URL ({e})") from None
+    if has_login or parts.query or parts.fragment:
+        what = ("a user name or password in a mirror URL is not supported (the download cannot "
+                "send it)" if has_login else "a query or fragment (?... or #...) in a mirror URL is "
+                "not supported (each file's name is appended to the URL)")
+        raise MnistlabError(
+            f"params.yaml: {key}: {parts.scheme}://{parts.hostname}{parts.path}: {what}; use a "
+            "URL that needs none, or download the files to a folder and list that folder")
+
+
 def resolve_source(params: dict[str, Any], name: str) -> Source:
     """Build the :class:`Source` for dataset ``name`` from ``params['sources']``.
 
@@ -185,6 +214,11 @@ def resolve_source(params: dict[str, Any], name: str) -> Source:
                 or len({str(c) for c in cl}) != len(cl)):
             raise MnistlabError(f"params.yaml: {key}.classes must list 2 to 256 distinct names")
         classes = tuple(str(c) for c in cl)
+        # refused here, not after training, where the served model's metadata is written
+        if reserved := [c for c in classes if c in RESERVED_CLASS_NAMES]:
+            raise MnistlabError(f"params.yaml: {key}.classes: {', '.join(map(repr, reserved))} "
+                                f"cannot name a class (the served model's answer has columns "
+                                f"{' and '.join(RESERVED_CLASS_NAMES)} besides one per class)")
 
     if "mirrors" in spec:
         mirrors = spec["mirrors"]
@@ -192,6 +226,8 @@ def resolve_source(params: dict[str, Any], name: str) -> Source:
             mirrors = [mirrors]
     if not mirrors or not isinstance(mirrors, list) or not all(isinstance(m, str) and m for m in mirrors):
         raise MnistlabError(f"params.yaml: {key}.mirrors must list at least one URL or folder")
+    for mirror in mirrors:
+        _check_url(f"{key}.mirrors", mirror)
     take = _take_spec(f"{key}.take", spec.get("take"))
     return Source(name, tuple(mirrors), md5, classes, sha256=pinned["sha256"],
                   content_md5=pinned["content_md5"], content_sha256=pinned["content_sha256"],

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from mnistlab import artifacts
+from mnistlab.config import section
 from mnistlab.data.idx import IMAGES, LABELS, read_pair
 from mnistlab.errors import MnistlabError
 
@@ -45,6 +46,13 @@ def _amount(key: str, value: Any) -> float | int:
     if isinstance(value, int) and value < 1:
         raise MnistlabError(f"params.yaml: {key} must be a fraction in (0, 1) or a count >= 1 (got {value!r})")
     return value
+
+
+def split_settings(params: dict[str, Any]) -> tuple[float | int, float | int]:
+    """params.yaml's ``split``: ``(val_fraction, test_fraction)``, each a fraction in (0, 1) or
+    a count >= 1, no other key. (Whether the data has that many images, :func:`split` checks.)"""
+    fractions = section(params, "split", dict.fromkeys(("val_fraction", "test_fraction"), _amount))
+    return fractions["val_fraction"], fractions["test_fraction"]
 
 
 def split(raw: Path, out: Path, classes: list[str], val: Any, test: Any, seed: int,

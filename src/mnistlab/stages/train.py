@@ -31,7 +31,7 @@ from mnistlab.checkpoint import (
     recorded_run_id,
     save_kept,
 )
-from mnistlab.config import PROGRESS_ENV, TrainSettings, stage_name
+from mnistlab.config import PROGRESS_ENV, TrainSettings, pipeline_outputs, stage_name
 from mnistlab.errors import MnistlabError, Stopped, describe, redact_text
 from mnistlab.hparams import HParams
 from mnistlab.inference import DeviceSplit, native_bf16, to_device
@@ -271,7 +271,8 @@ def train(params: dict[str, Any], dataset: str, arch: str, seed: int, paths: Tra
         replaced = recorded_run_id(paths.checkpoint) if resume is None else None
         run_id = None
         try:
-            run_id = open_run(dataset, arch, seed, mlflow_params, tracking.dvc_tags(stage),
+            run_id = open_run(dataset, arch, seed, mlflow_params,
+                              tracking.dvc_tags(stage, pipeline_outputs(params)),
                               resume, replaced)
             if resume is not None and resume.get("run_id") != run_id:
                 # Its run was gone: the checkpoint now names the new one, so that a kill
