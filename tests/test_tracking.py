@@ -686,3 +686,28 @@ print(len(seen["imported"]))
     assert out[0] == "2"  # both store modules were imported before the lock was taken
     # and the lock still covered what it is for: the new file's schema was created inside it
     assert (tmp_path / "mlflow.db").stat().st_size > 0
+
+
+def test_reopen_run_starts_afresh_only_when_the_store_says_the_run_is_gone(monkeypatch, caplog):
+    """"No such run" (another store, mlflow.db recreated): a warning and a new run. Any other
+    answer (a 401, a 500) is the store's failure and is raised, not reported as a missing run
+    (a 401 used to log "not found; starting a new run" before the stage failed)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, UNAUTHENTICATED
+
+    class Store:
+        def __init__(self, code):
+            self.code = code
+
+        def get_run(self, run_id):
+            raise MlflowException(f"run {run_id}: answered {self.code}", error_code=self.code)
+
+    monkeypatch.setattr(tracking, "client", lambda: Store(RESOURCE_DOES_NOT_EXIST))
+    with caplog.at_level(logging.WARNING, logger="mnistlab.tracking"):
+        assert tracking.reopen_run("abc123") is False
+    assert "MLflow run abc123 not found in" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(tracking, "client", lambda: Store(UNAUTHENTICATED))
+    with pytest.raises(MlflowException, match="answered"):
+        tracking.reopen_run("abc123")
+    assert "not found" not in caplog.text

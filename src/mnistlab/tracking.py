@@ -311,11 +311,20 @@ def require_run(run_id: str, run_file: Path, stage: str) -> None:
 
 
 def reopen_run(run_id: str) -> bool:
-    """Mark an existing, not deleted run as RUNNING again; False if it is gone."""
+    """Mark an existing, not deleted run as RUNNING again; False if it is gone.
+
+    Gone means the store answered "no such run" (another store, or mlflow.db recreated).
+    Any other failure (a 401, a server error) is the store's, raised for the caller to
+    report: "not found; starting a new run" would send the user after the wrong problem.
+    """
+    from mlflow.exceptions import MlflowException
+
     c = client()
     try:
         run = retry_locked(c.get_run)(run_id)
-    except Exception:  # noqa: BLE001 - deleted or in another store: the caller starts afresh
+    except MlflowException as e:
+        if not missing(e):
+            raise
         log.warning("MLflow run %s not found in %s; starting a new run", run_id,
                     redact(tracking_uri()))
         return False
