@@ -38,9 +38,9 @@ from helpers.repo import SHARED, committed_params, run_stage
 from mnistlab.artifacts import load_split
 from mnistlab.config import DownloadSettings
 from mnistlab.data.digits import digits_as_mnist
-from mnistlab.data.download import MANIFEST, _is_url, fetch
+from mnistlab.data.download import MANIFEST, fetch
 from mnistlab.data.idx import FILES, IMAGES, LABELS, read_pair, validate_raw, write_idx
-from mnistlab.data.sources import OFFICIAL_CONTENT_MD5, Source, resolve_source
+from mnistlab.data.sources import OFFICIAL_CONTENT_MD5, Source, is_url, resolve_source
 from mnistlab.data.split import split
 from mnistlab.errors import MnistlabError
 
@@ -158,11 +158,11 @@ def test_params_yaml_lists_local_folders_first():
     params = committed_params()
     fashion = resolve_source(params, "fashion_mnist")
     assert fashion.mirrors[:2] == ("/usr/share/datasets/fashion-mnist", "../shared/datasets/fashion-mnist")
-    assert all(_is_url(m) for m in fashion.mirrors[2:]) and len(fashion.mirrors) > 2
+    assert all(is_url(m) for m in fashion.mirrors[2:]) and len(fashion.mirrors) > 2
     assert fashion.content_md5 == OFFICIAL_CONTENT_MD5["FashionMNIST"]
     assert fashion.md5 == dict(tvd.FashionMNIST.resources)
     mnist = resolve_source(params, "mnist")
-    assert mnist.mirrors[0] == "../shared/datasets/mnist" and _is_url(mnist.mirrors[1])
+    assert mnist.mirrors[0] == "../shared/datasets/mnist" and is_url(mnist.mirrors[1])
     assert mnist.content_md5 == OFFICIAL_CONTENT_MD5["MNIST"]
 
 

@@ -43,7 +43,6 @@ from mnistlab.config import RESERVED_CLASS_NAMES
 from mnistlab.errors import MnistlabError
 
 METADATA_KEY = "mnistlab"
-RESERVED = RESERVED_CLASS_NAMES  # the DataFrame's own columns: no class may be named so
 
 
 class RawImageClassifier(nn.Module):
@@ -79,8 +78,8 @@ def check_classes(classes: list[str], outputs: int | None = None, where: str = "
             network's output size (``outputs``).
     """
     classes = [str(c) for c in classes]
-    if len(set(classes)) != len(classes) or set(classes) & set(RESERVED):
-        raise MnistlabError(f"{where}: class names must be unique and not {' or '.join(RESERVED)}")
+    if len(set(classes)) != len(classes) or set(classes) & set(RESERVED_CLASS_NAMES):
+        raise MnistlabError(f"{where}: class names must be unique and not {' or '.join(RESERVED_CLASS_NAMES)}")
     if outputs is not None and outputs != len(classes):
         raise MnistlabError(f"{where}: {len(classes)} class names but the network has {outputs} "
                             "outputs (classes do not match the model)")

@@ -29,7 +29,7 @@ from typing import Any
 from mnistlab.config import DownloadSettings, local_path
 from mnistlab.data.digits import write_digits
 from mnistlab.data.idx import FILES, IMAGES, LABELS, read_pair, validate_raw, write_idx
-from mnistlab.data.sources import Source
+from mnistlab.data.sources import Source, is_url
 from mnistlab.errors import MnistlabError
 from mnistlab.utils import file_sha256, write_json
 
@@ -45,10 +45,6 @@ def _tvu():
 
 
 MANIFEST = "manifest.json"
-
-
-def _is_url(location: str) -> bool:
-    return urllib.parse.urlparse(location).scheme in ("http", "https", "ftp", "file")
 
 
 @dataclass(frozen=True)
@@ -293,7 +289,7 @@ def _fetch_files(source: Source, out: Path, stage: Path, settings: DownloadSetti
         optional = fname.startswith("t10k") and not any(
             n in pinned for n in (gz, fname)
             for pinned in (source.md5, source.sha256, source.content_md5, source.content_sha256))
-        urls = [m.rstrip("/") + "/" + gz for m in source.mirrors if _is_url(m)]
+        urls = [m.rstrip("/") + "/" + gz for m in source.mirrors if is_url(m)]
 
         reused = _reuse(out, stage, fname, pins, urls, previous)
         if reused is not None:
@@ -303,7 +299,7 @@ def _fetch_files(source: Source, out: Path, stage: Path, settings: DownloadSetti
 
         misses: list[_Miss] = []
         for mirror in source.mirrors:
-            if _is_url(mirror):
+            if is_url(mirror):
                 url = mirror.rstrip("/") + "/" + gz
                 got = _download(url, stage / gz, stage / fname, pins, settings)
                 if not isinstance(got, _Miss):
@@ -342,7 +338,7 @@ def _fetch_files(source: Source, out: Path, stage: Path, settings: DownloadSetti
 def _not_found_message(source: Source, gz: str, misses: list[_Miss]) -> str:
     msg = (f"dataset {source.name!r}: could not get {gz} from any mirror "
            f"(tried: {'; '.join(map(str, misses))})")
-    if any(_is_url(m) for m in source.mirrors):
+    if any(is_url(m) for m in source.mirrors):
         msg += (f". Offline? Put the four MNIST files ({', '.join(f'{f}.gz' for f in FILES)}, "
                 f"gzipped or not) in a folder and list it first: "
                 f"sources.{source.name}.mirrors: [/that/folder] in params.yaml")

@@ -14,7 +14,7 @@ from typing import Any
 
 from mnistlab.config import RESERVED_CLASS_NAMES
 from mnistlab.data.idx import FILES
-from mnistlab.errors import MnistlabError
+from mnistlab.errors import MnistlabError, redact_text
 
 
 # torchvision is imported on first use: it adds ~1 s to every process start, and
@@ -103,6 +103,15 @@ def _take_spec(key: str, spec: Any) -> dict[str, int]:
     return {s: spec[s] for s in TAKE_KEYS if s in spec}
 
 
+URL_SCHEMES = ("http", "https", "ftp", "file")
+
+
+def is_url(location: str) -> bool:
+    """Whether a mirror is fetched (a URL) rather than read (a folder). Raises ValueError
+    for a URL that does not parse (:func:`_check_url` names it)."""
+    return urllib.parse.urlparse(location).scheme in URL_SCHEMES
+
+
 def _check_url(key: str, mirror: str) -> None:
     """A mirror that looks like a URL must parse, and carry no user name, password or query.
 
@@ -112,14 +121,14 @@ def _check_url(key: str, mirror: str) -> None:
     appended to the mirror, which would put it inside the query; and the token would be
     printed in every error and written to the download's manifest.
     """
-    if "://" not in mirror:
-        return  # a folder
     try:
+        if not is_url(mirror):
+            return  # a folder
         parts = urllib.parse.urlsplit(mirror)
         has_login = parts.username is not None or parts.password is not None
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError as e:
-        shown = re.sub(r"//[^/@\s]*@", "//", mirror).split("?")[0]
+        shown = redact_text(mirror).split("?")[0]
         raise MnistlabError(f"params.yaml: {key}: {shown!r} is not a valid URL ({e})") from None
     if has_login or parts.query or parts.fragment:
         what = ("a user name or password in a mirror URL is not supported (the download cannot "
